@@ -8,4 +8,5 @@ they need when they run.
 PATCH_MODULES = (
     "torchaudio_compat",
     "device",
+    "audio_io",
 )
