@@ -301,7 +301,7 @@ def _publish(tmp: str, path: str, overwrite: bool) -> None:
 def _one_line(exc: BaseException) -> str:
     # libsndfile's own reason, without soundfile's "Error opening '<path>': " around it.
     text = getattr(exc, "error_string", None) or str(exc)
-    text = " ".join(text.split())
+    text = " ".join(text.split()).rstrip(".")
     return text or type(exc).__name__
 
 

@@ -1,0 +1,802 @@
+"""The df-mps command line: DeepFilterNet's ``deepFilter``, made safe for a user's files.
+
+    python -m df_mps.enhance noisy.wav                 # writes ./noisy_DeepFilterNet3.wav
+    df-mps-enhance -o out/ -i recordings/ -r           # a directory tree, mirrored under out/
+
+It takes upstream's options (``-m``, ``--pf``, ``-o``, ``--atten-lim``, ``--no-delay-compensation``,
+``--no-suffix``, ``-i``, ``--log-level``, ``-e``) and adds ``--device``, ``--forward-method``,
+``--threads``, ``-r/--recursive`` and ``--overwrite``. Differences from upstream:
+
+- Audio goes through soundfile (no torchaudio backend, torchcodec or FFmpeg). The output has the
+  input's sample rate, channel count, length and, where the format allows, sample format.
+- An input file is never overwritten, not even with ``--overwrite``. An existing output file is
+  replaced only with ``--overwrite`` (upstream replaces it silently). Outputs are written to a
+  temporary file in the target directory and renamed into place, so an interrupted run leaves
+  either the complete file or none.
+- A file that can't be processed (missing, empty, corrupt, not audio, no samples, NaN or Inf)
+  is reported in one line and skipped. Problems with the output location stop the run before
+  the model loads.
+- Exit status: 0 when every file was enhanced, 1 when any failed or the run could not start,
+  2 for a command-line usage error, 130 when interrupted.
+
+The library functions ``load_enhancer`` and ``enhance_file`` are what the command calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ._log import logger
+from .patches.audio_io import (
+    EXTENSION_FORMATS,
+    TEMP_SUFFIX,
+    AudioFileError,
+    read_audio,
+    write_audio,
+)
+
+PROG = "df-mps-enhance"
+LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "none")
+PRETRAINED_MODELS = ("DeepFilterNet", "DeepFilterNet2", "DeepFilterNet3")
+DEFAULT_MODEL = "DeepFilterNet3"
+MAX_DEFAULT_THREADS = 4
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+__all__ = ["Enhancer", "FileResult", "UserError", "enhance_file", "load_enhancer", "main"]
+
+
+class UserError(Exception):
+    """Something the user can fix; the message is one line, shown without a traceback."""
+
+
+class BadAudioError(AudioFileError):
+    """A readable file whose samples can't be enhanced (none, NaN, Inf)."""
+
+
+# -- the model step ---------------------------------------------------------------------------
+class Enhancer:
+    """A loaded DeepFilterNet model and how to run it: the one place that runs the model.
+
+    ``enhancer(audio, sample_rate)`` takes float32 audio [C, T] at any rate and returns the
+    enhanced audio at that rate, [C, T]: resampled to the model's rate and back with upstream's
+    ``df.io.resample`` ("sinc_fast"), enhanced with upstream's ``df.enhance.enhance``.
+    """
+
+    def __init__(self, model, df_state, suffix: str, *, pad: bool = True, atten_lim_db=None):
+        self.model = model
+        self.df_state = df_state
+        self.suffix = suffix
+        self.pad = pad
+        self.atten_lim_db = atten_lim_db
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.df_state.sr())
+
+    def __call__(self, audio, sample_rate: int):
+        from df.enhance import enhance
+
+        length = audio.shape[-1]
+        model_sr = self.sample_rate
+        x = _resample(audio, sample_rate, model_sr)
+        y = enhance(self.model, self.df_state, x, pad=self.pad, atten_lim_db=self.atten_lim_db)
+        y = _resample(y.to("cpu"), model_sr, sample_rate)
+        # Resampling there and back can be a sample off, and --no-delay-compensation returns
+        # whole hops only: the output keeps the input's length (zero-padded at the end).
+        if y.shape[-1] >= length:
+            return y[..., :length].contiguous()
+        import torch
+
+        return torch.nn.functional.pad(y, (0, length - y.shape[-1]))
+
+
+def _resample(audio, orig_sr: int, new_sr: int):
+    if orig_sr == new_sr:
+        return audio
+    from df.io import resample
+
+    with warnings.catch_warnings():
+        # torchaudio renames "sinc_interpolation"; the result is the same.
+        warnings.filterwarnings("ignore", message=".*resampling method name is being deprecated")
+        return resample(audio, orig_sr, new_sr)
+
+
+_model_cache: Dict[tuple, tuple] = {}
+
+
+def load_enhancer(
+    model: Optional[PathLike] = None,
+    *,
+    post_filter: bool = False,
+    epoch: Union[str, int, None] = "best",
+    mask_only: bool = False,
+    pad: bool = True,
+    atten_lim_db: Optional[float] = None,
+) -> Enhancer:
+    """Resolve ``model`` (a directory, a pretrained name, None for DeepFilterNet3) and load it.
+
+    The last model loaded is kept, so calling this (or ``main``) again in the same process with
+    the same model is cheap. Raises ``UserError`` with a one-line reason when it can't load.
+    """
+    model_dir = resolve_model(model)
+    suffix = output_suffix(model, model_dir, post_filter)
+    from . import settings
+
+    key = (str(model_dir), post_filter, str(epoch), mask_only, settings.get())
+    if key not in _model_cache:
+        _model_cache.clear()  # one model at a time: DeepFilterNet's config is process-global
+        _model_cache[key] = _init_model(model_dir, post_filter, epoch, mask_only)
+    net, df_state = _model_cache[key]
+    return Enhancer(net, df_state, suffix, pad=pad, atten_lim_db=atten_lim_db)
+
+
+def resolve_model(model: Optional[PathLike]) -> Path:
+    import importlib.util
+
+    if importlib.util.find_spec("df_mps.models") is not None:
+        from .models import ModelNotFoundError, resolve_model_dir
+
+        try:
+            return Path(resolve_model_dir(model))
+        except ModelNotFoundError as exc:
+            raise UserError(str(exc)) from None
+    path = Path(os.fspath(model or DEFAULT_MODEL)).expanduser()
+    if (path / "config.ini").is_file():
+        return path
+    raise UserError(f"model not found: '{path}' is not a directory with config.ini")
+
+
+def output_suffix(model: Optional[PathLike], model_dir: Path, post_filter: bool) -> str:
+    """Upstream's suffix: the model's name (its directory's name), plus "_pf" with --pf."""
+    requested = os.fspath(model) if model is not None else DEFAULT_MODEL
+    name = requested if requested in PRETRAINED_MODELS else Path(model_dir).resolve().name
+    return name + ("_pf" if post_filter else "")
+
+
+def _init_model(model_dir: Path, post_filter: bool, epoch, mask_only: bool):
+    import importlib
+
+    _keep_our_logging()
+    try:
+        init_df = importlib.import_module("df_mps.models").init_df
+    except (ImportError, AttributeError):
+        from df.enhance import init_df
+    try:
+        # log_file=None: upstream would write enhance.log into the model directory, which may
+        # be read-only (a shared or system-wide install).
+        net, df_state, _ = init_df(
+            str(model_dir),
+            post_filter=post_filter,
+            log_file=None,
+            config_allow_defaults=True,
+            epoch=epoch,
+            mask_only=mask_only,
+        )
+    except SystemExit:
+        # Upstream calls exit(1) when it finds no checkpoint.
+        raise UserError(
+            f"no checkpoint for epoch '{epoch}' in '{model_dir / 'checkpoints'}'"
+        ) from None
+    except UserError:
+        raise
+    except Exception as exc:
+        logger.opt(exception=exc).debug("model load failed")
+        raise UserError(f"could not load the model in '{model_dir}': {_one_line(exc)}") from None
+    return net, df_state
+
+
+def _keep_our_logging() -> None:
+    # Upstream's init_logger() removes every loguru handler and logs to the sys.stdout of that
+    # moment; the command line has set up its own, so upstream's is marked as done.
+    try:
+        import df.logger as df_logger
+    except ImportError:
+        return
+    if hasattr(df_logger, "_logger_initialized"):
+        df_logger._logger_initialized = True
+
+
+# -- one file ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class FileResult:
+    source: Path
+    target: Path
+    sample_rate: int
+    channels: int
+    frames: int
+    subtype: str  # what was written
+    model_seconds: float  # resampling + DeepFilterNet, the part upstream times
+
+    @property
+    def audio_seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+    @property
+    def rtf(self) -> float:
+        """Real-time factor: processing time / audio duration (below 1 is faster than real time)."""
+        return self.model_seconds / self.audio_seconds if self.audio_seconds else 0.0
+
+
+def enhance_file(
+    source: PathLike,
+    target: PathLike,
+    enhancer: Enhancer,
+    *,
+    overwrite: bool = False,
+) -> FileResult:
+    """Enhance one file into ``target``: same rate, channels, length and sample format.
+
+    ``target`` is written atomically; it is never ``source`` (``AudioFileError``), and an
+    existing ``target`` is replaced only with ``overwrite``. Raises ``AudioFileError`` (one-line
+    message) for a file that can't be read, has no samples or holds NaN/Inf, and for a write
+    that fails.
+
+    The model step is ``enhancer(audio, sample_rate)`` on the whole file in memory; bounded-memory
+    streaming for long recordings replaces exactly that call and the read around it.
+    """
+    import torch
+
+    source, target = Path(source), Path(target)
+    _refuse_input_as_output(source, target)
+    data, info = read_audio(source)
+    check_samples(source, data)
+    audio = torch.from_numpy(np.ascontiguousarray(data.T))
+    t0 = time.perf_counter()
+    enhanced = enhancer(audio, int(info.samplerate))
+    seconds = time.perf_counter() - t0
+    samples = enhanced.detach().cpu().numpy().T
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _refuse_input_as_output(source, target)
+    try:
+        subtype = write_audio(
+            target, samples, info.samplerate, subtype=info.subtype, overwrite=overwrite
+        )
+    except FileExistsError:
+        raise AudioFileError(f"'{target}': output exists (use --overwrite to replace it)") from None
+    except OSError as exc:
+        raise AudioFileError(f"'{target}': can't write: {exc.strerror or exc}") from None
+    return FileResult(
+        source=source,
+        target=target,
+        sample_rate=int(info.samplerate),
+        channels=int(info.channels),
+        frames=int(data.shape[0]),
+        subtype=subtype,
+        model_seconds=seconds,
+    )
+
+
+def check_samples(source: Path, data: np.ndarray) -> None:
+    if data.shape[0] == 0:
+        raise BadAudioError(f"'{source}': has no audio samples")
+    if not np.isfinite(data).all():
+        bad = int(data.size - np.isfinite(data).sum())
+        raise BadAudioError(f"'{source}': contains {bad} NaN or Inf sample(s)")
+
+
+def _refuse_input_as_output(source: Path, target: Path) -> None:
+    same = os.path.realpath(source) == os.path.realpath(target)
+    if not same and target.exists() and source.exists():
+        same = os.path.samefile(source, target)
+    if same:
+        raise AudioFileError(f"'{source}': the output path is the input file itself; refused")
+
+
+# -- planning: which file goes where, checked before the model loads ---------------------------
+@dataclasses.dataclass
+class Job:
+    source: Path
+    target: Optional[Path] = None
+    error: Optional[str] = None
+
+
+def audio_extensions() -> frozenset:
+    import soundfile as sf
+
+    formats = set(sf.available_formats()) - {"RAW"}
+    exts = {ext for ext, fmt in EXTENSION_FORMATS.items() if fmt in formats}
+    exts |= {fmt.lower() for fmt in formats}
+    return frozenset(exts)
+
+
+def _is_audio_name(name: str, extensions: frozenset) -> bool:
+    if name.startswith(".") or name.endswith(TEMP_SUFFIX):
+        return False
+    return os.path.splitext(name)[1].lower().lstrip(".") in extensions
+
+
+def collect_inputs(
+    files: Sequence[str], noisy_dir: Optional[str], recursive: bool, output_dir: Path
+) -> List[Tuple[Path, Path]]:
+    """(input file, its sub-directory relative to the output dir) for every input."""
+    if noisy_dir is None:
+        return [(Path(f), Path()) for f in files]
+    root = Path(noisy_dir)
+    if not root.exists():
+        raise UserError(f"input directory '{root}' does not exist")
+    if not root.is_dir():
+        raise UserError(f"input directory '{root}' is not a directory")
+    extensions = audio_extensions()
+    found: List[Tuple[Path, Path]] = []
+    out_real = os.path.realpath(output_dir)
+    for current, dirs, names in os.walk(root, onerror=_raise_walk_error):
+        # Never descend into the output directory (an earlier run's results are not inputs),
+        # nor into hidden directories.
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not d.startswith(".") and os.path.realpath(os.path.join(current, d)) != out_real
+        )
+        rel = Path(os.path.relpath(current, root))
+        for name in sorted(names):
+            if _is_audio_name(name, extensions):
+                found.append((Path(current) / name, rel))
+        if not recursive:
+            break
+    if not found:
+        raise UserError(
+            f"no audio files in '{root}'" + ("" if recursive else " (use -r for sub-directories)")
+        )
+    return found
+
+
+def _raise_walk_error(exc: OSError) -> None:
+    raise UserError(f"can't read directory '{exc.filename}': {exc.strerror or exc}")
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Fail before any work when ``output_dir`` can't be used (it is created later)."""
+    path = output_dir
+    while not path.exists():
+        if path.is_symlink():
+            raise UserError(f"output directory '{output_dir}': '{path}' is a broken link")
+        parent = path.parent
+        if parent == path:
+            break
+        path = parent
+    if not path.is_dir():
+        what = "is a file" if path == output_dir else f"can't be created: '{path}' is a file"
+        raise UserError(f"output directory '{output_dir}' {what}")
+    # Try it: permission bits don't tell about read-only mounts, or about root.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".df-mps-probe.", dir=path)
+    except OSError as exc:
+        where = "is not writable" if path == output_dir else f"can't be created in '{path}'"
+        raise UserError(
+            f"output directory '{output_dir}' {where} ({exc.strerror or exc})"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def plan_jobs(
+    inputs: Sequence[Tuple[Path, Path]],
+    output_dir: Path,
+    suffix: Optional[str],
+    overwrite: bool,
+) -> List[Job]:
+    """Pair each input with its output path, refusing any pairing that could lose a file."""
+    jobs: List[Job] = []
+    input_real = {}
+    input_ids = set()
+    for source, _ in inputs:
+        if source.is_file():
+            input_real.setdefault(os.path.realpath(source), source)
+            st = source.stat()
+            input_ids.add((st.st_dev, st.st_ino))
+    taken: Dict[str, Path] = {}
+    for source, rel in inputs:
+        job = Job(source)
+        jobs.append(job)
+        if not source.exists():
+            job.error = f"'{source}': no such file"
+            continue
+        if not source.is_file():
+            job.error = f"'{source}': not a file"
+            continue
+        if source.stat().st_size == 0:
+            job.error = f"'{source}': empty file"
+            continue
+        stem, ext = os.path.splitext(source.name)
+        name = stem + (f"_{suffix}" if suffix else "") + ext
+        target = output_dir / rel / name
+        job.target = target
+        real = os.path.realpath(target)
+        if real in input_real or (target.exists() and _file_id(target) in input_ids):
+            what = "itself" if real == os.path.realpath(source) else f"'{input_real.get(real)}'"
+            job.error = (
+                f"'{source}': its output '{target}' would overwrite the input {what}; refused "
+                "(use -o DIR or drop --no-suffix)"
+            )
+            continue
+        key = os.path.normcase(real)
+        if key in taken:
+            job.error = f"'{source}': its output '{target}' is also the output of '{taken[key]}'"
+            continue
+        taken[key] = source
+        blocker = _non_dir_ancestor(target.parent)
+        if blocker is not None:
+            job.error = f"'{source}': can't create '{target.parent}': '{blocker}' is a file"
+        elif target.is_dir():
+            job.error = f"'{source}': its output '{target}' is a directory"
+        elif target.exists() and not overwrite:
+            job.error = f"'{source}': output '{target}' exists (use --overwrite to replace it)"
+    return jobs
+
+
+def _file_id(path: Path) -> Tuple[int, int]:
+    st = path.stat()
+    return (st.st_dev, st.st_ino)
+
+
+def _non_dir_ancestor(path: Path) -> Optional[Path]:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+# -- the command ------------------------------------------------------------------------------
+def _epoch(value: str) -> Union[int, str]:
+    if value.lower() in ("best", "latest", "none"):
+        return value.lower()
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid epoch {value!r}: use best, latest, none or a number"
+        ) from None
+
+
+def _threads(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"invalid thread count {value!r}: use a number >= 1")
+    return n
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print versions and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        from . import __version__
+
+        try:
+            upstream = version("deepfilternet")
+        except PackageNotFoundError:
+            upstream = "not installed"
+        print(f"df-mps {__version__}, DeepFilterNet {upstream}")
+        parser.exit(0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Enhance noisy speech with DeepFilterNet (through df-mps). "
+        "Outputs keep each input's sample rate, channels, length and sample format.",
+        epilog="An input file is never overwritten. Exit status: 0 all files enhanced, "
+        "1 a file failed or the run could not start, 2 usage error, 130 interrupted.",
+    )
+    p.add_argument("noisy_audio_files", nargs="*", metavar="FILE", help="noisy audio files")
+    p.add_argument(
+        "-i", "--noisy-dir", metavar="DIR", help="enhance the audio files in DIR (instead of FILEs)"
+    )
+    p.add_argument(
+        "-r",
+        "--recursive",
+        action="store_true",
+        help="with -i: include sub-directories, mirrored under the output directory",
+    )
+    p.add_argument(
+        "-o",
+        "--output-dir",
+        metavar="DIR",
+        default=None,
+        help="where enhanced files go (default: the current directory; created if missing)",
+    )
+    p.add_argument(
+        "--no-suffix",
+        dest="suffix",
+        action="store_false",
+        help="don't add the model name to output file names",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing output files (inputs are never replaced)",
+    )
+    p.add_argument(
+        "-m",
+        "--model-base-dir",
+        metavar="MODEL",
+        default=None,
+        help="model directory (config.ini + checkpoints/) or pretrained name "
+        "(DeepFilterNet, DeepFilterNet2, DeepFilterNet3); default DeepFilterNet3",
+    )
+    p.add_argument(
+        "-e",
+        "--epoch",
+        type=_epoch,
+        default="best",
+        help="checkpoint to load: best, latest or an epoch number (default best)",
+    )
+    p.add_argument(
+        "--pf",
+        action="store_true",
+        help="post-filter that slightly over-attenuates very noisy sections",
+    )
+    p.add_argument(
+        "-a",
+        "--atten-lim",
+        type=float,
+        default=None,
+        metavar="DB",
+        help="limit the noise attenuation to DB decibels (mixes in the noisy input)",
+    )
+    p.add_argument(
+        "--no-delay-compensation",
+        dest="compensate_delay",
+        action="store_false",
+        help="don't compensate the STFT delay (output lags by n_fft - hop samples)",
+    )
+    p.add_argument("--no-df-stage", action="store_true", help="run the ERB mask stage only")
+    p.add_argument(
+        "--device",
+        choices=("auto", "mps", "cuda", "cpu"),
+        default=None,
+        help="where the model runs (default: DF_MPS_DEVICE, else cuda, mps, cpu)",
+    )
+    p.add_argument(
+        "--forward-method",
+        choices=("auto", "real", "complex"),
+        default=None,
+        help="complex math or df-mps's real-valued kernels (default: auto, i.e. "
+        "complex wherever the device supports it)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_threads,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (default: min(4, performance cores), or torch's "
+        "own choice where OMP_NUM_THREADS is set)",
+    )
+    p.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default="info",
+        help="logging verbosity (default info)",
+    )
+    p.add_argument(
+        "-d",
+        "--debug",
+        dest="log_level",
+        action="store_const",
+        const="debug",
+        help="same as --log-level debug",
+    )
+    p.add_argument("-v", "--version", action=_Version)
+    return p
+
+
+def default_threads() -> Optional[int]:
+    """Threads for torch when --threads is not given; None keeps torch's choice.
+
+    DeepFilterNet works on 10 ms frames with small convolutions and GRUs, so intra-op
+    parallelism stops paying off after a few threads and the synchronisation starts to cost.
+    On Apple Silicon torch's default counts the efficiency cores too, and a parallel region
+    waits for its slowest thread. Hence: at most 4, and no more than the performance cores.
+    """
+    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("TORCH_NUM_THREADS"):
+        return None
+    import torch
+
+    cores = torch.get_num_threads()  # torch's default: the physical cores
+    perf = _performance_cores()
+    if perf:
+        cores = min(cores, perf)
+    return max(1, min(MAX_DEFAULT_THREADS, cores))
+
+
+def _performance_cores() -> Optional[int]:
+    if sys.platform != "darwin":
+        return None
+    try:
+        out = subprocess.run(
+            ["sysctl", "-n", "hw.perflevel0.physicalcpu"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        return int(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def _setup_logging(level: str) -> None:
+    from tqdm import tqdm
+
+    logger.remove()
+    if level == "none":
+        return
+    fmt = "{time:HH:mm:ss} | {level: <8} | {message}"
+    # Through tqdm.write, so log lines don't tear the progress bar; sys.stderr is looked up
+    # at each write.
+    logger.add(
+        lambda msg: tqdm.write(msg, end="", file=sys.stderr),
+        level=level.upper(),
+        format=fmt,
+        colorize=False,
+    )
+
+
+def _say(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"{PROG}: {message}", file=sys.stderr)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command; returns the exit status (the console script passes it to sys.exit)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors, --help, --version
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    _setup_logging(args.log_level)
+    try:
+        return run(args)
+    except UserError as exc:
+        _say(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        _say("interrupted; no partial output files were left")
+        return 130
+    except Exception as exc:
+        logger.opt(exception=exc).debug("traceback")
+        _say(
+            f"error: unexpected {type(exc).__name__}: {_one_line(exc)} "
+            "(run with --log-level debug for the traceback)"
+        )
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.noisy_dir is not None and args.noisy_audio_files:
+        raise UserError("give either FILEs or -i/--noisy-dir, not both")
+    if args.noisy_dir is None and not args.noisy_audio_files:
+        raise UserError("no input: give FILEs or -i/--noisy-dir DIR")
+    if args.recursive and args.noisy_dir is None:
+        raise UserError("-r/--recursive needs -i/--noisy-dir")
+
+    _configure_df_mps(args.device, args.forward_method)
+    _configure_threads(args.threads)
+
+    output_dir = Path(args.output_dir) if args.output_dir is not None else Path(".")
+    inputs = collect_inputs(args.noisy_audio_files, args.noisy_dir, args.recursive, output_dir)
+    check_output_dir(output_dir)
+    model_dir = resolve_model(args.model_base_dir)
+    suffix = output_suffix(args.model_base_dir, model_dir, args.pf) if args.suffix else None
+    jobs = plan_jobs(inputs, output_dir, suffix, args.overwrite)
+
+    failed = 0
+    for job in jobs:
+        if job.error is not None:
+            failed += 1
+            _say(f"error: {job.error} (skipped)")
+    todo = [job for job in jobs if job.error is None]
+    done: List[FileResult] = []
+    if todo:
+        enhancer = load_enhancer(
+            args.model_base_dir,
+            post_filter=args.pf,
+            epoch=args.epoch,
+            mask_only=args.no_df_stage,
+            pad=args.compensate_delay,
+            atten_lim_db=args.atten_lim,
+        )
+        for result in _run_jobs(todo, enhancer, args.overwrite):
+            if isinstance(result, FileResult):
+                done.append(result)
+            else:
+                failed += 1
+    _summary(done, failed, len(jobs))
+    return 1 if failed else 0
+
+
+def _run_jobs(jobs: Sequence[Job], enhancer: Enhancer, overwrite: bool) -> Iterable:
+    from tqdm import tqdm
+
+    with tqdm(jobs, unit="file", disable=None, file=sys.stderr, dynamic_ncols=True) as bar:
+        for job in bar:
+            bar.set_description(job.source.name)
+            try:
+                result = enhance_file(job.source, job.target, enhancer, overwrite=overwrite)
+            except AudioFileError as exc:
+                _say(f"error: {exc} (skipped)")
+                yield exc
+                continue
+            except (Exception, SystemExit) as exc:
+                logger.opt(exception=exc).debug("traceback")
+                _say(
+                    f"error: '{job.source}': {type(exc).__name__}: {_one_line(exc)} (skipped; "
+                    "run with --log-level debug for the traceback)"
+                )
+                yield exc
+                continue
+            bar.set_postfix_str(f"RTF {result.rtf:.3f}")
+            logger.info(
+                f"enhanced '{result.source}' -> '{result.target}' "
+                f"({result.audio_seconds:.2f} s audio in {result.model_seconds:.2f} s, "
+                f"RTF {result.rtf:.3f})"
+            )
+            yield result
+
+
+def _summary(done: Sequence[FileResult], failed: int, total: int) -> None:
+    audio = sum(r.audio_seconds for r in done)
+    seconds = sum(r.model_seconds for r in done)
+    rtf = f", RTF {seconds / audio:.3f}" if audio else ""
+    text = f"enhanced {len(done)} of {total} file(s){rtf}"
+    if failed:
+        text += f"; {failed} failed"
+    _say(text)
+
+
+def _configure_df_mps(device: Optional[str], forward_method: Optional[str]) -> None:
+    import df_mps
+
+    from . import capabilities, settings
+
+    if settings.get().disabled:
+        logger.warning(
+            "df_mps: DF_MPS_DISABLE is set, so DeepFilterNet runs unpatched"
+            + (" (--device/--forward-method are ignored)" if device or forward_method else "")
+            + ". Unset DF_MPS_DISABLE to use df_mps."
+        )
+        return
+    df_mps.patch(device=device, forward_method=forward_method)
+    caps = capabilities.get()
+    if device == "cuda" and not caps.cuda_available:
+        raise UserError("--device cuda: CUDA is not available to this torch")
+    if device == "mps" and not caps.mps_available:
+        why = "this Python runs under Rosetta 2" if caps.rosetta else "MPS is not available here"
+        raise UserError(f"--device mps: {why}")
+
+
+def _configure_threads(threads: Optional[int]) -> None:
+    import torch
+
+    n = threads if threads is not None else default_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    logger.debug(f"torch uses {torch.get_num_threads()} CPU thread(s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
