@@ -6,6 +6,7 @@ they need when they run.
 """
 
 PATCH_MODULES = (
+    "libdf",
     "torchaudio_compat",
     "device",
     "audio_io",
