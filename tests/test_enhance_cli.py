@@ -27,6 +27,16 @@ pytestmark = [
 SUFFIX = "DeepFilterNet3"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def restore_logging():
+    yield
+    # main() sets up the command's logging for the process; give later tests loguru's default.
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr)
+
+
 @pytest.fixture(scope="module")
 def enhancer(dfn3_model_dir):
     return cli.load_enhancer(dfn3_model_dir)
@@ -358,3 +368,37 @@ def test_module_entry_point_in_a_fresh_interpreter(dfn3_model_dir, tmp_path):
     assert error_lines(proc.stderr) == [
         f"df-mps-enhance: error: '{tmp_path / 'missing.wav'}': no such file (skipped)"
     ]
+
+
+def test_unavailable_device_stops_before_the_model(run_cli, audio_dir, tmp_path):
+    from df_mps import capabilities, settings
+
+    if capabilities.get().cuda_available:
+        pytest.skip("CUDA is available here")
+    before = settings.get()
+    rc, _, err = run_cli(audio_dir / "noisy_white.wav", "-o", tmp_path, "--device", "cuda")
+    assert rc == 1 and error_lines(err) == [err.strip()] and "CUDA is not available" in err
+    assert settings.get() == before and os.listdir(tmp_path) == []
+
+
+# Last: it loads the post-filter model, replacing the cached one.
+def test_options_reach_upstreams_enhance(run_cli, dfn3_model_dir, audio_dir, tmp_path):
+    from df.enhance import enhance
+
+    noisy, sr = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
+    src = tmp_path / "clip.wav"
+    sf.write(str(src), noisy[: 2 * sr + 123], sr, subtype="FLOAT")
+    argv = ("--pf", "--atten-lim", "12", "--no-delay-compensation", "-o", tmp_path / "out")
+    rc, _, err = run_cli(src, *argv)
+    assert rc == 0, err
+    out = tmp_path / "out" / f"clip_{SUFFIX}_pf.wav"
+    enhanced, _ = sf.read(str(out), dtype="float32")
+    assert enhanced.shape == (2 * sr + 123,)
+
+    pf = cli.load_enhancer(dfn3_model_dir, post_filter=True)  # the model the command used
+    assert pf.model.post_filter
+    x = torch.from_numpy(noisy[: 2 * sr + 123])[None]
+    expected = enhance(pf.model, pf.df_state, x, pad=False, atten_lim_db=12)[0].numpy()
+    n = expected.shape[-1]  # whole hops only without delay compensation
+    np.testing.assert_allclose(enhanced[:n], expected, atol=1e-4, rtol=0)
+    assert not enhanced[n:].any()  # zero-padded to the input's length

@@ -634,6 +634,10 @@ def _performance_cores() -> Optional[int]:
 
 
 def _setup_logging(level: str) -> None:
+    """The command's logging: one handler, on stderr, at ``level``.
+
+    Like any program's entry point, this replaces loguru's handlers for the whole process.
+    """
     from tqdm import tqdm
 
     logger.remove()
@@ -780,13 +784,13 @@ def _configure_df_mps(device: Optional[str], forward_method: Optional[str]) -> N
             + ". Unset DF_MPS_DISABLE to use df_mps."
         )
         return
-    df_mps.patch(device=device, forward_method=forward_method)
     caps = capabilities.get()
     if device == "cuda" and not caps.cuda_available:
         raise UserError("--device cuda: CUDA is not available to this torch")
     if device == "mps" and not caps.mps_available:
         why = "this Python runs under Rosetta 2" if caps.rosetta else "MPS is not available here"
         raise UserError(f"--device mps: {why}")
+    df_mps.patch(device=device, forward_method=forward_method)
 
 
 def _configure_threads(threads: Optional[int]) -> None:
