@@ -17,7 +17,7 @@ from ._log import logger, warn_once
 from .registry import REGISTRY
 
 __version__ = "0.1.0"
-__all__ = ["patch", "unpatch", "is_patched", "__version__"]
+__all__ = ["patch", "unpatch", "is_patched", "init_df", "__version__"]
 
 _lock = threading.Lock()
 _loaded = False
@@ -71,6 +71,15 @@ def unpatch() -> None:
 
 def is_patched() -> bool:
     return REGISTRY.active
+
+
+def __getattr__(name: str):
+    # Lazy: df_mps.init_df pulls in torch and df, which `import df_mps` must not.
+    if name == "init_df":
+        from .models import init_df
+
+        return init_df
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _set_mps_fallback() -> None:

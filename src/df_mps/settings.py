@@ -26,6 +26,7 @@ ENV_VARS = {
     "DF_MPS_FORWARD_METHOD": "auto, real (real-valued math on every device) or complex",
     "DF_MPS_PROBE_COMPLEX": "1 probes MPS for complex support at run time instead of the macOS rule",
     "DF_MPS_LIBDF": "auto, torch (PyTorch DSP instead of DeepFilterLib) or native",
+    "DF_MPS_CACHE_DIR": "df_mps's cache (default: platform user cache dir + df-mps); models/ in it",
     "PYTORCH_ENABLE_MPS_FALLBACK": "1 runs ops without an MPS kernel on the CPU (read at import torch)",
     "DEVICE": "DeepFilterNet's own device override (same as [train] DEVICE in config.ini)",
 }
