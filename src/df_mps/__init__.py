@@ -82,21 +82,28 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _set_mps_fallback() -> None:
-    """PYTORCH_ENABLE_MPS_FALLBACK is read once, at `import torch`: set it before, or say so."""
-    if sys.platform != "darwin" or "PYTORCH_ENABLE_MPS_FALLBACK" in os.environ:
-        return
-    if "torch" not in sys.modules:
-        os.environ["PYTORCH_ENABLE_MPS_FALLBACK"] = "1"
+def _set_mps_fallback(platform=None, environ=None, torch_imported=None) -> str:
+    """PYTORCH_ENABLE_MPS_FALLBACK is read once, at `import torch`: set it before, or say so.
+
+    Returns what it did: "set", "warned" or "nothing". The arguments exist for tests.
+    """
+    platform = sys.platform if platform is None else platform
+    environ = os.environ if environ is None else environ
+    torch_imported = "torch" in sys.modules if torch_imported is None else torch_imported
+    if platform != "darwin" or "PYTORCH_ENABLE_MPS_FALLBACK" in environ:
+        return "nothing"
+    if not torch_imported:
+        environ["PYTORCH_ENABLE_MPS_FALLBACK"] = "1"
         logger.debug("df_mps: set PYTORCH_ENABLE_MPS_FALLBACK=1 before torch was imported")
-    else:
-        warn_once(
-            "mps-fallback-late",
-            "df_mps: torch was imported before df_mps, so PYTORCH_ENABLE_MPS_FALLBACK can no "
-            "longer be set (torch reads it at import). Ops without an MPS kernel will raise "
-            "instead of running on the CPU. Import df_mps before torch, or run "
-            "`export PYTORCH_ENABLE_MPS_FALLBACK=1` before starting Python.",
-        )
+        return "set"
+    warn_once(
+        "mps-fallback-late",
+        "df_mps: torch was imported before df_mps, so PYTORCH_ENABLE_MPS_FALLBACK can no "
+        "longer be set (torch reads it at import). Ops without an MPS kernel will raise "
+        "instead of running on the CPU. Import df_mps before torch, or run "
+        "`export PYTORCH_ENABLE_MPS_FALLBACK=1` before starting Python.",
+    )
+    return "warned"
 
 
 def _activate_on_import() -> None:

@@ -50,9 +50,8 @@ def decide(
         return fallback if device_type != "cpu" or fallback is Route.REAL else Route.UPSTREAM
     if caps.supports_complex(device_type):
         return Route.UPSTREAM
-    if fallback is Route.CPU and device_type == "cpu":
-        # Emulation marks the CPU itself as complex-less; there is nowhere else to go.
-        return Route.UPSTREAM
+    # (Emulation marks the CPU itself as complex-less; its CPU route then means "off the
+    # emulated device", see df_mps.testing.outside_guard.)
     return fallback
 
 

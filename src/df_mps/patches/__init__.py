@@ -10,4 +10,8 @@ PATCH_MODULES = (
     "torchaudio_compat",
     "device",
     "audio_io",
+    "deep_filter",
+    "post_filter",
+    "dfop",
+    "stoi",
 )

@@ -1,0 +1,151 @@
+"""Emulate a device without complex support (MPS before macOS 14) on any machine.
+
+For df_mps's own tests and for users' tests:
+
+- ``NoComplexMode``: a TorchDispatchMode that raises on any complex tensor going into or coming
+  out of an op, as MPS on macOS 13 does.
+- ``emulate_no_complex(*models)``: makes the capabilities report that the given device types
+  (default: the CPU) can't hold complex tensors, so df_mps routes around them, and applies the
+  guard around each model's forward (or around the whole block when no model is given).
+
+    with emulate_no_complex(model):
+        enhanced = enhance(model, df_state, audio)   # raises if complex reaches the model
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from typing import Iterable, Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from . import capabilities
+
+__all__ = [
+    "ComplexNotSupportedError",
+    "NoComplexMode",
+    "emulate_no_complex",
+    "guard_forward",
+    "outside_guard",
+    "violations",
+]
+
+MESSAGE = "MPS complex types are only supported on MacOS 14.0 or newer"
+
+
+class ComplexNotSupportedError(RuntimeError):
+    """Raised where a complex tensor meets the emulated device, with the real MPS message."""
+
+
+def _first_complex(tree):
+    for leaf in tree_flatten(tree)[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.is_complex():
+            return leaf
+        if isinstance(leaf, torch.dtype) and leaf.is_complex:
+            return leaf
+    return None
+
+
+_suspended = threading.local()
+
+
+@contextlib.contextmanager
+def outside_guard() -> Iterator[None]:
+    """Leave the emulated device: ops inside run as on the host CPU, unguarded.
+
+    The emulation stands the CPU in for a device without complex support, so df_mps's "run it on
+    the CPU" route (STOI) means "outside the guard" while emulating.
+    """
+    _suspended.depth = getattr(_suspended, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _suspended.depth -= 1
+
+
+_violations: list = []
+
+
+def violations() -> list:
+    """Messages of every complex op the guard stopped, oldest first.
+
+    TorchScript re-raises errors from inside a scripted module without their message, so tests
+    of scripted code read the record here.
+    """
+    return list(_violations)
+
+
+class NoComplexMode(TorchDispatchMode):
+    """Raise on any op that takes, makes or returns a complex tensor."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(_suspended, "depth", 0):
+            return func(*args, **kwargs)
+        if _first_complex((args, kwargs)) is not None:
+            self._refuse(f"input of {func}")
+        out = func(*args, **kwargs)
+        if _first_complex(out) is not None:
+            self._refuse(f"output of {func}")
+        return out
+
+    @staticmethod
+    def _refuse(where: str):
+        message = f"{MESSAGE} (df_mps emulation: {where})"
+        _violations.append(message)
+        raise ComplexNotSupportedError(message)
+
+
+def no_complex_capabilities(
+    device_types: Iterable[str] = ("cpu",),
+) -> capabilities.Capabilities:
+    """The current capabilities, except that ``device_types`` can't hold complex tensors."""
+    return dataclasses.replace(
+        capabilities.get(),
+        devices_without_complex=frozenset(device_types),
+        emulated=True,
+    )
+
+
+@contextlib.contextmanager
+def guard_forward(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run ``model``'s forward under ``NoComplexMode`` inside the block."""
+    had_own = "forward" in model.__dict__
+    own = model.__dict__.get("forward")
+    inner = model.forward
+
+    def guarded_forward(*args, **kwargs):
+        with NoComplexMode():
+            return inner(*args, **kwargs)
+
+    model.forward = guarded_forward
+    try:
+        yield model
+    finally:
+        if had_own:
+            model.forward = own
+        else:
+            del model.forward
+
+
+@contextlib.contextmanager
+def emulate_no_complex(
+    *models: torch.nn.Module, device_types: Iterable[str] = ("cpu",)
+) -> Iterator[capabilities.Capabilities]:
+    """Emulate devices without complex support.
+
+    Capabilities say ``device_types`` lack complex support, so df_mps's routing avoids complex
+    math there. With models given, the guard is active around each model's forward; without,
+    it is active for the whole block.
+    """
+    with capabilities.override(no_complex_capabilities(device_types)) as caps:
+        with contextlib.ExitStack() as stack:
+            for model in models:
+                stack.enter_context(guard_forward(model))
+            if not models:
+                stack.enter_context(NoComplexMode())
+            yield caps

@@ -1,0 +1,89 @@
+"""get_device in every binding, and the real DFN3 model landing on the chosen device."""
+
+import sys
+
+import pytest
+import torch
+
+import df_mps
+from df_mps import capabilities, routing, settings
+from df_mps.capabilities import PlatformFacts, build
+from df_mps.settings import Settings
+
+
+def test_every_loaded_binding_answers_with_the_chosen_device():
+    import importlib
+
+    from df_mps.patches.device import BINDING_MODULES
+
+    # df.train and df.evaluation_utils need training-only packages; test_patching covers them.
+    for name in BINDING_MODULES:
+        if name not in ("df.train", "df.evaluation_utils"):
+            importlib.import_module(name)
+    loaded = [sys.modules[m] for m in BINDING_MODULES if m in sys.modules]
+    assert len(loaded) >= 9
+    chosen = routing.choose_device()
+    for module in loaded:
+        assert module.get_device() == chosen, module.__name__
+
+
+def test_get_device_prefers_mps_on_a_mac_and_honours_overrides():
+    import df.utils
+
+    mac = build(
+        PlatformFacts(
+            system="Darwin",
+            machine="arm64",
+            sysctl_product_version="14.5",
+            mps_built=True,
+            mps_available=True,
+        )
+    )
+    previous = settings.get()
+    with capabilities.override(mac):
+        assert df.utils.get_device() == torch.device("mps")
+        settings.set_current(Settings(device="cpu"))
+        try:
+            assert df.utils.get_device() == torch.device("cpu")
+        finally:
+            settings.set_current(previous)
+
+
+def test_get_device_works_before_any_config_is_loaded(monkeypatch):
+    # Upstream's get_device raises "No configuration loaded" there.
+    import df.config
+    import df.utils
+
+    monkeypatch.setattr(df.config.config, "parser", None)
+    assert df.utils.get_device() == routing.choose_device()
+
+
+def test_train_device_in_config_is_honoured(monkeypatch):
+    import df.config
+    import df.utils
+
+    df.config.config.use_defaults(allow_reload=True)
+    df.config.config.set("DEVICE", "cpu", str, "train")
+    cuda_box = build(PlatformFacts(system="Linux", machine="x86_64", cuda_available=True))
+    with capabilities.override(cuda_box):
+        assert df.utils.get_device() == torch.device("cpu")
+        monkeypatch.setenv("DEVICE", "cuda:0")  # DeepFilterNet's own env override
+        assert df.utils.get_device() == torch.device("cuda:0")
+
+
+@pytest.mark.slow
+def test_real_dfn3_loads_on_the_chosen_device(dfn3_model_dir, python_child):
+    proc = python_child(
+        f"""
+import df_mps, torch
+from df.enhance import init_df
+from df.utils import get_device
+model, df_state, suffix = init_df({str(dfn3_model_dir)!r}, log_file=None, log_level="ERROR")
+devices = {{p.device for p in model.parameters()}}
+print("DEVICES", devices, "CHOSEN", get_device(), "SUFFIX", suffix)
+assert devices == {{get_device()}}
+assert df_mps.is_patched()
+""",
+        env={"DF_MPS_DEVICE": "cpu"},
+    )
+    assert "SUFFIX DeepFilterNet3" in proc.stdout
