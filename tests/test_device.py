@@ -51,19 +51,19 @@ def test_get_device_prefers_mps_on_a_mac_and_honours_overrides():
 
 def test_get_device_works_before_any_config_is_loaded(monkeypatch):
     # Upstream's get_device raises "No configuration loaded" there.
-    import df.config
     import df.utils
 
-    monkeypatch.setattr(df.config.config, "parser", None)
+    config = sys.modules["df.config"].config  # (the attribute df.config is the object itself)
+    monkeypatch.setattr(config, "parser", None)
     assert df.utils.get_device() == routing.choose_device()
 
 
 def test_train_device_in_config_is_honoured(monkeypatch):
-    import df.config
     import df.utils
 
-    df.config.config.use_defaults(allow_reload=True)
-    df.config.config.set("DEVICE", "cpu", str, "train")
+    config = sys.modules["df.config"].config
+    config.use_defaults(allow_reload=True)
+    config.set("DEVICE", "cpu", str, "train")
     cuda_box = build(PlatformFacts(system="Linux", machine="x86_64", cuda_available=True))
     with capabilities.override(cuda_box):
         assert df.utils.get_device() == torch.device("cpu")
