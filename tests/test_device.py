@@ -62,6 +62,7 @@ def test_train_device_in_config_is_honoured(monkeypatch):
     import df.utils
 
     config = sys.modules["df.config"].config
+    monkeypatch.setattr(config, "parser", config.parser)  # put the loaded config back afterwards
     config.use_defaults(allow_reload=True)
     config.set("DEVICE", "cpu", str, "train")
     cuda_box = build(PlatformFacts(system="Linux", machine="x86_64", cuda_available=True))
