@@ -278,26 +278,22 @@ def _widths_tuple(erb_fb: Union[ArrayLike, Sequence[int]]) -> Tuple[int, ...]:
     return widths
 
 
-def _erb_gather(widths: Tuple[int, ...], device: torch.device) -> Tuple[Tensor, Tensor]:
-    """Index [E * W] into the bins padded with one zero bin, and 1/width per bin [F]."""
+def _erb_matrix(widths: Tuple[int, ...], device: torch.device) -> Tensor:
+    """[F * 2, E]: 1/width where bin f (its re and its im row) is in band e.
 
-    def index():
-        n_freqs, wmax = sum(widths), max(widths)
-        idx = np.full((len(widths), wmax), n_freqs, dtype=np.int64)  # n_freqs: the zero bin
+    Applied to the squared (re, im) layout, one matrix product gives the mean power per band
+    (Rust multiplies each term by k = 1/width too); no complex dtype and no size-2 reduction.
+    """
+
+    def build():
+        matrix = np.zeros((sum(widths), 2, len(widths)), dtype=np.float32)
         start = 0
         for band, width in enumerate(widths):
-            idx[band, :width] = np.arange(start, start + width)
+            matrix[start : start + width, :, band] = F32(1.0) / F32(width)
             start += width
-        return idx.reshape(-1)
+        return matrix.reshape(-1, len(widths))
 
-    def scale():
-        # Rust multiplies every term by k = 1 / band_size (float32) before summing.
-        return np.concatenate([np.full(w, F32(1.0) / F32(w), dtype=np.float32) for w in widths])
-
-    return (
-        _CONSTANTS.get(("erb_gather", widths), device, index),
-        _CONSTANTS.get(("erb_scale", widths), device, scale),
-    )
+    return _CONSTANTS.get(("erb_matrix", widths), device, build)
 
 
 def _bin_to_band(widths: Tuple[int, ...], device: torch.device) -> Tensor:
@@ -318,10 +314,13 @@ def _exp_mean(x: Tensor, state: Tensor, alpha: float) -> Tensor:
     one_minus = float(F32(1.0) - a32)  # Rust computes (1 - alpha) in float32
     steps = x.shape[-2]
     y = x * one_minus
+    spare = torch.empty_like(y) if steps > 1 else y
     shift = 1
     while shift < steps:
         decay = float(F32(float(a32) ** shift))
-        y = torch.cat([y[..., :shift, :], y[..., shift:, :] + y[..., :-shift, :] * decay], dim=-2)
+        spare[..., :shift, :] = y[..., :shift, :]
+        torch.add(y[..., shift:, :], y[..., :-shift, :], alpha=decay, out=spare[..., shift:, :])
+        y, spare = spare, y
         shift *= 2
     # a^(t+1) for t < T; cached per alpha for the next power of two >= T, so chunked
     # streaming with varying chunk lengths reuses one tensor.
@@ -366,10 +365,7 @@ def _erb_ri(ri: Tensor, widths: Tuple[int, ...], db: bool = True) -> Tensor:
         raise ValueError(
             f"erb: spectrum has {ri.shape[-2]} bins, the ERB widths sum to {sum(widths)}"
         )
-    gather, scale = _erb_gather(widths, ri.device)
-    power = (ri[..., 0] * ri[..., 0] + ri[..., 1] * ri[..., 1]) * scale
-    power = torch.nn.functional.pad(power, (0, 1))  # the zero bin the gather pads with
-    bands = power.index_select(-1, gather).unflatten(-1, (len(widths), -1)).sum(-1)
+    bands = torch.matmul((ri * ri).flatten(-2), _erb_matrix(widths, ri.device))
     if db:
         bands = torch.log10(bands + DB_EPS) * 10.0
     return bands
@@ -650,10 +646,12 @@ class DF:
         padded = torch.cat([mem, x[..., : frames_n * hop]], dim=-1)
         self._analysis_mem = padded[..., padded.shape[-1] - (n - hop) :].clone()
         frames = padded.unfold(-1, n, hop)  # [..., T', N]
+        # libdf scales by wnorm after the FFT; scaling the window instead saves a pass and
+        # differs by float32 rounding only.
+        frames = frames * self._scaled_window_t(x.device)
         if _supports_complex(x.device):
-            spec = torch.fft.rfft(frames * self._window_t(x.device), dim=-1)
-            return torch.view_as_real(spec) * self._wnorm
-        return rfft_real(frames * self._scaled_window_t(x.device))
+            return torch.view_as_real(torch.fft.rfft(frames, dim=-1))
+        return rfft_real(frames)
 
     # -- synthesis -------------------------------------------------------------------------
     def synthesis(self, input: ArrayLike, reset: bool = True) -> ArrayLike:
@@ -674,23 +672,42 @@ class DF:
         n, hop = self._fft_size, self._hop_size
         lead, steps = tuple(ri.shape[:-3]), ri.shape[-3]
         if _supports_complex(ri.device):
-            ri = ri.clone()
-            ri[..., 0, 1] = 0.0  # realfft ignores the imaginary part of DC and Nyquist
-            if n % 2 == 0:
-                ri[..., -1, 1] = 0.0
-            frames = torch.fft.irfft(torch.view_as_complex(ri), n=n, dim=-1, norm="forward")
-            frames = frames * self._window_t(ri.device)
+            if ri.device.type != "cpu":
+                # realfft ignores the imaginary part of DC and Nyquist. So does pocketfft (the
+                # CPU); other backends' inverse FFTs are not documented to, so zero it there.
+                ri = ri.clone()
+                ri[..., 0, 1] = 0.0
+                if n % 2 == 0:
+                    ri[..., -1, 1] = 0.0
+            spec = torch.view_as_complex(ri if ri.stride(-2) == 2 else ri.contiguous())
+            frames = torch.fft.irfft(spec, n=n, dim=-1, norm="forward")
+            window = self._window_t(ri.device)  # applied during the overlap-add below
         else:
             frames = torch.matmul(ri.flatten(-2), self._inverse_basis(ri.device))
+            window = None  # part of the inverse basis
         mem = self._memory(self._synthesis_mem, lead, n - hop, frames, "synthesis")
-        # Overlap-add: frame t starts at t * hop. Cut each frame into K hop-long pieces; piece
-        # m of frame t lands on output hop t + m.
+        # Windowed overlap-add: frame t starts at t * hop. Cut each frame into K hop-long
+        # pieces; piece m of frame t lands on output hop t + m.
         pieces = -(-n // hop)
-        frames = torch.nn.functional.pad(frames, (0, pieces * hop - n))
+        if pieces * hop != n:
+            frames = torch.nn.functional.pad(frames, (0, pieces * hop - n))
+            if window is not None:
+                window = torch.nn.functional.pad(window, (0, pieces * hop - n))
         frames = frames.unflatten(-1, (pieces, hop))  # [..., T, K, hop]
-        out = frames.new_zeros((*lead, steps + pieces - 1, hop))
-        for m in range(pieces):
-            out[..., m : m + steps, :] += frames[..., m, :]
+        if window is not None:
+            window = window.view(pieces, hop)
+        out = frames.new_empty((*lead, steps + pieces - 1, hop))
+        if window is None:
+            out[..., :steps, :] = frames[..., 0, :]
+        else:
+            torch.mul(frames[..., 0, :], window[0], out=out[..., :steps, :])
+        out[..., steps:, :] = 0.0
+        for m in range(1, pieces):
+            target = out[..., m : m + steps, :]
+            if window is None:
+                target += frames[..., m, :]
+            else:
+                target.addcmul_(frames[..., m, :], window[m])
         out = out.flatten(-2)
         out[..., : n - hop] += mem
         self._synthesis_mem = out[..., steps * hop : steps * hop + n - hop].clone()
