@@ -8,6 +8,7 @@ decides at import time.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,16 +42,20 @@ def real_libdf():
 
 @pytest.fixture(scope="module")
 def dfn3_config(dfn3_model_dir):
-    """DeepFilterNet's global config, loaded from the DFN3 model (df_features reads it)."""
+    """DeepFilterNet's global config, loaded from the DFN3 model (df_features reads it), and
+    put back as it was afterwards."""
     from df.config import config
 
+    saved = {k: getattr(config, k) for k in ("parser", "path", "modified", "allow_defaults")}
     config.load(
         str(dfn3_model_dir / "config.ini"),
         config_must_exist=True,
         allow_defaults=True,
         allow_reload=True,
     )
-    return config
+    yield config
+    for name, value in saved.items():
+        setattr(config, name, value)
 
 
 @pytest.fixture(scope="module")
@@ -335,15 +340,31 @@ def test_torch_mode_replaces_and_undo_restores(real_libdf, monkeypatch):
     assert sys.modules["libdf"] is real_libdf
 
 
-@pytest.fixture(scope="module")
-def upstream_enhanced(real_libdf, dfn3_model_dir, audio_dir) -> np.ndarray:
-    """noisy_white.wav through upstream df.enhance with the real libdf (in this process)."""
-    from df.enhance import enhance, init_df
+REFERENCE_CHILD = """
+import numpy as np, soundfile as sf, torch
+torch.set_num_threads(1)
+import df_mps
+import libdf
+assert not getattr(libdf, "__df_mps_shim__", False), libdf
+from df.enhance import enhance, init_df
+model, df_state, _ = init_df({model!r}, log_level="ERROR", log_file=None)
+assert type(df_state) is libdf.DF, type(df_state)
+audio = sf.read({audio!r}, dtype="float32")[0]
+np.save({out!r}, enhance(model, df_state, torch.from_numpy(audio)[None]).numpy())
+"""
 
-    model, df_state, _ = init_df(str(dfn3_model_dir), log_level="ERROR", log_file=None)
-    assert not libdf_patch.is_shim(sys.modules["libdf"])
-    audio = sf.read(audio_dir / "noisy_white.wav", dtype="float32")[0]
-    return enhance(model, df_state, torch.from_numpy(audio)[None]).numpy()
+
+@pytest.fixture(scope="module")
+def upstream_enhanced(real_libdf, dfn3_model_dir, audio_dir, tmp_path_factory) -> Path:
+    """noisy_white.wav through upstream df.enhance with the real libdf, saved as .npy.
+
+    In a child process: init_df reconfigures loguru process-wide."""
+    out = tmp_path_factory.mktemp("dsp") / "upstream_enhanced.npy"
+    code = REFERENCE_CHILD.format(
+        model=str(dfn3_model_dir), audio=str(audio_dir / "noisy_white.wav"), out=str(out)
+    )
+    run_python(code, env={"DF_MPS_LIBDF": "native"})
+    return out
 
 
 ENHANCE_CHILD = """
@@ -378,15 +399,13 @@ assert out.shape == ref.shape and diff <= 1e-4, diff
     ids=["forced-torch", "auto-without-deepfilterlib"],
 )
 def test_enhance_pipeline_on_pytorch_dsp_matches_libdf(
-    upstream_enhanced, dfn3_model_dir, audio_dir, tmp_path, env, prelude
+    upstream_enhanced, dfn3_model_dir, audio_dir, env, prelude
 ):
-    ref = tmp_path / "ref.npy"
-    np.save(ref, upstream_enhanced)
     code = ENHANCE_CHILD.format(
         prelude=prelude,
         model=str(dfn3_model_dir),
         audio=str(audio_dir / "noisy_white.wav"),
-        ref=str(ref),
+        ref=str(upstream_enhanced),
     )
     proc = run_python(code, env=env)
     assert "max abs diff" in proc.stdout
