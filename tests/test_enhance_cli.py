@@ -311,18 +311,24 @@ def test_existing_output_needs_overwrite(run_cli, audio_dir, tmp_path):
     assert sf.info(str(existing)).frames == sf.info(str(files["good"])).frames
 
 
-def test_interrupted_run_leaves_no_partial_file(run_cli, audio_dir, tmp_path, monkeypatch):
-    files = _make_corpus(audio_dir, tmp_path / "in")
-    real_write = sf.write
+@pytest.mark.parametrize("mode", [[], ["--whole-file"]], ids=["streaming", "whole-file"])
+def test_interrupted_run_leaves_no_partial_file(run_cli, audio_dir, tmp_path, monkeypatch, mode):
+    noisy, sr = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
+    src = tmp_path / "in.wav"
+    sf.write(str(src), noisy[: 3 * sr], sr)
+    real_write = sf.SoundFile.write
+    calls = []
 
-    def write_then_interrupt(*args, **kwargs):
-        real_write(*args, **kwargs)
-        raise KeyboardInterrupt  # as if Ctrl-C arrived while the file was being written
+    def write_then_interrupt(self, *args, **kwargs):
+        real_write(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2 or mode:  # mid-file when streaming (1 s pieces: several writes)
+            raise KeyboardInterrupt  # as if Ctrl-C arrived while the file was being written
 
-    monkeypatch.setattr(sf, "write", write_then_interrupt)
-    rc, _, err = run_cli(files["good"], "-o", tmp_path / "out")
+    monkeypatch.setattr(sf.SoundFile, "write", write_then_interrupt)
+    rc, _, err = run_cli(src, "-o", tmp_path / "out", "--piece-seconds", "1", *mode)
     assert rc == 130 and "interrupted" in err and "Traceback" not in err
-    assert os.listdir(tmp_path / "out") == []
+    assert calls and os.listdir(tmp_path / "out") == []
 
 
 def test_usage_and_model_errors(run_cli, dfn3_model_dir, tmp_path, capsys):

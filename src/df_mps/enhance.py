@@ -5,7 +5,14 @@
 
 It takes upstream's options (``-m``, ``--pf``, ``-o``, ``--atten-lim``, ``--no-delay-compensation``,
 ``--no-suffix``, ``-i``, ``--log-level``, ``-e``) and adds ``--device``, ``--forward-method``,
-``--threads``, ``-r/--recursive`` and ``--overwrite``. Differences from upstream:
+``--threads``, ``-r/--recursive``, ``--overwrite``, ``--piece-seconds`` and ``--whole-file``.
+Differences from upstream:
+
+- Files of any length are enhanced in bounded memory at constant speed: the audio streams from
+  disk and back in blocks, and the model runs on pieces of ``--piece-seconds`` (10 s) whose
+  state carries over exactly (``df_mps.streaming``); the result equals upstream's whole-file
+  output to float32 rounding. A progress bar follows each long file. ``--whole-file`` reads the
+  whole file and runs it at once, as upstream (memory grows ~550 MB per minute of audio).
 
 - Audio goes through soundfile (no torchaudio backend, torchcodec or FFmpeg). The output has the
   input's sample rate, channel count, length and, where the format allows, sample format.
@@ -45,6 +52,7 @@ from .patches.audio_io import (
     read_audio,
     write_audio,
 )
+from .streaming import DEFAULT_PIECE_SECONDS, BadAudioError, enhance_stream
 
 PROG = "df-mps-enhance"
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "none")
@@ -54,15 +62,19 @@ MAX_DEFAULT_THREADS = 4
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["Enhancer", "FileResult", "UserError", "enhance_file", "load_enhancer", "main"]
+__all__ = [
+    "BadAudioError",
+    "Enhancer",
+    "FileResult",
+    "UserError",
+    "enhance_file",
+    "load_enhancer",
+    "main",
+]
 
 
 class UserError(Exception):
     """Something the user can fix; the message is one line, shown without a traceback."""
-
-
-class BadAudioError(AudioFileError):
-    """A readable file whose samples can't be enhanced (none, NaN, Inf)."""
 
 
 # -- the model step ---------------------------------------------------------------------------
@@ -235,6 +247,9 @@ def enhance_file(
     enhancer: Enhancer,
     *,
     overwrite: bool = False,
+    whole_file: bool = False,
+    piece_seconds: float = DEFAULT_PIECE_SECONDS,
+    progress=False,
 ) -> FileResult:
     """Enhance one file into ``target``: same rate, channels, length and sample format.
 
@@ -243,13 +258,40 @@ def enhance_file(
     message) for a file that can't be read, has no samples or holds NaN/Inf, and for a write
     that fails.
 
-    The model step is ``enhancer(audio, sample_rate)`` on the whole file in memory; bounded-memory
-    streaming for long recordings replaces exactly that call and the read around it.
+    By default the file streams through ``df_mps.streaming.enhance_stream`` in pieces of
+    ``piece_seconds``, in bounded memory (``progress``: True for a tqdm bar within the file,
+    or a callable given the frames done). ``whole_file=True`` reads the whole file and calls
+    ``enhancer(audio, sample_rate)`` on it once, as upstream does.
     """
-    import torch
-
     source, target = Path(source), Path(target)
     _refuse_input_as_output(source, target)
+    if whole_file:
+        return _enhance_whole_file(source, target, enhancer, overwrite)
+    result = enhance_stream(
+        enhancer,
+        None,
+        source,
+        target,
+        overwrite=overwrite,
+        piece_seconds=piece_seconds,
+        progress=progress,
+    )
+    return FileResult(
+        source=source,
+        target=target,
+        sample_rate=result.sample_rate,
+        channels=result.channels,
+        frames=result.frames,
+        subtype=result.subtype,
+        model_seconds=result.model_seconds,
+    )
+
+
+def _enhance_whole_file(
+    source: Path, target: Path, enhancer: Enhancer, overwrite: bool
+) -> FileResult:
+    import torch
+
     data, info = read_audio(source)
     check_samples(source, data)
     audio = torch.from_numpy(np.ascontiguousarray(data.T))
@@ -460,6 +502,18 @@ def _epoch(value: str) -> Union[int, str]:
         ) from None
 
 
+def _piece_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0.5 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(
+            f"invalid piece length {value!r}: use seconds between 0.5 and 3600"
+        )
+    return seconds
+
+
 def _threads(value: str) -> int:
     try:
         n = int(value)
@@ -558,6 +612,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="don't compensate the STFT delay (output lags by n_fft - hop samples)",
     )
     p.add_argument("--no-df-stage", action="store_true", help="run the ERB mask stage only")
+    p.add_argument(
+        "--piece-seconds",
+        type=_piece_seconds,
+        default=DEFAULT_PIECE_SECONDS,
+        metavar="S",
+        help="the model runs on pieces of S seconds whose state carries over exactly, so any "
+        f"length fits in bounded memory (default {DEFAULT_PIECE_SECONDS:g})",
+    )
+    p.add_argument(
+        "--whole-file",
+        action="store_true",
+        help="read each file whole and run it at once, as upstream (memory grows with the "
+        "length: ~550 MB per minute of audio)",
+    )
     p.add_argument(
         "--device",
         choices=("auto", "mps", "cuda", "cpu"),
@@ -724,7 +792,8 @@ def run(args: argparse.Namespace) -> int:
             pad=args.compensate_delay,
             atten_lim_db=args.atten_lim,
         )
-        for result in _run_jobs(todo, enhancer, args.overwrite):
+        options = dict(whole_file=args.whole_file, piece_seconds=args.piece_seconds)
+        for result in _run_jobs(todo, enhancer, args.overwrite, **options):
             if isinstance(result, FileResult):
                 done.append(result)
             else:
@@ -733,14 +802,30 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _run_jobs(jobs: Sequence[Job], enhancer: Enhancer, overwrite: bool) -> Iterable:
+def _run_jobs(
+    jobs: Sequence[Job],
+    enhancer: Enhancer,
+    overwrite: bool,
+    *,
+    whole_file: bool = False,
+    piece_seconds: float = DEFAULT_PIECE_SECONDS,
+) -> Iterable:
     from tqdm import tqdm
 
     with tqdm(jobs, unit="file", disable=None, file=sys.stderr, dynamic_ncols=True) as bar:
         for job in bar:
             bar.set_description(job.source.name)
             try:
-                result = enhance_file(job.source, job.target, enhancer, overwrite=overwrite)
+                # progress=True: a second bar, in seconds of audio, within each file.
+                result = enhance_file(
+                    job.source,
+                    job.target,
+                    enhancer,
+                    overwrite=overwrite,
+                    whole_file=whole_file,
+                    piece_seconds=piece_seconds,
+                    progress=True,
+                )
             except AudioFileError as exc:
                 _say(f"error: {exc} (skipped)")
                 yield exc
