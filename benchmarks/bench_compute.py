@@ -134,9 +134,7 @@ def main(argv=None):
 
         with torch.no_grad():
             op_diff = (op_real() - op_complex()).abs().max().item()
-            op_t = timed_round_robin(
-                {"complex": op_complex, "real": op_real}, device, args.repeats
-            )
+            op_t = timed_round_robin({"complex": op_complex, "real": op_real}, device, args.repeats)
 
             def fwd(method):
                 def run():
@@ -186,7 +184,9 @@ def main(argv=None):
 
     meta = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
         "threads": args.threads,
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ def parse_args(argv=None):
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each signal")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds to time each row")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON (for the docs)")
     args = parser.parse_args(argv)
     try:
         args.batch = [int(b) for b in args.batch.split(",") if b.strip()]
@@ -128,6 +130,30 @@ def main(argv=None) -> int:
         )
     if libdf is None and device.type == "cpu":
         print("\n(libdf: DeepFilterLib is not installed here, so only df_mps.dsp was timed.)")
+    if args.json:
+        import json
+
+        meta = {"device": str(device), "threads": args.threads, "torch": torch.__version__}
+        if device.type == "cuda":
+            meta["device_name"] = torch.cuda.get_device_name(device)
+        args.json.write_text(
+            json.dumps(
+                {
+                    "meta": meta,
+                    "rows": [
+                        {
+                            "implementation": name,
+                            "device": dev,
+                            "batch": batch,
+                            "audio_s_per_s": audio_seconds / seconds,
+                            "ms_per_batch": seconds * 1000,
+                        }
+                        for name, dev, batch, audio_seconds, seconds, _ in rows
+                    ],
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -52,6 +52,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--skip-upstream", action="store_true", help="don't time upstream df.enhance.enhance"
     )
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON (for the docs)")
     args = parser.parse_args(argv)
     try:
         args.batch = [int(b) for b in args.batch.split(",") if b.strip()]
@@ -194,7 +195,41 @@ def main(argv=None) -> int:
         )
     for batch, diff in diffs.items():
         print(f"\nbatch {batch}: on-device output vs upstream enhance(): max abs diff {diff:.3g}")
-    print(f"inverse FFT on {device.type} ignores imag(DC, Nyquist): {_irfft_ignores(device)}")
+    ignores = _irfft_ignores(device)
+    print(f"inverse FFT on {device.type} ignores imag(DC, Nyquist): {ignores}")
+    if args.json:
+        import json
+
+        args.json.write_text(
+            json.dumps(
+                {
+                    "meta": {
+                        "device": str(device),
+                        "device_name": torch.cuda.get_device_name(device)
+                        if device.type == "cuda"
+                        else device.type,
+                        "torch": torch.__version__,
+                        "python": sys.version.split()[0],
+                        "seconds": args.seconds,
+                        "repeat": args.repeat,
+                        "irfft_ignores_imag_dc_nyquist": ignores,
+                        "command": " ".join(["h200_dsp_pipeline.py"] + (argv or sys.argv[1:])),
+                    },
+                    "rows": [
+                        {
+                            "pipeline": name,
+                            "batch": batch,
+                            "audio_s_per_s": throughput,
+                            "total_ms": total * 1000,
+                            **{f"{k}_ms": v * 1000 for k, v in steps.items() if k != "total"},
+                        }
+                        for name, batch, throughput, total, steps in rows
+                    ],
+                    "max_abs_diff_vs_upstream": {str(b): d for b, d in diffs.items()},
+                },
+                indent=2,
+            )
+        )
     return 0
 
 
