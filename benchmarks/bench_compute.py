@@ -70,11 +70,11 @@ def timed_round_robin(variants: dict, device, repeats: int) -> dict:
 
 
 def load_features(args):
-    import soundfile as sf
     import torch
 
     if args.features:
         return torch.load(args.features, weights_only=True)
+    import soundfile as sf
     from df.enhance import df_features, init_df
 
     model, df_state, _ = init_df(str(args.model_dir), log_file=None, log_level="ERROR")
