@@ -256,7 +256,6 @@ class _RecurrentCarry:
         def forward(self_, x, hx=None):
             if start > 0:
                 hx = carry.state[key]
-            head = x.narrow(time_dim, 0, start)
             piece = x.narrow(time_dim, start, stop - start)
             out_piece, state = cls_forward(self_, piece, hx)
             carry.state[key] = state
@@ -274,7 +273,6 @@ class _RecurrentCarry:
                 # Lookahead frames: computed so the window has its full shape; dropped later.
                 out_rest, state = cls_forward(self_, x.narrow(time_dim, stop, rest), state)
                 parts.append(out_rest)
-            del head
             return torch.cat(parts, time_dim) if len(parts) > 1 else out_piece, state
 
         return forward
@@ -792,17 +790,19 @@ def _progress_bar(progress, info, source: Path, stack: contextlib.ExitStack):
     from tqdm import tqdm
 
     rate = float(info.samplerate)
+    known = info.frames > 0
     bar = stack.enter_context(
         tqdm(
-            total=round(info.frames / rate, 1) if info.frames > 0 else None,
+            total=round(info.frames / rate, 1) if known else None,
             unit="s",
-            unit_scale=False,
             desc=source.name,
             leave=False,
             disable=None,
             file=sys.stderr,
             dynamic_ncols=True,
-            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}]",
+            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}]"
+            if known
+            else None,
         )
     )
     return lambda frames: bar.update(frames / rate)
