@@ -304,6 +304,7 @@ def main(argv=None) -> int:
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+    out["rows"] = flat_rows(out)
     print_tables(out)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
@@ -363,6 +364,33 @@ def bench_upstream(args, base, workdir: Path, warmup: str) -> list:
         rows.append(
             {"seconds": s, "rtf": result["rtf"], "peak_rss_mib": result["peak_rss_mib"]}
         )  # fmt: skip
+    return rows
+
+
+def flat_rows(out: dict) -> list:
+    """The length table as flat rows (one scalar per field), for docs/performance.md."""
+    rows = []
+    for row in out["streaming"]:
+        rows.append(
+            {
+                "audio": label(row["seconds"]),
+                "mode": "df-mps CLI, streaming",
+                "peak_rss_gib": round(row["peak_rss_mib"] / 1024, 3),
+                "rtf": round(row["rtf_median"], 4),
+                "rtf_min": round(min(row["rtf_runs"]), 4),
+                "rtf_max": round(max(row["rtf_runs"]), 4),
+                "vs_shortest": round(row["vs_shortest"], 3),
+            }
+        )
+    for row in out["upstream"]:
+        rows.append(
+            {
+                "audio": label(row["seconds"]),
+                "mode": "upstream enhance(), whole file",
+                "peak_rss_gib": round(row["peak_rss_mib"] / 1024, 3),
+                "rtf": round(row["rtf"], 4),
+            }
+        )
     return rows
 
 
