@@ -34,6 +34,24 @@ pytestmark = [
 SR = 48000
 
 
+def _model_on_cpu() -> bool:
+    from df.modules import get_device
+
+    return get_device().type == "cpu"
+
+
+# On the CPU the joins are exact to float32 rounding (measured: 1e-6). A GPU may pick other
+# convolution algorithms (TF32 on CUDA) for a piece than for the whole file.
+EXACT_DB = 90.0 if _model_on_cpu() else 60.0
+
+
+def assert_matches(out: np.ndarray, ref: np.ndarray, what: str = "") -> None:
+    assert out.shape == ref.shape, what
+    if EXACT_DB >= 90:
+        np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0, err_msg=what)
+    assert snr_db(out, ref) >= EXACT_DB, what
+
+
 @pytest.fixture(scope="module")
 def enhancer(dfn3_model_dir):
     return cli.load_enhancer(dfn3_model_dir)
@@ -113,7 +131,7 @@ def test_three_minutes_match_upstreams_whole_file(
     print(f"3 min, streamed vs upstream whole file: {snr:.1f} dB")
     assert snr >= 40.0
     # In fact the pieces join exactly: what differs is float32 rounding.
-    assert np.max(np.abs(out - ref)) <= 1e-4
+    assert_matches(out, ref)
 
 
 # -- joins ---------------------------------------------------------------------------------------
@@ -153,11 +171,14 @@ def test_pieces_join_exactly_over_the_whole_receptive_field(enhancer, live_model
 
     out = streamed()
     assert out.shape == ref.shape
-    assert snr_db(out, ref) >= 90.0
-    assert np.max(np.abs(out - ref)) <= 1e-5
+    assert_matches(out, ref)
     # The context is what makes it exact: a piece run with less of it gets the joins wrong.
-    assert snr_db(streamed(left_context_frames=2), ref) < 60.0
-    assert snr_db(streamed(right_context_frames=1), ref) < 60.0
+    # What DFN3 needs: 6 frames before (2 input-layer + 4 deep-filter-pathway kernel frames),
+    # 2 after (the lookahead). model_context's bound has room; with less, the joins are wrong.
+    assert streaming.model_context(live_model) == (10, 6)
+    assert snr_db(streamed(context_frames=(6, 2)), ref) >= EXACT_DB
+    assert snr_db(streamed(context_frames=(4, 6)), ref) < 50.0  # measured 45 dB
+    assert snr_db(streamed(context_frames=(10, 1)), ref) < 50.0  # measured 29 dB
 
 
 def test_result_does_not_depend_on_block_or_piece_size(enhancer, takes):
@@ -171,8 +192,7 @@ def test_result_does_not_depend_on_block_or_piece_size(enhancer, takes):
             noisy_part, expected = noisy, ref
         stream = StreamEnhancer(enhancer, sample_rate=SR, channels=1, piece_seconds=piece)
         out = stream_through(stream, noisy_part, block)
-        assert out.shape == expected.shape
-        np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0, err_msg=f"{piece} s pieces")
+        assert_matches(out, expected, f"{piece} s pieces")
 
 
 def test_options_and_stereo_match_upstream(enhancer, takes):
@@ -187,7 +207,7 @@ def test_options_and_stereo_match_upstream(enhancer, takes):
         out = stream_through(stream, stereo, 12_345)
         # Upstream returns whole hops without delay compensation; the stream keeps the length.
         assert out.shape == stereo.shape
-        np.testing.assert_allclose(out[: ref.shape[0]], ref, atol=1e-5, rtol=0, err_msg=options)
+        assert_matches(out[: ref.shape[0]], ref, str(options))
         assert not out[ref.shape[0] :].any()
 
 
@@ -214,7 +234,9 @@ def test_other_rates_match_the_whole_file_path(enhancer, takes, rate, channels, 
     )
     a, _ = sf.read(str(tmp_path / "whole.flac"), dtype="float32", always_2d=True)
     b, _ = sf.read(str(tmp_path / "piece.flac"), dtype="float32", always_2d=True)
-    assert np.max(np.abs(a - b)) <= 2 / 2**23 + 1e-5  # 24-bit steps plus float rounding
+    if EXACT_DB >= 90:
+        assert np.max(np.abs(a - b)) <= 2 / 2**23 + 1e-5  # 24-bit steps plus float rounding
+    assert snr_db(b, a) >= EXACT_DB
 
 
 def test_stream_resampler_equals_upstreams_resample():
@@ -243,7 +265,7 @@ def test_enhance_blocks_generator(enhancer, takes):
     blocks = (noisy[i : i + 9999] for i in range(0, noisy.shape[0], 9999))
     out = np.concatenate(list(enhance_blocks(enhancer, None, blocks, sample_rate=SR)))
     ref = upstream(enhancer.model, enhancer.df_state, noisy)
-    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+    assert_matches(out, ref)
     with pytest.raises(TypeError, match="df_state"):
         StreamEnhancer(enhancer.model, sample_rate=SR, channels=1)
 
@@ -314,4 +336,3 @@ def test_peak_memory_does_not_grow_with_length(dfn3_model_dir, takes, tmp_path, 
 def test_left_context_must_fit_in_a_piece(enhancer):
     with pytest.raises(ValueError, match="left context"):
         StreamEnhancer(enhancer, sample_rate=SR, channels=1, piece_seconds=0.05)
-    assert streaming.LEFT_CONTEXT_FRAMES <= streaming.DEFAULT_PIECE_SECONDS * 100
