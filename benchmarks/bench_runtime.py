@@ -443,28 +443,24 @@ def print_rtf(result: dict) -> None:
 
 
 # -- length sweep -----------------------------------------------------------------------------
-def peak_rss_mb() -> float:
+def peak_rss_mib() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB else
 
 
 def streaming_enhancer(model_path: Path):
-    """df_mps's streaming entry point as ``fn(source_path) -> seconds``, or None if absent."""
+    """df_mps's streaming (``df_mps.streaming.enhance_stream``) as ``fn(source, target)``, or
+    None where this df_mps has no streaming module."""
     try:
-        import df_mps.streaming as streaming
+        from df_mps.streaming import enhance_stream
     except ImportError:
-        return None
-    fn = getattr(streaming, "enhance_file_streaming", None) or getattr(
-        streaming, "enhance_file", None
-    )
-    if fn is None:
         return None
     from df_mps.enhance import load_enhancer
 
     enhancer = load_enhancer(str(model_path))
 
     def run(source: Path, target: Path) -> None:
-        fn(source, target, enhancer, overwrite=True)
+        enhance_stream(enhancer, None, source, target, overwrite=True)
 
     return run
 
@@ -513,11 +509,11 @@ def child_measure(args) -> dict:
     else:
         raise SystemExit(f"unknown method {args.method}")
     run(warm)  # model loaded, caches warm: what remains is what the file length costs
-    result["baseline_rss_mb"] = peak_rss_mb()
+    result["baseline_rss_mib"] = peak_rss_mib()
     t0 = time.perf_counter()
     run(wav)
     result["seconds"] = time.perf_counter() - t0
-    result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_rss_mib"] = peak_rss_mib()
     result["rtf"] = result["seconds"] / result["audio_seconds"]
     return result
 
@@ -567,8 +563,8 @@ def run_lengths(args) -> dict:
                     row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
                 rows.append(row)
                 shown = row.get("error") or (
-                    f"RTF {row['rtf']:.4f}, peak {row['peak_rss_mb']:.0f} MB "
-                    f"(+{row['peak_rss_mb'] - row['baseline_rss_mb']:.0f} MB)"
+                    f"RTF {row['rtf']:.4f}, peak {row['peak_rss_mib']:.0f} MiB "
+                    f"(+{row['peak_rss_mib'] - row['baseline_rss_mib']:.0f} MiB)"
                 )
                 print(f"{method:>10} {seconds:>6g} s: {shown}", file=sys.stderr)
     return {
@@ -585,15 +581,15 @@ def run_lengths(args) -> dict:
 
 
 def print_lengths(result: dict) -> None:
-    print("\n| method | length s | RTF | peak RSS MB | growth over warm MB |")
+    print("\n| method | length s | RTF | peak RSS MiB | growth over warm MiB |")
     print("|---|---:|---:|---:|---:|")
     for r in result["rows"]:
         if "error" in r:
             print(f"| {r['label']} | {r['length_s']:g} | {r['error']} | | |")
             continue
         print(
-            f"| {r['label']} | {r['length_s']:g} | {r['rtf']:.4f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} |"
+            f"| {r['label']} | {r['length_s']:g} | {r['rtf']:.4f} | {r['peak_rss_mib']:.0f} | "
+            f"{r['peak_rss_mib'] - r['baseline_rss_mib']:.0f} |"
         )
 
 

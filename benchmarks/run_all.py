@@ -136,7 +136,12 @@ PARTS: Dict[str, Part] = {
             "long.json",
             "bench_long.py",
             "long files: df_mps streaming (bench_long.py, issue 7)",
-            lambda quick: [],
+            lambda quick: (
+                ["--lengths", "10", "180", "--upstream", "60", "--repeats", "1", "--inner", "1"]
+                + ["--no-methods"]
+                if quick
+                else []
+            ),
         ),
         Part(
             "dsp",
@@ -144,8 +149,6 @@ PARTS: Dict[str, Part] = {
             "bench_dsp.py",
             "libdf (Rust) vs df_mps.dsp (PyTorch) DSP round trip on the CPU",
             lambda quick: ["--batch", "1,32", "--min-time", "0.5" if quick else "2"],
-            json_flag="",
-            parse_stdout=parse_markdown_output,
         ),
     )
 }
@@ -440,7 +443,7 @@ def section_compute(manifest: dict) -> str:
         [
             [
                 r["batch"],
-                fmt(r["audio_seconds"]),
+                f"{r['audio_seconds']:g}",
                 fmt(r["model_unpatched_ms"], "ms"),
                 fmt(r["model_patched_auto_ms"], "ms"),
                 fmt(r["shim_overhead_ratio"], "ratio"),
@@ -621,20 +624,107 @@ def glance(manifest: dict) -> str:
             key=lambda r: r["length_s"],
         )
         if len(ups) >= 2 and ups[-1]["length_s"] > ups[0]["length_s"]:
-            grow = lambda r: r["peak_rss_mb"] - r["baseline_rss_mb"]  # noqa: E731
+            grow = lambda r: r["peak_rss_mib"] - r["baseline_rss_mib"]  # noqa: E731
             slope = (grow(ups[-1]) - grow(ups[0])) / (ups[-1]["length_s"] - ups[0]["length_s"])
             lines.append(
                 "- Upstream's whole-file enhance needs about "
-                f"{fmt(slope * 60, 'mb')} MB more peak memory per minute of audio "
-                f"({fmt(grow(ups[-1]), 'mb')} MB over the warm model at "
+                f"{fmt(slope * 60, 'mb')} MiB more peak memory per minute of audio "
+                f"({fmt(grow(ups[-1]), 'mb')} MiB over the warm model at "
                 f"{fmt(ups[-1]['length_s'])} s)."
             )
+    long = load_data("long")
+    if is_long_format(long) and long["streaming"]:
+        st = sorted(long["streaming"], key=lambda r: r["seconds"])
+        text = (
+            f"- df-mps's streaming command line: peak RSS {fmt(st[0]['peak_rss_mib'], 'mb')} MiB "
+            f"for {human_length(st[0]['seconds'])} and {fmt(st[-1]['peak_rss_mib'], 'mb')} MiB "
+            f"for {human_length(st[-1]['seconds'])}, RTF {fmt(st[0]['rtf_median'], 'rtf')} and "
+            f"{fmt(st[-1]['rtf_median'], 'rtf')}"
+        )
+        ups = sorted(long.get("upstream") or [], key=lambda r: r["seconds"])
+        if ups:
+            text += (
+                f"; upstream's whole-file enhance: {fmt(ups[-1]['peak_rss_mib'], 'mb')} MiB for "
+                f"{human_length(ups[-1]['seconds'])}"
+            )
+        lines.append(text + ".")
     if h200_files():
         lines.append(f"- CUDA (H200) results: {len(h200_files())} file(s), tabulated below.")
     else:
         lines.append("- CUDA (H200) batch throughput: not measured yet.")
     lines.append("- Apple-Silicon GPU (MPS): not measured; expectations at the end, UNMEASURED.")
     return "\n".join(lines)
+
+
+def human_length(seconds: float) -> str:
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"
+
+
+def is_long_format(data: Optional[dict]) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("streaming"), list)
+
+
+def long_tables(long: dict) -> str:
+    """bench_long.py's JSON: streaming and whole-file runs, and the ways to join pieces."""
+    rows = [
+        [
+            human_length(r["seconds"]),
+            "df-mps command line, streaming (I/O included)",
+            fmt(r["peak_rss_mib"], "mb"),
+            fmt(r["rtf_median"], "rtf"),
+            ", ".join(fmt(x, "rtf") for x in r.get("rtf_runs", [])),
+            fmt(r.get("vs_shortest"), "ratio"),
+        ]
+        for r in long["streaming"]
+    ]
+    rows += [
+        [
+            human_length(r["seconds"]),
+            "upstream enhance(), whole file in memory",
+            fmt(r["peak_rss_mib"], "mb"),
+            fmt(r["rtf"], "rtf"),
+            "1 run",
+            "",
+        ]
+        for r in long.get("upstream", [])
+    ]
+    meta = long.get("meta", {})
+    text = (
+        f"{meta.get('note', '')} {meta.get('threads', '?')} torch thread(s); "
+        f"{meta.get('repeats', '?')} child runs per streaming length.\n\n"
+        + table(
+            ["audio", "mode", "peak RSS MiB", "RTF (median)", "RTF runs", "vs shortest"],
+            rows,
+            "llrrlr",
+        )
+    )
+    methods = long.get("methods")
+    if isinstance(methods, dict) and methods.get("rows"):
+        whole = methods.get("whole_seconds")
+        audio = methods.get("audio_seconds")
+        whole_rtf = f" (whole file: RTF {fmt(whole / audio, 'rtf')})" if whole and audio else ""
+        text += (
+            f"\n\nJoining 10 s pieces of {human_length(audio or 0)} of audio, against "
+            f"upstream's whole-file output{whole_rtf}: carrying the model's state (df_mps) "
+            "against overlapping independent pieces with a crossfade.\n\n"
+            + table(
+                ["method", "left context s", "SNR vs whole file dB", "max abs diff", "RTF"],
+                [
+                    [
+                        r["method"],
+                        fmt(r["left_s"]),
+                        f"{r['snr_db']:.1f}",
+                        fmt(r["max_abs"], "diff"),
+                        fmt(r["seconds"] / audio, "rtf") if audio else "-",
+                    ]
+                    for r in methods["rows"]
+                ],
+                "lrrrr",
+            )
+        )
+    return text
 
 
 def section_lengths(manifest: dict) -> str:
@@ -656,48 +746,111 @@ def section_lengths(manifest: dict) -> str:
                     fmt(r["length_s"]),
                     fmt(r["rtf"], "rtf"),
                     fmt(r["seconds"]),
-                    fmt(r["peak_rss_mb"], "mb"),
-                    fmt(r["peak_rss_mb"] - r["baseline_rss_mb"], "mb"),
+                    fmt(r["peak_rss_mib"], "mb"),
+                    fmt(r["peak_rss_mib"] - r["baseline_rss_mib"], "mb"),
                 ]
             )
         parts.append(
-            "Each row is a fresh process that loads the model, warms up on 1 s, then enhances "
-            "one WAV of the given length (`noisy_white.wav` repeated). Peak RSS is the "
-            "process's high-water mark; growth is the part of it that the file's length "
-            f"added over the warm-up. torch threads: {data['meta']['threads']}.\n\n"
+            "**Length sweep (bench_runtime.py lengths).** Each row is a fresh process that "
+            "loads the model, warms up on 1 s, then enhances one WAV of the given length "
+            "(`noisy_white.wav` repeated) from disk to disk. Peak RSS is the process's "
+            "high-water mark; growth is what the file's length added over the warm-up. "
+            f"torch threads: {data['meta']['threads']}.\n\n"
             + table(
-                ["method", "length s", "RTF", "seconds", "peak RSS MB", "growth MB"],
+                ["method", "length s", "RTF", "seconds", "peak RSS MiB", "growth MiB"],
                 body,
                 "lrrrrr",
             )
-            + "\n\n![RTF and memory against file length](img/rtf_vs_length.png)\n\n"
+            + "\n\n"
             + provenance(manifest, "lengths")
         )
     if long is None:
-        parts.append("**bench_long.py (streaming, issue 7):** " + missing(manifest, "long"))
+        parts.append("**Long recordings (bench_long.py).** " + missing(manifest, "long"))
     else:
+        body = long_tables(long) if is_long_format(long) else generic_table(long)
         parts.append(
-            "**bench_long.py (df_mps streaming):**\n\n"
-            + generic_table(long)
-            + "\n\n"
-            + provenance(manifest, "long")
+            "**Long recordings (bench_long.py).** " + body + "\n\n" + provenance(manifest, "long")
         )
+    if length_series():
+        parts.append("![RTF and peak memory against file length](img/rtf_vs_length.png)")
     return "\n\n".join(parts)
+
+
+def length_series() -> List[dict]:
+    """Lines of (length s, RTF, peak RSS MiB) from the length sweep and bench_long.py."""
+    series = []
+    data = load_data("lengths")
+    if data is not None:
+        by: Dict[str, list] = {}
+        for r in data["rows"]:
+            if "error" not in r:
+                by.setdefault(r["label"], []).append(r)
+        for label, rs in by.items():
+            rs.sort(key=lambda r: r["length_s"])
+            series.append(
+                {
+                    "label": label,
+                    "x": [r["length_s"] for r in rs],
+                    "rtf": [r["rtf"] for r in rs],
+                    "rss": [r["peak_rss_mib"] for r in rs],
+                }
+            )
+    long = load_data("long")
+    if is_long_format(long):
+        for key, label, rtf_key in (
+            ("streaming", "df-mps CLI, streaming (bench_long)", "rtf_median"),
+            ("upstream", "upstream whole file (bench_long)", "rtf"),
+        ):
+            rs = sorted(long.get(key) or [], key=lambda r: r["seconds"])
+            if rs:
+                series.append(
+                    {
+                        "label": label,
+                        "x": [r["seconds"] for r in rs],
+                        "rtf": [r[rtf_key] for r in rs],
+                        "rss": [r["peak_rss_mib"] for r in rs],
+                    }
+                )
+    return series
 
 
 def section_dsp(manifest: dict) -> str:
     data = load_data("dsp")
     if data is None:
         return missing(manifest, "dsp")
-    rows = data["rows"]
-    if not rows:
-        return "bench_dsp.py printed no table."
-    headers = list(rows[0])
-    text = (data["meta"].get("title") or "") + "\n\n"
-    text += table(headers, [[r.get(h, "") for h in headers] for r in rows], "ll" + "r" * 4)
-    if data["meta"].get("note"):
-        text += "\n\n" + data["meta"]["note"]
-    return text + "\n\n" + provenance(manifest, "dsp")
+    rows = data.get("rows") or []
+    if not rows or "audio_s_per_s" not in rows[0]:
+        return generic_table(data) + "\n\n" + provenance(manifest, "dsp")
+    libdf = {r["batch"]: r for r in rows if r["implementation"].startswith("libdf")}
+    body = []
+    for r in rows:
+        ref = libdf.get(r["batch"])
+        vs = "-" if ref is None or ref is r else f"{ref['ms_per_batch'] / r['ms_per_batch']:.2f}x"
+        body.append(
+            [
+                r["implementation"],
+                r["device"],
+                r["batch"],
+                fmt(r["audio_s_per_s"], "x"),
+                fmt(r["ms_per_batch"], "ms"),
+                vs,
+            ]
+        )
+    meta = data.get("meta", {})
+    return (
+        "What `df.enhance.enhance` needs around the model, without the model: STFT analysis, "
+        "ERB and complex features with their normalisation, and synthesis, on 10 s signals "
+        f'(device `{meta.get("device")}`, {meta.get("threads")} thread(s)). "vs libdf" is '
+        "libdf's time over this row's (above 1: faster than libdf). libdf runs one signal at a "
+        "time on the CPU; df_mps.dsp takes a batch in one call.\n\n"
+        + table(
+            ["implementation", "device", "batch", "audio-s/s", "ms per batch", "vs libdf"],
+            body,
+            "llrrrr",
+        )
+        + "\n\n"
+        + provenance(manifest, "dsp")
+    )
 
 
 def generic_table(data: dict) -> str:
@@ -715,7 +868,41 @@ def generic_table(data: dict) -> str:
         "r" if all(is_number(r.get(k)) or r.get(k) in (None, "-", "") for r in rows) else "l"
         for k in headers
     )
-    return table(headers, [[fmt(r.get(k)) for k in headers] for r in rows], align)
+    shown = [pretty_header(h) for h in headers]
+    return table(shown, [[fmt(r.get(k)) for k in headers] for r in rows], align)
+
+
+def pretty_header(key: str) -> str:
+    """audio_s_per_s -> audio-s/s, total_ms -> total ms."""
+    key = re.sub(r"audio_s_per_s", "audio-s/s", key)
+    key = re.sub(r"_(ms|s|mib|gib|db)$", r" \1", key)
+    return key.replace("_", " ").replace(" mib", " MiB").replace(" gib", " GiB")
+
+
+def describe(data: dict) -> tuple:
+    """(short label, sentence) for a result file, from the shape of its rows."""
+    rows = data.get("rows") or [{}]
+    first = rows[0] if isinstance(rows[0], dict) else {}
+    if is_compute_format(data):
+        return (
+            "DFN3 forward only",
+            "`bench_compute.py`: the DFN3 forward alone on precomputed features (complex and "
+            "real routes, patched and unpatched), median of interleaved repeats.",
+        )
+    if "pipeline" in first:
+        return (
+            "end to end",
+            '`h200_dsp_pipeline.py`: DFN3 end to end. "on-device" runs features (df_mps.dsp), '
+            'the model and synthesis on the GPU with one copy back; "upstream enhance()" is '
+            "DeepFilterNet's own `enhance`, whose features and synthesis run on the CPU (here "
+            "through df_mps.dsp, as there is no DeepFilterLib on that Python).",
+        )
+    if "implementation" in first:
+        return (
+            "DSP only, no model",
+            "`bench_dsp.py`: the DSP round trip alone (analysis, features, synthesis), no model.",
+        )
+    return ("", "")
 
 
 def is_compute_format(data: dict) -> bool:
@@ -740,7 +927,7 @@ def compute_table(rows: List[dict]) -> str:
         [
             [
                 r["batch"],
-                fmt(r["audio_seconds"]),
+                f"{r['audio_seconds']:g}",
                 fmt(r["model_complex_ms"], "ms"),
                 fmt(r["model_real_ms"], "ms"),
                 fmt(r["model_ratio"], "ratio"),
@@ -759,7 +946,7 @@ def section_h200(manifest: dict) -> str:
     if not files:
         return (
             "**Not measured yet**: no `docs/data/h200_*.json` (or `.txt`). These come from runs "
-            "on an NVIDIA H200; see the end of this page for the commands."
+            "on an NVIDIA H200; see [Reproducing](#reproducing)."
         )
     out = []
     for path in files:
@@ -769,12 +956,21 @@ def section_h200(manifest: dict) -> str:
         except (OSError, ValueError) as exc:
             out.append(f"{head}not readable: {exc}")
             continue
+        sentence = describe(data)[1]
+        if sentence:
+            head += sentence + "\n\n"
         meta = data.get("meta", {})
         bits = [f"{k}: `{v}`" for k, v in meta.items() if v not in (None, "") and is_scalar(v)]
         if bits:
             head += "; ".join(bits) + "\n\n"
         body = compute_table(data["rows"]) if is_compute_format(data) else generic_table(data)
         notes = [n for n in data.get("notes", []) if isinstance(n, str)]
+        for key, value in data.items():
+            if key in ("meta", "rows", "notes"):
+                continue
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}: {fmt(v)}" for k, v in value.items())
+            notes.append(f"{key}: {fmt(value)}")
         if notes:
             body += "\n\n" + "\n".join(f"- {n}" for n in notes)
         out.append(head + body)
@@ -835,14 +1031,16 @@ def throughput_series() -> List[dict]:
         except (OSError, ValueError):
             continue
         rows = data.get("rows") or []
+        what = describe(data)[0]
+        name = f"{path.stem} ({what})" if what else path.stem
         if is_compute_format(data):
-            series += compute_series(rows, f"{path.stem}: DFN3 forward")
+            series += compute_series(rows, name)
         else:
-            series += generic_series(rows, path.stem)
+            series += generic_series(rows, name)
     cpu = load_data("cpu_batch")
     if cpu is not None and is_compute_format(cpu):
         threads = cpu["meta"].get("threads")
-        series += compute_series(cpu["rows"], f"CPU ({threads} thread): DFN3 forward")
+        series += compute_series(cpu["rows"], f"CPU, {threads} thread (DFN3 forward only)")
     return series
 
 
@@ -862,7 +1060,7 @@ def section_batch(manifest: dict) -> str:
                 [
                     [
                         r["batch"],
-                        fmt(r["audio_seconds"]),
+                        f"{r['audio_seconds']:g}",
                         fmt(r["model_complex_ms"], "ms"),
                         fmt(r["model_real_ms"], "ms"),
                         fmt(r["model_audio_s_per_s_real"], "x"),
@@ -904,7 +1102,7 @@ def make_plots() -> List[Path]:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("batch size (items)")
         ax.set_ylabel("audio seconds processed per second")
-        ax.set_title("DFN3 throughput against batch size")
+        ax.set_title("Throughput against batch size")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -912,30 +1110,24 @@ def make_plots() -> List[Path]:
         fig.savefig(path, dpi=110, metadata={"Software": None})
         plt.close(fig)
         written.append(path)
-    data = load_data("lengths")
-    if data is not None:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        by_method: Dict[str, list] = {}
-        for r in data["rows"]:
-            if "error" not in r:
-                by_method.setdefault(r["label"], []).append(r)
-        for label, rs in by_method.items():
-            rs.sort(key=lambda r: r["length_s"])
-            xs = [r["length_s"] for r in rs]
-            ax1.plot(xs, [r["rtf"] for r in rs], marker="o", label=label)
-            ax2.plot(
-                xs, [r["peak_rss_mb"] - r["baseline_rss_mb"] for r in rs], marker="o", label=label
-            )
-        ax1.set_xlabel("file length (s)")
-        ax1.set_ylabel("RTF (lower is faster)")
-        ax1.set_ylim(bottom=0)
-        ax1.set_title("RTF against file length")
-        ax2.set_xlabel("file length (s)")
-        ax2.set_ylabel("peak memory growth over warm-up (MB)")
-        ax2.set_title("Memory against file length")
+    series = length_series()
+    if series:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for line in series:
+            style = "--" if "bench_long" in line["label"] else "-"
+            ax1.plot(line["x"], line["rtf"], style, marker="o", label=line["label"])
+            ax2.plot(line["x"], line["rss"], style, marker="o", label=line["label"])
         for ax in (ax1, ax2):
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.set_xscale("log")
+            ax.set_xlabel("file length (s, log scale)")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_ylim(bottom=0)
+        ax1.set_ylabel("RTF (lower is faster)")
+        ax1.set_title("RTF against file length")
+        ax2.set_ylabel("peak RSS of the process (MiB)")
+        ax2.set_title("Peak memory against file length")
+        ax2.legend(fontsize=7, loc="upper left")
         fig.tight_layout()
         path = IMG / "rtf_vs_length.png"
         fig.savefig(path, dpi=110, metadata={"Software": None})
@@ -977,6 +1169,28 @@ MPS_EXPECTATIONS = """\
   float64 tensors on MPS raises (see troubleshooting.md)."""
 
 
+def section_reproduce() -> str:
+    lines = [
+        "`python benchmarks/run_all.py` runs these, in this order, and writes this page "
+        "(`--quick` uses smaller repeat counts and lengths):",
+        "",
+    ]
+    for part in PARTS.values():
+        words = ["python", f"benchmarks/{part.script}", *part.args(False)]
+        if part.json_flag:
+            words += [part.json_flag, f"docs/data/{part.json_name}"]
+        lines.append(f"- `{part.name}`: {part.help}: `{' '.join(words)}`")
+    lines += [
+        "",
+        "The CUDA results (`docs/data/h200_*.json`) come from `benchmarks/h200_session.sh` on an "
+        "NVIDIA H200 (bench_compute.py, h200_dsp_pipeline.py and bench_dsp.py with "
+        "`--device cuda` and `--json`); copy its JSON files into `docs/data/` and re-render "
+        "with `python benchmarks/run_all.py --no-run`. Files named `h200_*.txt` holding a "
+        "script's printed table are read too.",
+    ]
+    return "\n".join(lines)
+
+
 def render(manifest: dict) -> str:
     generated = manifest.get("generated", {})
     cmd = generated.get("command", "python benchmarks/run_all.py")
@@ -1012,6 +1226,8 @@ def render(manifest: dict) -> str:
         section_batch(manifest),
         "## What to expect on Apple-Silicon GPUs (MPS)",
         MPS_EXPECTATIONS,
+        "## Reproducing",
+        section_reproduce(),
     ]
     return "\n\n".join(s.rstrip() for s in sections) + "\n"
 
