@@ -87,6 +87,82 @@ def load_features(args):
     return feats
 
 
+def measure_batch(batch, feats, model, device, repeats, deep_filter_real, use, df_mps):
+    """One table row: the DF op and the full forward at this batch size."""
+    import torch
+
+    df_op = model.df_op
+    original_forward = type(df_op).__dict__["forward"].__wrapped__
+    spec, erb_feat, spec_feat = (
+        feats[k].repeat(batch, 1, 1, 1, 1)[:batch].to(device)
+        if feats[k].dim() == 5
+        else feats[k].repeat(batch, 1, 1, 1)[:batch].to(device)
+        for k in ("spec", "erb_feat", "spec_feat")
+    )
+    t_frames = spec.shape[2]
+    audio_seconds = batch * t_frames * 480 / 48000
+    torch.manual_seed(0)
+    coefs = torch.randn(batch, df_op.frame_size, t_frames, df_op.num_freqs, 2, device=device)
+
+    def op_complex():
+        return original_forward(df_op, spec.clone(), coefs)
+
+    def op_real():
+        out = spec.clone()
+        out[..., : df_op.num_freqs, :] = deep_filter_real(
+            out, coefs, df_op.num_freqs, df_op.frame_size, df_op.lookahead, df_op.conj
+        )
+        return out
+
+    with torch.no_grad():
+        op_diff = (op_real() - op_complex()).abs().max().item()
+        op_t = timed_round_robin({"complex": op_complex, "real": op_real}, device, repeats)
+
+        def fwd(method):
+            def run():
+                use(method)
+                return model(spec.clone(), erb_feat, spec_feat)
+
+            return run
+
+        def fwd_unpatched():
+            df_mps.unpatch()
+            try:
+                return model(spec.clone(), erb_feat, spec_feat)
+            finally:
+                df_mps.patch()
+
+        out_c, out_r = fwd("complex")(), fwd("real")()
+        model_diff = max((a - b).abs().max().item() for a, b in zip(out_c, out_r))
+        model_t = timed_round_robin(
+            {
+                "complex": fwd("complex"),
+                "real": fwd("real"),
+                "auto": fwd("auto"),
+                "unpatched": fwd_unpatched,
+            },
+            device,
+            repeats,
+        )
+        use(None)
+    return {
+        "batch": batch,
+        "audio_seconds": audio_seconds,
+        "op_complex_ms": op_t["complex"] * 1e3,
+        "op_real_ms": op_t["real"] * 1e3,
+        "op_ratio": op_t["real"] / op_t["complex"],
+        "op_max_abs_diff": op_diff,
+        "model_complex_ms": model_t["complex"] * 1e3,
+        "model_real_ms": model_t["real"] * 1e3,
+        "model_ratio": model_t["real"] / model_t["complex"],
+        "model_max_abs_diff": model_diff,
+        "model_unpatched_ms": model_t["unpatched"] * 1e3,
+        "model_patched_auto_ms": model_t["auto"] * 1e3,
+        "shim_overhead_ratio": model_t["auto"] / model_t["unpatched"],
+        "model_audio_s_per_s_real": audio_seconds / model_t["real"],
+    }
+
+
 def main(argv=None):
     args = parse_args(argv)
     import torch
@@ -103,85 +179,14 @@ def main(argv=None):
 
     model, _, _ = init_df(str(args.model_dir), log_file=None, log_level="ERROR")
     model = model.to(device).eval()
-    df_op = model.df_op
-    original_forward = type(df_op).__dict__["forward"].__wrapped__
 
     def use(method):
         settings.set_current(settings.get().replace(forward_method=method))
 
-    rows = []
-    for batch in args.batch:
-        spec, erb_feat, spec_feat = (
-            feats[k].repeat(batch, 1, 1, 1, 1)[:batch].to(device)
-            if feats[k].dim() == 5
-            else feats[k].repeat(batch, 1, 1, 1)[:batch].to(device)
-            for k in ("spec", "erb_feat", "spec_feat")
-        )
-        t_frames = spec.shape[2]
-        audio_seconds = batch * t_frames * 480 / 48000
-        torch.manual_seed(0)
-        coefs = torch.randn(batch, df_op.frame_size, t_frames, df_op.num_freqs, 2, device=device)
-
-        def op_complex():
-            return original_forward(df_op, spec.clone(), coefs)
-
-        def op_real():
-            out = spec.clone()
-            out[..., : df_op.num_freqs, :] = deep_filter_real(
-                out, coefs, df_op.num_freqs, df_op.frame_size, df_op.lookahead, df_op.conj
-            )
-            return out
-
-        with torch.no_grad():
-            op_diff = (op_real() - op_complex()).abs().max().item()
-            op_t = timed_round_robin({"complex": op_complex, "real": op_real}, device, args.repeats)
-
-            def fwd(method):
-                def run():
-                    use(method)
-                    return model(spec.clone(), erb_feat, spec_feat)
-
-                return run
-
-            def fwd_unpatched():
-                df_mps.unpatch()
-                try:
-                    return model(spec.clone(), erb_feat, spec_feat)
-                finally:
-                    df_mps.patch()
-
-            out_c, out_r = fwd("complex")(), fwd("real")()
-            model_diff = max((a - b).abs().max().item() for a, b in zip(out_c, out_r))
-            model_t = timed_round_robin(
-                {
-                    "complex": fwd("complex"),
-                    "real": fwd("real"),
-                    "auto": fwd("auto"),
-                    "unpatched": fwd_unpatched,
-                },
-                device,
-                args.repeats,
-            )
-            use(None)
-        rows.append(
-            {
-                "batch": batch,
-                "audio_seconds": audio_seconds,
-                "op_complex_ms": op_t["complex"] * 1e3,
-                "op_real_ms": op_t["real"] * 1e3,
-                "op_ratio": op_t["real"] / op_t["complex"],
-                "op_max_abs_diff": op_diff,
-                "model_complex_ms": model_t["complex"] * 1e3,
-                "model_real_ms": model_t["real"] * 1e3,
-                "model_ratio": model_t["real"] / model_t["complex"],
-                "model_max_abs_diff": model_diff,
-                "model_unpatched_ms": model_t["unpatched"] * 1e3,
-                "model_patched_auto_ms": model_t["auto"] * 1e3,
-                "shim_overhead_ratio": model_t["auto"] / model_t["unpatched"],
-                "model_audio_s_per_s_real": audio_seconds / model_t["real"],
-            }
-        )
-
+    rows = [
+        measure_batch(batch, feats, model, device, args.repeats, deep_filter_real, use, df_mps)
+        for batch in args.batch
+    ]
     meta = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)

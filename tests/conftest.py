@@ -73,7 +73,9 @@ def audio_dir(shared_dir) -> Path:
     return path
 
 
-def run_python(code: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_python(
+    code: str, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (import order matters there). Raises on failure."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("DF_MPS_")}
     full_env["DF_MPS_SHARED"] = str(SHARED)
@@ -88,7 +90,8 @@ def run_python(code: str, env: dict | None = None, timeout: float = 300) -> subp
     )
     if proc.returncode != 0:
         raise AssertionError(
-            f"child failed with {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+            f"child failed with {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
         )
     return proc
 

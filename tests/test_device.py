@@ -5,7 +5,6 @@ import sys
 import pytest
 import torch
 
-import df_mps
 from df_mps import capabilities, routing, settings
 from df_mps.capabilities import PlatformFacts, build
 from df_mps.settings import Settings

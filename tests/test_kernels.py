@@ -7,8 +7,9 @@ from df_mps.kernels import deep_filter_real, magnitude, post_filter_real
 
 
 def _upstream_df(num_freqs, frame_size, lookahead, conj):
-    import df_mps  # noqa: F401  (df.multiframe imports through df_mps's torchaudio stand-in)
     from df.multiframe import DF
+
+    import df_mps  # noqa: F401  (df.multiframe imports through df_mps's torchaudio stand-in)
 
     op = DF(num_freqs=num_freqs, frame_size=frame_size, lookahead=lookahead, conj=conj).eval()
     return op

@@ -52,8 +52,16 @@ sys.modules["torchaudio.backend.common"] = common
 
 # Spelled out (not imported from df_mps, which would patch as a side effect).
 BINDING_MODULES = (
-    "df.utils", "df.modules", "df.enhance", "df.deepfilternet", "df.deepfilternet2",
-    "df.deepfilternet3", "df.deepfilternetmf", "df.logger", "df.loss", "df.train",
+    "df.utils",
+    "df.modules",
+    "df.enhance",
+    "df.deepfilternet",
+    "df.deepfilternet2",
+    "df.deepfilternet3",
+    "df.deepfilternetmf",
+    "df.logger",
+    "df.loss",
+    "df.train",
     "df.evaluation_utils",
 )
 
@@ -104,7 +112,8 @@ def test_df_first_then_df_mps():
         + OLD_TORCHAUDIO
         + "import df.enhance\n"
         + BINDINGS
-        + "import wrapt\nassert not any(isinstance(v, wrapt.FunctionWrapper) for v in bindings().values())\n"
+        + "import wrapt\n"
+        + "assert not any(isinstance(v, wrapt.FunctionWrapper) for v in bindings().values())\n"
         + "import df_mps\n"
         + CHECK_PATCHED
         + "assert sys.modules['torchaudio.backend.common'].AudioMetaData is AudioMetaData\n"
@@ -161,7 +170,8 @@ assert sys.modules["df.utils"].get_device is not originals["df.utils"]
 df_mps.unpatch()
 assert not df_mps.is_patched()
 after = bindings()
-assert all(after[k] is originals[k] for k in originals), [k for k in originals if after[k] is not originals[k]]
+changed = [k for k in originals if after[k] is not originals[k]]
+assert not changed, changed
 assert df.multiframe.DF.__dict__["forward"] is orig_df
 assert df.modules.DfOp.__dict__["set_forward"] is orig_setf
 assert df.modules.DfOp.__dict__["forward_complex_strided"] is orig_cs

@@ -238,4 +238,3 @@ def override(snapshot: Capabilities) -> Iterator[Capabilities]:
     finally:
         with _lock:
             _current = previous
-

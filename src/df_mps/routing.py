@@ -105,6 +105,4 @@ def choose_device():
     """The torch.device that DeepFilterNet's get_device() returns while df_mps is active."""
     import torch
 
-    return torch.device(
-        choose_device_name(_caps.get(), _settings.get(), _settings.config_device())
-    )
+    return torch.device(choose_device_name(_caps.get(), _settings.get(), _settings.config_device()))

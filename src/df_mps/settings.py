@@ -24,10 +24,10 @@ ENV_VARS = {
     "DF_MPS_DISABLE": "1 makes `import df_mps` patch nothing",
     "DF_MPS_DEVICE": "device for get_device(): auto, cuda, mps, cpu (or e.g. cuda:1)",
     "DF_MPS_FORWARD_METHOD": "auto, real (real-valued math on every device) or complex",
-    "DF_MPS_PROBE_COMPLEX": "1 probes MPS for complex support at run time instead of the macOS rule",
+    "DF_MPS_PROBE_COMPLEX": "1 probes MPS for complex support at run time, not by macOS version",
     "DF_MPS_LIBDF": "auto, torch (PyTorch DSP instead of DeepFilterLib) or native",
     "DF_MPS_CACHE_DIR": "df_mps's cache (default: platform user cache dir + df-mps); models/ in it",
-    "PYTORCH_ENABLE_MPS_FALLBACK": "1 runs ops without an MPS kernel on the CPU (read at import torch)",
+    "PYTORCH_ENABLE_MPS_FALLBACK": "1: ops with no MPS kernel run on the CPU (read at import)",
     "DEVICE": "DeepFilterNet's own device override (same as [train] DEVICE in config.ini)",
 }
 
@@ -62,20 +62,19 @@ class Settings:
                 )
 
     @classmethod
-    def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides) -> "Settings":
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides) -> Settings:
         env = os.environ if environ is None else environ
         values = {
             "disabled": env.get("DF_MPS_DISABLE", "").strip().lower() in TRUE_WORDS,
             "device": _env_choice(env, "DF_MPS_DEVICE", DEVICES, allow_index=True),
             "forward_method": _env_choice(env, "DF_MPS_FORWARD_METHOD", FORWARD_METHODS),
-            "probe_mps_complex": env.get("DF_MPS_PROBE_COMPLEX", "").strip().lower()
-            in TRUE_WORDS,
+            "probe_mps_complex": env.get("DF_MPS_PROBE_COMPLEX", "").strip().lower() in TRUE_WORDS,
             "libdf": _env_choice(env, "DF_MPS_LIBDF", LIBDF_MODES) or "auto",
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
-    def replace(self, **changes) -> "Settings":
+    def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 

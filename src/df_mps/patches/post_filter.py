@@ -14,7 +14,7 @@ from ..registry import Patch, Target
 
 # Switching post_filter off and on again must not race with another thread's call on the
 # same model, so calls that take the real route hold a per-model lock.
-_locks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
 
 
