@@ -123,12 +123,11 @@ class BadAudioError(AudioFileError):
 class StreamResampler:
     """torchaudio's sinc resampling, fed in blocks, equal to resampling the whole signal.
 
-    Uses the parameters of upstream's ``df.io.resample(method=...)`` (default "sinc_fast":
-    Hann-windowed sinc, 16 zero crossings). ``process(x)`` takes [C, n] float32 tensors and
-    returns the output samples that no longer depend on later input; ``finish()`` returns the
-    rest, so that the total is ``ceil(n_total * new_sr / orig_sr)`` samples, as torchaudio's.
-    With torchaudio >= 2.9 upstream's "sinc_fast" is a Kaiser-windowed sinc (see ``__init__``);
-    this matches it exactly (tests/test_streaming.py).
+    Uses the parameters of upstream's ``df.io.resample(method=...)`` (default "sinc_fast": 16
+    zero crossings; a Kaiser window with torchaudio 2.11, see ``__init__``), and matches it
+    exactly (tests/test_streaming.py). ``process(x)`` takes [C, n] float32 tensors and returns
+    the output samples that no longer depend on later input; ``finish()`` returns the rest, so
+    that the total is ``ceil(n_total * new_sr / orig_sr)`` samples, as torchaudio's.
     """
 
     def __init__(self, orig_sr: int, new_sr: int, method: str = "sinc_fast"):
@@ -141,7 +140,7 @@ class StreamResampler:
         self._kernel, self._width = None, 0
         if not self.identity:
             # dtype float32: the kernel torchaudio.functional.resample builds for float32 audio.
-            # Upstream's parameters as they are: torchaudio >= 2.9 warns about the old name
+            # Upstream's parameters as they are: torchaudio (2.11 here) warns about the old name
             # "sinc_interpolation" and then builds a Kaiser window for it, not the Hann window
             # the warning promises. df.io.resample gets that kernel, so it is the one to match.
             with warnings.catch_warnings():
