@@ -333,6 +333,7 @@ def test_interrupted_run_leaves_no_partial_file(run_cli, audio_dir, tmp_path, mo
 
 def test_usage_and_model_errors(run_cli, dfn3_model_dir, tmp_path, capsys):
     assert cli.main(["--threads", "0", "x.wav"]) == 2
+    assert cli.main(["--piece-seconds", "0.1", "x.wav"]) == 2
     assert cli.main(["--help"]) == 0
     capsys.readouterr()
     rc, _, err = run_cli()
