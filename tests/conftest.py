@@ -17,6 +17,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DF_MPS_SHARED", REPO.parent / "shared"))
 
+# The suite runs on the CPU, also on a machine with a GPU: the emulation stands the CPU in for a
+# device without complex support, and the equivalence bounds are CPU bounds. DF_MPS_TEST_DEVICE
+# picks another device for the tests that honour it (the `mps` hardware tests pick MPS).
+TEST_DEVICE = os.environ.get("DF_MPS_TEST_DEVICE", "cpu")
+os.environ["DF_MPS_DEVICE"] = TEST_DEVICE
+
 
 def _torch_threads() -> None:
     # One thread: on a 2-core machine a busy neighbour slowed 2-thread inference 250x.
@@ -79,6 +85,7 @@ def run_python(
     """Run ``code`` in a fresh interpreter (import order matters there). Raises on failure."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("DF_MPS_")}
     full_env["DF_MPS_SHARED"] = str(SHARED)
+    full_env["DF_MPS_DEVICE"] = TEST_DEVICE
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env.update(env or {})
     proc = subprocess.run(

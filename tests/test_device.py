@@ -26,7 +26,16 @@ def test_every_loaded_binding_answers_with_the_chosen_device():
         assert module.get_device() == chosen, module.__name__
 
 
-def test_get_device_prefers_mps_on_a_mac_and_honours_overrides():
+@pytest.fixture
+def auto_device():
+    """No device setting (the suite pins DF_MPS_DEVICE=cpu; these tests are about the choice)."""
+    previous = settings.get()
+    settings.set_current(previous.replace(device="auto"))
+    yield
+    settings.set_current(previous)
+
+
+def test_get_device_prefers_mps_on_a_mac_and_honours_overrides(auto_device):
     import df.utils
 
     mac = build(
@@ -41,7 +50,7 @@ def test_get_device_prefers_mps_on_a_mac_and_honours_overrides():
     previous = settings.get()
     with capabilities.override(mac):
         assert df.utils.get_device() == torch.device("mps")
-        settings.set_current(Settings(device="cpu"))
+        settings.set_current(Settings(device="cpu"))  # DF_MPS_DEVICE=cpu
         try:
             assert df.utils.get_device() == torch.device("cpu")
         finally:
@@ -57,7 +66,7 @@ def test_get_device_works_before_any_config_is_loaded(monkeypatch):
     assert df.utils.get_device() == routing.choose_device()
 
 
-def test_train_device_in_config_is_honoured(monkeypatch):
+def test_train_device_in_config_is_honoured(monkeypatch, auto_device):
     import df.utils
 
     config = sys.modules["df.config"].config

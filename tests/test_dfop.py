@@ -20,6 +20,9 @@ from df_mps.testing import ComplexNotSupportedError, emulate_no_complex, no_comp
 from df.config import config
 from df.enhance import enhance
 from libdf import DF
+# Imported while patched: without DeepFilterLib (Python >= 3.12) libdf is df_mps's stand-in,
+# which unpatch() takes away again.
+import df.deepfilternet, df.deepfilternet2
 
 def build(modname, method, **extra):
     m = importlib.import_module("df." + modname)

@@ -94,7 +94,7 @@ def _set_mps_fallback(platform=None, environ=None, torch_imported=None) -> str:
         return "nothing"
     if not torch_imported:
         environ["PYTORCH_ENABLE_MPS_FALLBACK"] = "1"
-        logger.debug("df_mps: set PYTORCH_ENABLE_MPS_FALLBACK=1 before torch was imported")
+        logger.trace("df_mps: set PYTORCH_ENABLE_MPS_FALLBACK=1 before torch was imported")
         return "set"
     warn_once(
         "mps-fallback-late",
@@ -108,7 +108,7 @@ def _set_mps_fallback(platform=None, environ=None, torch_imported=None) -> str:
 
 def _activate_on_import() -> None:
     if _settings.get().disabled:
-        logger.debug("df_mps: DF_MPS_DISABLE is set; nothing patched")
+        logger.trace("df_mps: DF_MPS_DISABLE is set; nothing patched")
         return
     _set_mps_fallback()
     try:

@@ -182,7 +182,7 @@ class Registry:
                 self._installed[key] = _Installed(owner, name, original, wrapper)
                 return
             if current is not original:
-                logger.debug(
+                logger.trace(
                     f"df_mps: {target.module}.{target.attr} was replaced by someone else; "
                     "left alone"
                 )

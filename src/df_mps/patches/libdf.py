@@ -136,7 +136,7 @@ def install() -> Optional[Callable[[], None]]:
                     "df_mps's PyTorch DSP only reaches modules imported from now on. Import "
                     "df_mps before df (or use df-mps-run) for it to apply everywhere.",
                 )
-        logger.debug("df_mps: DF_MPS_LIBDF=torch: libdf comes from df_mps.dsp (PyTorch)")
+        logger.trace("df_mps: DF_MPS_LIBDF=torch: libdf comes from df_mps.dsp (PyTorch)")
         return _install(previous)
 
     real, reason = _import_real()
@@ -152,7 +152,7 @@ def install() -> Optional[Callable[[], None]]:
         return None
     if real is not None:
         return None
-    logger.debug(
+    logger.trace(
         f"df_mps: DeepFilterLib (libdf) can't be imported ({reason}); libdf comes from "
         "df_mps.dsp (PyTorch). Set DF_MPS_LIBDF=native to require the real one."
     )
