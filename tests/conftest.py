@@ -22,6 +22,7 @@ SHARED = Path(os.environ.get("DF_MPS_SHARED", REPO.parent / "shared"))
 # picks another device for the tests that honour it (the `mps` hardware tests pick MPS).
 TEST_DEVICE = os.environ.get("DF_MPS_TEST_DEVICE", "cpu")
 os.environ["DF_MPS_DEVICE"] = TEST_DEVICE
+os.environ["DEVICE"] = TEST_DEVICE  # upstream's own get_device, for the unpatched comparisons
 
 
 def _torch_threads() -> None:
@@ -85,7 +86,7 @@ def run_python(
     """Run ``code`` in a fresh interpreter (import order matters there). Raises on failure."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("DF_MPS_")}
     full_env["DF_MPS_SHARED"] = str(SHARED)
-    full_env["DF_MPS_DEVICE"] = TEST_DEVICE
+    full_env["DF_MPS_DEVICE"] = full_env["DEVICE"] = TEST_DEVICE
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env.update(env or {})
     proc = subprocess.run(

@@ -22,7 +22,7 @@ from df.enhance import enhance
 from libdf import DF
 # Imported while patched: without DeepFilterLib (Python >= 3.12) libdf is df_mps's stand-in,
 # which unpatch() takes away again.
-import df.deepfilternet, df.deepfilternet2
+import df.deepfilternet, df.deepfilternet2, df.deepfilternet3
 
 def build(modname, method, **extra):
     m = importlib.import_module("df." + modname)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -134,14 +134,17 @@ def guard_forward(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 @contextlib.contextmanager
 def emulate_no_complex(
-    *models: torch.nn.Module, device_types: Iterable[str] = ("cpu",)
+    *models: torch.nn.Module, device_types: Optional[Iterable[str]] = None
 ) -> Iterator[capabilities.Capabilities]:
     """Emulate devices without complex support.
 
     Capabilities say ``device_types`` lack complex support, so df_mps's routing avoids complex
-    math there. With models given, the guard is active around each model's forward; without,
-    it is active for the whole block.
+    math there; by default that is the device the models' parameters live on (the CPU when no
+    model is given). With models given, the guard is active around each model's forward;
+    without, it is active for the whole block.
     """
+    if device_types is None:
+        device_types = {p.device.type for m in models for p in m.parameters()} or {"cpu"}
     with capabilities.override(no_complex_capabilities(device_types)) as caps:
         with contextlib.ExitStack() as stack:
             for model in models:
