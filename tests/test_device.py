@@ -27,8 +27,10 @@ def test_every_loaded_binding_answers_with_the_chosen_device():
 
 
 @pytest.fixture
-def auto_device():
-    """No device setting (the suite pins DF_MPS_DEVICE=cpu; these tests are about the choice)."""
+def auto_device(monkeypatch):
+    """No device setting (the suite pins DF_MPS_DEVICE and DEVICE to the CPU; these tests are
+    about the choice itself)."""
+    monkeypatch.delenv("DEVICE", raising=False)
     previous = settings.get()
     settings.set_current(previous.replace(device="auto"))
     yield
