@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="child runs per streaming length")
     p.add_argument("--inner", type=int, default=5, help="runs per child for files <= 60 s")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="auto", help="the CLI's --device (auto: cuda, mps, cpu)")
     p.add_argument("--piece-seconds", type=float, default=None)
     p.add_argument("--methods", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--methods-only", action="store_true")
@@ -153,6 +154,7 @@ def child_stream(spec: dict) -> dict:
     cli.enhance_file = recording
     out_dir = Path(spec["out_dir"])
     argv = ["-o", str(out_dir), "-m", spec["model_dir"], "--threads", str(spec["threads"])]
+    argv += ["--device", spec.get("device", "auto")]
     argv += ["--overwrite", "--log-level", "warning"]
     if spec.get("piece_seconds"):
         argv += ["--piece-seconds", str(spec["piece_seconds"])]
@@ -181,6 +183,7 @@ def child_upstream(spec: dict) -> dict:
     import soundfile as sf
     import torch
 
+    os.environ["DF_MPS_DEVICE"] = spec.get("device", "auto")  # as the CLI's --device
     importlib.import_module("df_mps")  # first: df imports on today's torchaudio through it
     from df.enhance import enhance, init_df
 
@@ -281,7 +284,7 @@ def main(argv=None) -> int:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="df-mps-bench-long-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
-    base = {"threads": args.threads, "model_dir": str(args.model_dir)}
+    base = {"threads": args.threads, "model_dir": str(args.model_dir), "device": args.device}
     warmup = str(write_program(workdir / "warmup_1s.wav", 1.0, args.audio_dir, seed=99))
     meta = {
         "python": platform.python_version(),
@@ -290,6 +293,9 @@ def main(argv=None) -> int:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "threads": args.threads,
+        "device": args.device
+        if args.device != "auto"
+        else ("cuda" if torch.cuda.is_available() else "cpu"),
         "repeats": args.repeats,
         "note": "streaming: the CLI's wall time per file (I/O included), after a warm-up run; "
         "upstream: df.enhance.enhance() on the whole file in memory. Peak RSS per child process.",
@@ -400,7 +406,8 @@ def flat_rows(out: dict) -> list:
 def print_tables(out: dict) -> None:
     meta = out["meta"]
     print(
-        f"\nCPU, {meta['threads']} thread(s), torch {meta['torch']}, {meta['platform']}; "
+        f"\n{meta.get('device', 'cpu')}, {meta['threads']} CPU thread(s), torch {meta['torch']}, "
+        f"{meta['platform']}; "
         f"medians of {meta['repeats']} child runs\n"
     )
     if out["streaming"] or out["upstream"]:
