@@ -34,7 +34,7 @@ LINUX_CPU = build(PlatformFacts(system="Linux", machine="x86_64"))
 AUTO = Settings()
 
 
-@pytest.mark.parametrize("op", ["deep_filter", "post_filter", "dfop"])
+@pytest.mark.parametrize("op", ["deep_filter", "post_filter", "dfop", "stft"])
 def test_complex_ops_on_mps_before_14_take_the_real_path(op):
     assert decide(op, "mps", MAC13, AUTO) is Route.REAL
     assert decide(op, "cpu", MAC13, AUTO) is Route.UPSTREAM

@@ -36,7 +36,7 @@ leading (batch/channel) dimensions, and returns tensors on that device: feature 
 run on the GPU with a single copy at the end. numpy in gives numpy out, as libdf does.
 ``DF.features`` computes the three model inputs exactly as ``df.enhance.df_features`` does.
 
-Devices without complex dtypes (MPS below macOS 14, per ``capabilities``): the spectrum is kept
+Devices without complex dtypes (MPS below macOS 14, per ``routing.route("stft", device)``): the spectrum is kept
 in the real layout ``[..., F, 2]`` (re, im) throughout, and the FFTs become real matrix
 products (``rfft_real``: a two-step Cooley-Tukey DFT, 120 x 8 points for fft_size 960; the
 inverse is one windowed DFT matrix), built in float64 on the CPU and stored as float32. We chose
@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import capabilities
+from . import routing
 from ._log import warn_once
 
 __all__ = [
@@ -177,7 +177,9 @@ def norm_alpha(sr: int, hop_size: int, tau: float = 1.0) -> float:
 
 # -- input / output conversion --------------------------------------------------------------------
 def _supports_complex(device: torch.device) -> bool:
-    return capabilities.get().supports_complex(device.type)
+    # The one decision point: "upstream" means torch.fft with complex tensors, "real" the real
+    # DFT matrices (MPS before macOS 14, or DF_MPS_FORWARD_METHOD=real).
+    return routing.route("stft", device) is routing.Route.UPSTREAM
 
 
 def _real_tensor(x: ArrayLike, what: str) -> Tuple[Tensor, bool]:

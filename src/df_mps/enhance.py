@@ -178,13 +178,9 @@ def output_suffix(model: Optional[PathLike], model_dir: Path, post_filter: bool)
 
 
 def _init_model(model_dir: Path, post_filter: bool, epoch, mask_only: bool):
-    import importlib
+    from .models import init_df
 
     _keep_our_logging()
-    try:
-        init_df = importlib.import_module("df_mps.models").init_df
-    except (ImportError, AttributeError):
-        from df.enhance import init_df
     try:
         # log_file=None: upstream would write enhance.log into the model directory, which may
         # be read-only (a shared or system-wide install).

@@ -26,6 +26,7 @@ OPS = {
     "post_filter": Route.REAL,  # DFN3 --pf magnitude in DfNet.forward
     "dfop": Route.REAL,  # df.modules.DfOp complex_strided (DFN1, DFN2)
     "stoi": Route.CPU,  # df.stoi.stoi
+    "stft": Route.REAL,  # df_mps.dsp's STFT on device tensors: real DFT matrices, no torch.fft
 }
 
 
