@@ -36,15 +36,15 @@ leading (batch/channel) dimensions, and returns tensors on that device: feature 
 run on the GPU with a single copy at the end. numpy in gives numpy out, as libdf does.
 ``DF.features`` computes the three model inputs exactly as ``df.enhance.df_features`` does.
 
-Devices without complex dtypes (MPS below macOS 14, per ``routing.route("stft", device)``): the spectrum is kept
-in the real layout ``[..., F, 2]`` (re, im) throughout, and the FFTs become real matrix
-products (``rfft_real``: a two-step Cooley-Tukey DFT, 120 x 8 points for fft_size 960; the
+Devices without complex dtypes (MPS below macOS 14; ``routing.route("stft", device)`` decides): the
+spectrum is kept in the real layout ``[..., F, 2]`` (re, im) throughout, and the FFTs become real
+matrix products (``rfft_real``: a two-step Cooley-Tukey DFT, 120 x 8 points for fft_size 960; the
 inverse is one windowed DFT matrix), built in float64 on the CPU and stored as float32. We chose
-matrix products over a CPU round trip because they keep the whole pipeline on the device; they
-cost a few hundred flops per sample, far below the model itself, and match libdf as closely as
-torch.fft does (measured: analysis 7e-9 absolute, features 2e-6). On devices with complex
-support, ``torch.fft`` is used, and results are viewed as complex only at the API boundary.
-float64 is never used on a device.
+matrix products over a CPU round trip because they keep the whole pipeline on the device; they cost
+a few hundred flops per sample, far below the model itself, and match libdf as closely as torch.fft
+does (measured: analysis 7e-9 absolute, features 2e-6). On devices with complex support,
+``torch.fft`` is used, and results are viewed as complex only at the API boundary. float64 is never
+used on a device.
 
 The recursive exponential means are computed with a parallel prefix scan over time (log2(T)
 element-wise steps) instead of a loop over frames, so a batch on the GPU costs a handful of
