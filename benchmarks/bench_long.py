@@ -120,6 +120,15 @@ def run_child(spec: dict, timeout: float = 3600) -> dict:
 
 
 def peak_rss_mib() -> float:
+    # Linux: VmHWM belongs to this process's own address space, which exec() replaced, whereas
+    # ru_maxrss survives exec() and can report the (forked) parent's size.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 1024 if sys.platform != "darwin" else kib / 2**20  # bytes on macOS
 

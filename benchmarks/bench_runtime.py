@@ -444,6 +444,15 @@ def print_rtf(result: dict) -> None:
 
 # -- length sweep -----------------------------------------------------------------------------
 def peak_rss_mib() -> float:
+    # Linux: VmHWM belongs to this process's own address space, which exec() replaced, whereas
+    # ru_maxrss survives exec() and can report the (forked) parent's size.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB else
 

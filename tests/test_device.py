@@ -1,5 +1,6 @@
 """get_device in every binding, and the real DFN3 model landing on the chosen device."""
 
+import copy
 import sys
 
 import pytest
@@ -31,6 +32,12 @@ def auto_device(monkeypatch):
     """No device setting (the suite pins DF_MPS_DEVICE and DEVICE to the CPU; these tests are
     about the choice itself)."""
     monkeypatch.delenv("DEVICE", raising=False)
+    # Upstream's own get_device (called by unpatched tests) writes DEVICE from the environment
+    # into the loaded config's [train] section; start from a config without it.
+    config = sys.modules["df.config"].config
+    if config.parser is not None and config.parser.has_option("train", "device"):
+        monkeypatch.setattr(config, "parser", copy.deepcopy(config.parser))
+        config.parser.remove_option("train", "device")
     previous = settings.get()
     settings.set_current(previous.replace(device="auto"))
     yield
