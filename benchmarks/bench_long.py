@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -40,6 +39,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _memory import peak_rss_mib  # benchmarks/_memory.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = Path(os.environ.get("DF_MPS_SHARED", REPO.parent / "shared"))
@@ -117,20 +118,6 @@ def run_child(spec: dict, timeout: float = 3600) -> dict:
             f"child {spec['mode']} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         )
     return json.loads(lines[-1])
-
-
-def peak_rss_mib() -> float:
-    # Linux: VmHWM belongs to this process's own address space, which exec() replaced, whereas
-    # ru_maxrss survives exec() and can report the (forked) parent's size.
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 1024 if sys.platform != "darwin" else kib / 2**20  # bytes on macOS
 
 
 def child_main(spec: dict) -> None:

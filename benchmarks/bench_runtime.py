@@ -39,7 +39,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
+from _memory import peak_rss_mib  # benchmarks/_memory.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = Path(os.environ.get("DF_MPS_SHARED", REPO.parent / "shared"))
@@ -443,20 +443,6 @@ def print_rtf(result: dict) -> None:
 
 
 # -- length sweep -----------------------------------------------------------------------------
-def peak_rss_mib() -> float:
-    # Linux: VmHWM belongs to this process's own address space, which exec() replaced, whereas
-    # ru_maxrss survives exec() and can report the (forked) parent's size.
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB else
-
-
 def streaming_enhancer(model_path: Path):
     """df_mps's streaming (``df_mps.streaming.enhance_stream``) as ``fn(source, target)``, or
     None where this df_mps has no streaming module."""
