@@ -38,13 +38,24 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ._log import logger
+from .api import (
+    DEFAULT_MODEL,
+    PRETRAINED_MODELS,
+    Enhancer,
+    FileError,
+    FileResult,
+    UserError,
+    load_enhancer,
+    output_suffix,
+    resolve_model,
+)
+from .engine import DEFAULT_BATCH, DEFAULT_PIECE_SECONDS
 from .patches.audio_io import (
     EXTENSION_FORMATS,
     TEMP_SUFFIX,
@@ -52,18 +63,21 @@ from .patches.audio_io import (
     read_audio,
     write_audio,
 )
-from .streaming import DEFAULT_PIECE_SECONDS, BadAudioError, enhance_stream
+from .streaming import BadAudioError
 
 PROG = "df-mps-enhance"
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "none")
-PRETRAINED_MODELS = ("DeepFilterNet", "DeepFilterNet2", "DeepFilterNet3")
-DEFAULT_MODEL = "DeepFilterNet3"
 MAX_DEFAULT_THREADS = 4
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
+    "DEFAULT_MODEL",
+    "PRETRAINED_MODELS",
     "BadAudioError",
+    "FileError",
+    "output_suffix",
+    "resolve_model",
     "Enhancer",
     "FileResult",
     "UserError",
@@ -73,170 +87,7 @@ __all__ = [
 ]
 
 
-class UserError(Exception):
-    """Something the user can fix; the message is one line, shown without a traceback."""
-
-
-# -- the model step ---------------------------------------------------------------------------
-class Enhancer:
-    """A loaded DeepFilterNet model and how to run it: the one place that runs the model.
-
-    ``enhancer(audio, sample_rate)`` takes float32 audio [C, T] at any rate and returns the
-    enhanced audio at that rate, [C, T]: resampled to the model's rate and back with upstream's
-    ``df.io.resample`` ("sinc_fast"), enhanced with upstream's ``df.enhance.enhance``.
-    """
-
-    def __init__(self, model, df_state, suffix: str, *, pad: bool = True, atten_lim_db=None):
-        self.model = model
-        self.df_state = df_state
-        self.suffix = suffix
-        self.pad = pad
-        self.atten_lim_db = atten_lim_db
-
-    @property
-    def sample_rate(self) -> int:
-        return int(self.df_state.sr())
-
-    def __call__(self, audio, sample_rate: int):
-        from df.enhance import enhance
-
-        length = audio.shape[-1]
-        model_sr = self.sample_rate
-        x = _resample(audio, sample_rate, model_sr)
-        y = enhance(self.model, self.df_state, x, pad=self.pad, atten_lim_db=self.atten_lim_db)
-        y = _resample(y.to("cpu"), model_sr, sample_rate)
-        # Resampling there and back can be a sample off, and --no-delay-compensation returns
-        # whole hops only: the output keeps the input's length (zero-padded at the end).
-        if y.shape[-1] >= length:
-            return y[..., :length].contiguous()
-        import torch
-
-        return torch.nn.functional.pad(y, (0, length - y.shape[-1]))
-
-
-def _resample(audio, orig_sr: int, new_sr: int):
-    if orig_sr == new_sr:
-        return audio
-    from df.io import resample
-
-    with warnings.catch_warnings():
-        # torchaudio renames "sinc_interpolation"; the result is the same.
-        warnings.filterwarnings("ignore", message=".*resampling method name is being deprecated")
-        return resample(audio, orig_sr, new_sr)
-
-
-_model_cache: Dict[tuple, tuple] = {}
-
-
-def load_enhancer(
-    model: Optional[PathLike] = None,
-    *,
-    post_filter: bool = False,
-    epoch: Union[str, int, None] = "best",
-    mask_only: bool = False,
-    pad: bool = True,
-    atten_lim_db: Optional[float] = None,
-) -> Enhancer:
-    """Resolve ``model`` (a directory, a pretrained name, None for DeepFilterNet3) and load it.
-
-    The last model loaded is kept, so calling this (or ``main``) again in the same process with
-    the same model is cheap. Raises ``UserError`` with a one-line reason when it can't load.
-    """
-    model_dir = resolve_model(model)
-    suffix = output_suffix(model, model_dir, post_filter)
-    from . import settings
-
-    key = (str(model_dir), post_filter, str(epoch), mask_only, settings.get())
-    if key not in _model_cache:
-        _model_cache.clear()  # one model at a time: DeepFilterNet's config is process-global
-        _model_cache[key] = _init_model(model_dir, post_filter, epoch, mask_only)
-    net, df_state = _model_cache[key]
-    return Enhancer(net, df_state, suffix, pad=pad, atten_lim_db=atten_lim_db)
-
-
-def resolve_model(model: Optional[PathLike]) -> Path:
-    import importlib.util
-
-    if importlib.util.find_spec("df_mps.models") is not None:
-        from .models import ModelNotFoundError, resolve_model_dir
-
-        try:
-            return Path(resolve_model_dir(model))
-        except ModelNotFoundError as exc:
-            raise UserError(str(exc)) from None
-    path = Path(os.fspath(model or DEFAULT_MODEL)).expanduser()
-    if (path / "config.ini").is_file():
-        return path
-    raise UserError(f"model not found: '{path}' is not a directory with config.ini")
-
-
-def output_suffix(model: Optional[PathLike], model_dir: Path, post_filter: bool) -> str:
-    """Upstream's suffix: the model's name (its directory's name), plus "_pf" with --pf."""
-    requested = os.fspath(model) if model is not None else DEFAULT_MODEL
-    name = requested if requested in PRETRAINED_MODELS else Path(model_dir).resolve().name
-    return name + ("_pf" if post_filter else "")
-
-
-def _init_model(model_dir: Path, post_filter: bool, epoch, mask_only: bool):
-    from .models import init_df
-
-    _keep_our_logging()
-    try:
-        # log_file=None: upstream would write enhance.log into the model directory, which may
-        # be read-only (a shared or system-wide install).
-        net, df_state, _ = init_df(
-            str(model_dir),
-            post_filter=post_filter,
-            log_file=None,
-            config_allow_defaults=True,
-            epoch=epoch,
-            mask_only=mask_only,
-        )
-    except SystemExit:
-        # Upstream calls exit(1) when it finds no checkpoint.
-        raise UserError(
-            f"no checkpoint for epoch '{epoch}' in '{model_dir / 'checkpoints'}'"
-        ) from None
-    except UserError:
-        raise
-    except Exception as exc:
-        logger.opt(exception=exc).debug("model load failed")
-        raise UserError(f"could not load the model in '{model_dir}': {_one_line(exc)}") from None
-    return net, df_state
-
-
-def _keep_our_logging() -> None:
-    # Upstream's init_logger() removes every loguru handler and logs to the sys.stdout of that
-    # moment; the command line has set up its own, so upstream's is marked as done.
-    try:
-        import df.logger as df_logger
-    except ImportError:
-        return
-    if hasattr(df_logger, "_logger_initialized"):
-        df_logger._logger_initialized = True
-
-
 # -- one file ---------------------------------------------------------------------------------
-@dataclasses.dataclass
-class FileResult:
-    source: Path
-    target: Path
-    sample_rate: int
-    channels: int
-    frames: int
-    subtype: str  # what was written
-    model_seconds: float  # resampling + DeepFilterNet, the part upstream times
-
-    @property
-    def audio_seconds(self) -> float:
-        return self.frames / self.sample_rate
-
-    @property
-    def rtf(self) -> float:
-        """Real-time factor: processing time / audio duration (below 1 is faster than real time)."""
-        return self.model_seconds / self.audio_seconds if self.audio_seconds else 0.0
-
-
 def enhance_file(
     source: PathLike,
     target: PathLike,
@@ -244,7 +95,7 @@ def enhance_file(
     *,
     overwrite: bool = False,
     whole_file: bool = False,
-    piece_seconds: float = DEFAULT_PIECE_SECONDS,
+    piece_seconds: Optional[float] = None,
     progress=False,
 ) -> FileResult:
     """Enhance one file into ``target``: same rate, channels, length and sample format.
@@ -254,32 +105,21 @@ def enhance_file(
     message) for a file that can't be read, has no samples or holds NaN/Inf, and for a write
     that fails.
 
-    By default the file streams through ``df_mps.streaming.enhance_stream`` in pieces of
-    ``piece_seconds``, in bounded memory (``progress``: True for a tqdm bar within the file,
-    or a callable given the frames done). ``whole_file=True`` reads the whole file and calls
-    ``enhancer(audio, sample_rate)`` on it once, as upstream does.
+    By default the file streams through the engine (``Enhancer.enhance_file``) in pieces of
+    ``piece_seconds``, in bounded memory (``progress``: a callable given seconds of audio
+    done). ``whole_file=True`` reads the whole file and calls ``enhancer(audio, sample_rate)``
+    on it once, as upstream does.
     """
     source, target = Path(source), Path(target)
     _refuse_input_as_output(source, target)
     if whole_file:
         return _enhance_whole_file(source, target, enhancer, overwrite)
-    result = enhance_stream(
-        enhancer,
-        None,
+    return enhancer.enhance_file(
         source,
         target,
         overwrite=overwrite,
         piece_seconds=piece_seconds,
-        progress=progress,
-    )
-    return FileResult(
-        source=source,
-        target=target,
-        sample_rate=result.sample_rate,
-        channels=result.channels,
-        frames=result.frames,
-        subtype=result.subtype,
-        model_seconds=result.model_seconds,
+        progress=progress if callable(progress) else None,
     )
 
 
@@ -510,6 +350,18 @@ def _piece_seconds(value: str) -> float:
     return seconds
 
 
+def _batch(value: str):
+    if value.lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 4096:
+        raise argparse.ArgumentTypeError(f"invalid batch {value!r}: use auto or 1 to 4096")
+    return n
+
+
 def _threads(value: str) -> int:
     try:
         n = int(value)
@@ -615,6 +467,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="the model runs on pieces of S seconds whose state carries over exactly, so any "
         f"length fits in bounded memory (default {DEFAULT_PIECE_SECONDS:g})",
+    )
+    p.add_argument(
+        "--batch",
+        type=_batch,
+        default="auto",
+        metavar="N",
+        help="channels of files that share one forward of the model (continuous batching); "
+        "'auto' picks per device: "
+        + ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH.items())
+        + " (default auto). Outputs don't depend on it",
     )
     p.add_argument(
         "--whole-file",
@@ -780,16 +642,18 @@ def run(args: argparse.Namespace) -> int:
     todo = [job for job in jobs if job.error is None]
     done: List[FileResult] = []
     if todo:
-        enhancer = load_enhancer(
+        enhancer = Enhancer(
             args.model_base_dir,
             post_filter=args.pf,
             epoch=args.epoch,
             mask_only=args.no_df_stage,
             pad=args.compensate_delay,
             atten_lim_db=args.atten_lim,
+            batch=args.batch,
+            piece_seconds=args.piece_seconds,
         )
-        options = dict(whole_file=args.whole_file, piece_seconds=args.piece_seconds)
-        for result in _run_jobs(todo, enhancer, args.overwrite, **options):
+        logger.debug(f"batch {enhancer.batch} on {enhancer.device}")
+        for result in _run_jobs(todo, enhancer, args.overwrite, whole_file=args.whole_file):
             if isinstance(result, FileResult):
                 done.append(result)
             else:
@@ -799,48 +663,73 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_jobs(
-    jobs: Sequence[Job],
-    enhancer: Enhancer,
-    overwrite: bool,
-    *,
-    whole_file: bool = False,
-    piece_seconds: float = DEFAULT_PIECE_SECONDS,
+    jobs: Sequence[Job], enhancer: Enhancer, overwrite: bool, *, whole_file: bool = False
 ) -> Iterable:
+    """Results (``FileResult`` or ``FileError``) as files finish, with one progress bar in
+    seconds of audio over all of them and a line per file."""
     from tqdm import tqdm
 
-    with tqdm(jobs, unit="file", disable=None, file=sys.stderr, dynamic_ncols=True) as bar:
-        for job in bar:
-            bar.set_description(job.source.name)
-            try:
-                # progress=True: a second bar, in seconds of audio, within each file.
-                result = enhance_file(
-                    job.source,
-                    job.target,
-                    enhancer,
-                    overwrite=overwrite,
-                    whole_file=whole_file,
-                    piece_seconds=piece_seconds,
-                    progress=True,
-                )
-            except AudioFileError as exc:
-                _say(f"error: {exc} (skipped)")
-                yield exc
+    total = sum(_duration(job.source) for job in jobs)
+    with tqdm(
+        total=round(total, 1),
+        unit="s",
+        desc=f"{len(jobs)} file(s)",
+        disable=None,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}{postfix}]",
+    ) as bar:
+        started = time.perf_counter()
+
+        def advance(seconds: float) -> None:
+            bar.update(seconds)
+            if bar.n:
+                bar.set_postfix_str(f"RTF {(time.perf_counter() - started) / bar.n:.3f}")
+
+        if whole_file:
+            results = _whole_files(jobs, enhancer, overwrite)
+        else:
+            pairs = [(job.source, job.target) for job in jobs]
+            results = enhancer.enhance_files(pairs, overwrite=overwrite, progress=advance)
+        for result in results:
+            if isinstance(result, FileError):
+                _say(f"error: {result.message} (skipped)")
+                yield result
                 continue
-            except (Exception, SystemExit) as exc:
-                logger.opt(exception=exc).debug("traceback")
-                _say(
-                    f"error: '{job.source}': {type(exc).__name__}: {_one_line(exc)} (skipped; "
-                    "run with --log-level debug for the traceback)"
-                )
-                yield exc
-                continue
-            bar.set_postfix_str(f"RTF {result.rtf:.3f}")
+            if whole_file:
+                advance(result.audio_seconds)
             logger.info(
                 f"enhanced '{result.source}' -> '{result.target}' "
                 f"({result.audio_seconds:.2f} s audio in {result.model_seconds:.2f} s, "
                 f"RTF {result.rtf:.3f})"
             )
             yield result
+
+
+def _whole_files(jobs: Sequence[Job], enhancer: Enhancer, overwrite: bool):
+    for job in jobs:
+        try:
+            yield _enhance_whole_file(job.source, job.target, enhancer, overwrite)
+        except AudioFileError as exc:
+            yield FileError(job.source, job.target, str(exc))
+        except (Exception, SystemExit) as exc:
+            logger.opt(exception=exc).debug("traceback")
+            yield FileError(
+                job.source,
+                job.target,
+                f"'{job.source}': {type(exc).__name__}: {_one_line(exc)} (run with --log-level "
+                "debug for the traceback)",
+            )
+
+
+def _duration(path: Path) -> float:
+    import soundfile as sf
+
+    try:
+        info = sf.info(os.fspath(path))
+        return info.frames / info.samplerate if info.frames > 0 else 0.0
+    except Exception:  # noqa: BLE001 - unreadable files are reported when they are enhanced
+        return 0.0
 
 
 def _summary(done: Sequence[FileResult], failed: int, total: int) -> None:

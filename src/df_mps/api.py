@@ -1,0 +1,461 @@
+"""df-mps as a library: an ``Enhancer`` that enhances files, lists of files and arrays.
+
+    from df_mps.api import Enhancer
+
+    enhancer = Enhancer()                                   # DeepFilterNet3, batch "auto"
+    enhancer.enhance_file("noisy.wav", "clean.wav")
+    for result in enhancer.enhance_files([("a.wav", "out/a.wav"), ("b.flac", "out/b.flac")]):
+        print(result)                                       # as each file finishes
+    clean = enhancer.enhance_array(audio, 16000)            # [frames, channels] or 1-D
+
+Every call runs through ``df_mps.engine``: up to ``batch`` channels of as many files share each
+forward of the model (continuous batching), and each file's output equals what upstream's
+``enhance()`` gives for it alone, to float32 rounding, whatever else rides in the batch. Outputs
+keep the input's rate, channels, length and (where the format allows) sample format; they are
+written atomically, never onto an input, and an existing output only with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
+
+import numpy as np
+
+from . import engine as _engine_module
+from .engine import DEFAULT_PIECE_SECONDS, ArraySink, ArraySource, Engine, Job, Sink, Source
+from .patches.audio_io import AudioFileError
+
+__all__ = [
+    "AudioFileError",
+    "Enhancer",
+    "FileError",
+    "FileResult",
+    "UserError",
+    "load_enhancer",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+PRETRAINED_MODELS = ("DeepFilterNet", "DeepFilterNet2", "DeepFilterNet3")
+DEFAULT_MODEL = "DeepFilterNet3"
+
+
+class UserError(Exception):
+    """Something the user can fix (a model that can't be found or loaded, a bad option); the
+    message is one line, shown without a traceback."""
+
+
+@dataclasses.dataclass
+class FileResult:
+    source: Path
+    target: Path
+    sample_rate: int
+    channels: int
+    frames: int
+    subtype: str  # what was written
+    model_seconds: float  # this file's share of resampling, DSP and model time
+
+    @property
+    def audio_seconds(self) -> float:
+        return self.frames / self.sample_rate if self.sample_rate else 0.0
+
+    @property
+    def rtf(self) -> float:
+        """Real-time factor: processing time / audio duration (below 1 is faster than real time)."""
+        return self.model_seconds / self.audio_seconds if self.audio_seconds else 0.0
+
+
+@dataclasses.dataclass
+class FileError:
+    source: Path
+    target: Optional[Path]
+    message: str  # one line
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# -- files as engine sources and sinks --------------------------------------------------------
+class FileSource(Source):
+    """A file read in blocks through soundfile, with read_audio's checks and one-line errors."""
+
+    def __init__(self, path: Path):
+        import soundfile as sf
+
+        from .patches.audio_io import read_audio
+
+        self.path = path
+        _, info = read_audio(path, num_frames=0)
+        self.info = info
+        self.sample_rate = int(info.samplerate)
+        self.channels = int(info.channels)
+        try:
+            self._file = sf.SoundFile(os.fspath(path))
+        except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError) as exc:
+            raise AudioFileError(
+                f"'{path}': not a readable audio file ({_one_line(exc)})"
+            ) from None
+        self._read = 0
+
+    def read(self, frames: int) -> np.ndarray:
+        import soundfile as sf
+
+        try:
+            data = self._file.read(frames=frames, dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
+            raise AudioFileError(
+                f"'{self.path}': read failed at {self._read / self.sample_rate:.2f} s "
+                f"({_one_line(exc)})"
+            ) from None
+        if data.shape[0] and not np.isfinite(data).all():
+            first = self._read + int(np.argmin(np.isfinite(data).all(axis=1)))
+            raise AudioFileError(
+                f"'{self.path}': contains NaN or Inf sample(s) (first at "
+                f"{first / self.sample_rate:.2f} s)"
+            )
+        self._read += data.shape[0]
+        if self._read == 0 and data.shape[0] < frames:
+            raise AudioFileError(f"'{self.path}': has no audio samples")
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class FileSink(Sink):
+    """The output file, written into a temporary file and renamed into place on commit."""
+
+    def __init__(self, source: FileSource, target: Path, overwrite: bool):
+        from .streaming import _AtomicAudioWriter as AtomicAudioWriter  # TODO(merge): audio
+
+        self.source, self.target = source, target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = AtomicAudioWriter(
+            target, source.sample_rate, source.channels, source.info.subtype, overwrite
+        )
+        self.subtype = self._writer.subtype
+
+    def write(self, samples: np.ndarray) -> None:
+        import soundfile as sf
+
+        try:
+            self._writer.write(samples)
+        except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
+            raise AudioFileError(f"'{self.target}': could not write ({_one_line(exc)})") from None
+        except OSError as exc:
+            raise AudioFileError(f"'{self.target}': can't write: {exc.strerror or exc}") from None
+
+    def commit(self) -> None:
+        if _same_file(self.source.path, self.target):  # the target path changed under us
+            raise AudioFileError(
+                f"'{self.source.path}': the output path is the input file itself; refused"
+            )
+        try:
+            self._writer.commit()
+        except FileExistsError:
+            raise AudioFileError(
+                f"'{self.target}': output exists (use --overwrite to replace it)"
+            ) from None
+        except OSError as exc:
+            raise AudioFileError(f"'{self.target}': can't write: {exc.strerror or exc}") from None
+
+    def abort(self) -> None:
+        self._writer.__exit__(None, None, None)
+
+
+def _open_file_job(source: Path, target: Path, overwrite: bool) -> Tuple[Source, Sink]:
+    if _same_file(source, target):
+        raise AudioFileError(f"'{source}': the output path is the input file itself; refused")
+    reader = FileSource(source)
+    try:
+        if not overwrite and os.path.lexists(target):
+            raise AudioFileError(f"'{target}': output exists (use --overwrite to replace it)")
+        if target.is_dir():
+            raise AudioFileError(f"'{target}': the output path is a directory")
+        return reader, FileSink(reader, target, overwrite)
+    except BaseException:
+        reader.close()
+        raise
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+# -- loading the model ------------------------------------------------------------------------
+_model_cache: Dict[tuple, tuple] = {}
+
+
+def load_model(
+    model: Optional[PathLike] = None,
+    *,
+    post_filter: bool = False,
+    epoch: Union[str, int, None] = "best",
+    mask_only: bool = False,
+):
+    """(model directory, network, df_state) for ``model`` (a directory, a pretrained name, None
+    for DeepFilterNet3). The last model loaded is kept, so loading it again in the same process
+    is cheap. Raises ``UserError`` with a one-line reason when it can't load."""
+    from . import settings
+
+    model_dir = resolve_model(model)
+    key = (str(model_dir), post_filter, str(epoch), mask_only, settings.get())
+    if key not in _model_cache:
+        _model_cache.clear()  # one model at a time: DeepFilterNet's config is process-global
+        _model_cache[key] = _init_model(model_dir, post_filter, epoch, mask_only)
+    net, df_state = _model_cache[key]
+    return model_dir, net, df_state
+
+
+def resolve_model(model: Optional[PathLike]) -> Path:
+    from .models import ModelNotFoundError, resolve_model_dir
+
+    try:
+        return Path(resolve_model_dir(model))
+    except ModelNotFoundError as exc:
+        raise UserError(str(exc)) from None
+
+
+def output_suffix(model: Optional[PathLike], model_dir: Path, post_filter: bool) -> str:
+    """Upstream's suffix: the model's name (its directory's name), plus "_pf" with --pf."""
+    requested = os.fspath(model) if model is not None else DEFAULT_MODEL
+    name = requested if requested in PRETRAINED_MODELS else Path(model_dir).resolve().name
+    return name + ("_pf" if post_filter else "")
+
+
+def _init_model(model_dir: Path, post_filter: bool, epoch, mask_only: bool):
+    from ._log import logger
+    from .models import init_df
+
+    _keep_our_logging()
+    try:
+        # log_file=None: upstream would write enhance.log into the model directory, which may
+        # be read-only (a shared or system-wide install).
+        net, df_state, _ = init_df(
+            str(model_dir),
+            post_filter=post_filter,
+            log_file=None,
+            config_allow_defaults=True,
+            epoch=epoch,
+            mask_only=mask_only,
+        )
+    except SystemExit:
+        # Upstream calls exit(1) when it finds no checkpoint.
+        raise UserError(
+            f"no checkpoint for epoch '{epoch}' in '{model_dir / 'checkpoints'}'"
+        ) from None
+    except UserError:
+        raise
+    except Exception as exc:
+        logger.opt(exception=exc).debug("model load failed")
+        raise UserError(f"could not load the model in '{model_dir}': {_one_line(exc)}") from None
+    return net, df_state
+
+
+def _keep_our_logging() -> None:
+    # Upstream's init_logger() removes every loguru handler and logs to the sys.stdout of that
+    # moment; the caller has set up its own, so upstream's is marked as done.
+    try:
+        import df.logger as df_logger
+    except ImportError:
+        return
+    if hasattr(df_logger, "_logger_initialized"):
+        df_logger._logger_initialized = True
+
+
+def load_enhancer(model: Optional[PathLike] = None, **options) -> Enhancer:
+    """``Enhancer(model, **options)``: kept for the code written against df-mps 0.1."""
+    return Enhancer(model, **options)
+
+
+def _resample(audio, orig_sr: int, new_sr: int):
+    if orig_sr == new_sr:
+        return audio
+    import warnings
+
+    from df.io import resample
+
+    with warnings.catch_warnings():
+        # torchaudio renames "sinc_interpolation"; the result is the same.
+        warnings.filterwarnings("ignore", message=".*resampling method name is being deprecated")
+        return resample(audio, orig_sr, new_sr)
+
+
+# -- the enhancer -----------------------------------------------------------------------------
+class Enhancer:
+    """A loaded DeepFilterNet model and the engine that runs it.
+
+    ``model``: a model directory, a pretrained name (DeepFilterNet, DeepFilterNet2,
+    DeepFilterNet3) or None for DeepFilterNet3 (built offline). ``device``: "auto", "cuda",
+    "cuda:N", "mps" or "cpu" (df-mps's device choice, as ``DF_MPS_DEVICE``). ``batch``: rows
+    (channels of files) per forward, or "auto" (``df_mps.engine.DEFAULT_BATCH`` for the
+    device). ``piece_seconds``: the length of the pieces each row runs on (memory; the result
+    does not depend on it). ``threads``: torch's CPU threads. ``post_filter``, ``atten_lim_db``,
+    ``pad`` (delay compensation), ``epoch`` and ``mask_only`` are upstream's options.
+    """
+
+    def __init__(
+        self,
+        model: Optional[PathLike] = None,
+        *,
+        device: Optional[str] = None,
+        post_filter: bool = False,
+        atten_lim_db: Optional[float] = None,
+        pad: bool = True,
+        epoch: Union[str, int, None] = "best",
+        mask_only: bool = False,
+        batch: Union[int, str] = "auto",
+        piece_seconds: float = DEFAULT_PIECE_SECONDS,
+        threads: Optional[int] = None,
+        precision: str = "fp32",
+    ):
+        import torch
+
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        if device is not None:
+            import df_mps
+
+            df_mps.patch(device=device)
+        if precision != "fp32":
+            raise ValueError(f"precision {precision!r}: only fp32 is supported so far")
+        if not piece_seconds > 0:
+            raise ValueError(f"piece_seconds must be positive, not {piece_seconds}")
+        self.model_dir, self.model, self.df_state = load_model(
+            model, post_filter=post_filter, epoch=epoch, mask_only=mask_only
+        )
+        self.suffix = output_suffix(model, self.model_dir, post_filter)
+        self.pad = pad
+        self.atten_lim_db = atten_lim_db
+        self.post_filter = post_filter
+        self.precision = precision
+        self.piece_seconds = float(piece_seconds)
+        self.device = next(self.model.parameters()).device
+        if batch == "auto":
+            batch = _engine_module.default_batch(self.device.type)
+        batch = int(batch)
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, not {batch}")
+        self.batch = batch
+
+    @property
+    def sample_rate(self) -> int:
+        """The model's sample rate (inputs at any rate are resampled to it and back)."""
+        return int(self.df_state.sr())
+
+    def __call__(self, audio, sample_rate: int):
+        """Upstream's whole-file call: float32 audio [C, T] at any rate (a tensor) in, the
+        enhanced audio [C, T] at that rate out, through ``df.io.resample`` ("sinc_fast") and
+        ``df.enhance.enhance`` on the whole signal at once. Memory grows with the length."""
+        import torch
+        from df.enhance import enhance
+
+        length = audio.shape[-1]
+        model_sr = self.sample_rate
+        x = _resample(audio, sample_rate, model_sr)
+        y = enhance(self.model, self.df_state, x, pad=self.pad, atten_lim_db=self.atten_lim_db)
+        y = _resample(y.to("cpu"), model_sr, sample_rate)
+        # Resampling there and back can be a sample off, and --no-delay-compensation returns
+        # whole hops only: the output keeps the input's length (zero-padded at the end).
+        if y.shape[-1] >= length:
+            return y[..., :length].contiguous()
+        return torch.nn.functional.pad(y, (0, length - y.shape[-1]))
+
+    def engine(self, batch: Optional[int] = None, piece_seconds: Optional[float] = None) -> Engine:
+        """A fresh engine over this model (its own scheduling state; the model is shared)."""
+        hop = int(self.df_state.hop_size())
+        piece = piece_seconds or self.piece_seconds
+        return Engine(
+            self.model,
+            self.df_state,
+            batch=batch or self.batch,
+            piece_frames=max(1, round(piece * self.sample_rate / hop)),
+            pad=self.pad,
+            atten_lim_db=self.atten_lim_db,
+        )
+
+    # -- files --
+    def enhance_files(
+        self,
+        jobs: Iterable[Tuple[PathLike, PathLike]],
+        *,
+        overwrite: bool = False,
+        progress: Optional[Callable[[float], None]] = None,
+        piece_seconds: Optional[float] = None,
+    ) -> Iterator[Union[FileResult, FileError]]:
+        """Enhance (source, target) pairs; yields a ``FileResult`` or a ``FileError`` per file
+        as each finishes (completion order, not input order). A bad file never stops the
+        others; an interruption removes every temporary file. ``progress`` is called with
+        seconds of audio done."""
+
+        def make(source: Path, target: Path) -> Job:
+            sink_box = {}
+
+            def opener():
+                reader, sink = _open_file_job(source, target, overwrite)
+                sink_box["sink"] = sink
+                return reader, sink
+
+            return Job(open=opener, tag=(source, target, sink_box))
+
+        engine_jobs = (make(Path(s), Path(t)) for s, t in jobs)
+        engine = self.engine(piece_seconds=piece_seconds)
+        for result in engine.run(engine_jobs, progress=progress):
+            source, target, sink_box = result.job.tag
+            if result.error is not None:
+                yield FileError(source, target, result.error)
+                continue
+            yield FileResult(
+                source=source,
+                target=target,
+                sample_rate=result.sample_rate,
+                channels=result.channels,
+                frames=result.frames,
+                subtype=sink_box["sink"].subtype,
+                model_seconds=result.model_seconds,
+            )
+
+    def enhance_file(
+        self,
+        source: PathLike,
+        target: PathLike,
+        *,
+        overwrite: bool = False,
+        progress: Optional[Callable[[float], None]] = None,
+        piece_seconds: Optional[float] = None,
+    ) -> FileResult:
+        """Enhance one file; raises ``AudioFileError`` (a one-line message) where it can't."""
+        results = self.enhance_files(
+            [(source, target)], overwrite=overwrite, progress=progress, piece_seconds=piece_seconds
+        )
+        for result in results:
+            if isinstance(result, FileError):
+                raise AudioFileError(result.message)
+            return result
+        raise AssertionError("the engine returned no result")  # pragma: no cover
+
+    # -- arrays --
+    def enhance_array(self, audio, sample_rate: int) -> np.ndarray:
+        """Enhance float32 audio [frames, channels] (or 1-D mono) at ``sample_rate``; returns
+        the same shape. Raises ``ValueError`` for audio that can't be enhanced."""
+        array = np.asarray(audio, dtype=np.float32)
+        source = ArraySource(array, sample_rate)
+        sink = ArraySink()
+        job = Job(open=lambda: (source, sink))
+        for result in self.engine(batch=min(self.batch, source.channels)).run([job]):
+            if result.error is not None:
+                raise ValueError(result.error)
+        out = sink.result(source.channels)
+        return out[:, 0] if array.ndim == 1 else out

@@ -1,0 +1,877 @@
+"""The one place that runs the model: lanes with continuous batching.
+
+DeepFilterNet3's three GRUs step through every 10 ms frame, so a forward at batch 1 is bound by
+launch and dispatch cost on every device (most of all on MPS, which has no fused GRU). The
+engine therefore runs many streams through one forward:
+
+- A **lane** is one channel of one stream (a file, an array, a live stream) at the model's
+  rate. It carries what a whole-file run would have in memory at that point: its share of the
+  job's STFT/normalisation state (one ``df_mps.dsp.DF`` per job, a row per channel), the hidden
+  state of every recurrent module, and the last few outputs of each recurrent module (the left
+  context of the next piece).
+- A **step** takes the next piece of ``piece_frames`` frames from up to ``batch`` lanes, each
+  with ``left`` frames of context before it and ``right`` after (``model_context``), stacks
+  them into one ``[rows, 1, left + piece + right, ...]`` batch, and runs one forward. Every
+  piece has that one shape: a stream's last piece is zero-padded, and a stream's first piece
+  gets ``left`` frames of zeros in front.
+- **Exactness.** A lane's output equals the whole-file output of upstream's ``enhance()`` to
+  float32 rounding, whatever the batch. Two things make the fixed shape exact:
+    * Frames before a stream's start must look like the zero padding upstream's convolutions
+      add at frame 0. For a lane on its first piece the raw inputs before frame 0 are zero,
+      and a forward pre-hook on every time-padding layer zeroes that layer's input before
+      frame 0, so every convolution sees exactly its own padding there (zeroing only the
+      model's input would not do: a convolution of zeros plus a bias is not zero).
+    * Recurrent modules start from the lane's carried state at the piece's first frame
+      (zeros on a first piece), and hand back the previous piece's outputs for the left
+      context (``_StepContext``). Padded frames after a stream's end only reach frames that
+      are dropped: DeepFilterNet3 is causal once its explicit lookahead pads are applied, and
+      the zero-padded frames right after the end are exactly those pads' zeros.
+  Nothing in DeepFilterNet mixes batch rows in eval mode.
+- **Continuous batching.** When a stream ends its lanes are freed and the next job's lanes take
+  them at once, as a serving scheduler refills a slot when a sequence finishes.
+- **Keeping the device busy.** Decoding, resampling and the STFT analysis run in a small thread
+  pool one block ahead of each job; synthesis, resampling back, quantising and writing run
+  there too, in order per job. The step itself is the only thing on the scheduling thread.
+  About ``batch`` × piece of audio is in flight.
+
+``Engine.run(jobs)`` yields a result per job as each finishes. ``df_mps.api.Enhancer`` is its
+public face.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import os
+import threading
+import time
+import types
+from typing import Callable, Deque, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+# One GRU step costs about the same at batch 1 as at batch 64 on a GPU: these are the batch
+# sizes `--batch auto` picks (rows of one forward). CPU: docs/performance.md's CPU batch table
+# (batch 4 gives 1.3-1.5x the throughput of batch 1; more buys little on few cores and costs
+# memory). CUDA: measured on an H200 (benchmarks/bench_engine.py). MPS: unmeasured, see
+# DEFAULT_BATCH_NOTE.
+DEFAULT_BATCH = {"cpu": 4, "cuda": 64, "mps": 16}
+DEFAULT_BATCH_NOTE = (
+    "MPS: 16 is a choice, not a measurement. torch has no fused GRU for MPS, so each of the "
+    "5,000 GRU steps per 10 s is about 10 dispatches whatever the batch: rows share that cost. "
+    "Unified memory makes 16 rows of 10 s pieces (about 3 GB of activations) affordable on a "
+    "16 GB Mac, where 64 would not be."
+)
+DEFAULT_PIECE_SECONDS = 10.0
+
+
+def default_batch(device_type: str) -> int:
+    return DEFAULT_BATCH.get(device_type, DEFAULT_BATCH["cpu"])
+
+
+# -- what a job is --------------------------------------------------------------------------
+class JobError(Exception):
+    """A job that can't be enhanced; the message is one line for the user."""
+
+
+@dataclasses.dataclass
+class Result:
+    """What the engine reports for one finished job."""
+
+    job: Job
+    frames: int  # input frames enhanced
+    sample_rate: int
+    channels: int
+    model_seconds: float  # this job's share of the step and DSP time
+    error: Optional[str] = None  # one line, where the job failed
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Source:
+    """Audio in: ``info()`` then ``read(frames)`` blocks [frames, channels] float32 until a
+    short (or empty) block. Runs in an I/O thread. Raise ``JobError`` for bad audio."""
+
+    sample_rate: int
+    channels: int
+
+    def read(self, frames: int) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class Sink:
+    """Audio out: ``write(samples)`` [frames, channels] float32 in order, then ``commit()``;
+    ``abort()`` on any failure or interruption (it must leave nothing behind)."""
+
+    def write(self, samples: np.ndarray) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+class ArraySource(Source):
+    def __init__(self, audio: np.ndarray, sample_rate: int):
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim == 1:
+            audio = audio[:, None]
+        if audio.ndim != 2 or audio.shape[1] == 0:
+            raise ValueError(f"expected audio [frames, channels], got shape {audio.shape}")
+        if not np.isfinite(audio).all():
+            raise ValueError("audio contains NaN or Inf samples")
+        if audio.shape[0] == 0:
+            raise ValueError("audio has no samples")
+        self.audio = audio
+        self.sample_rate = int(sample_rate)
+        self.channels = int(audio.shape[1])
+        self._pos = 0
+
+    def read(self, frames: int) -> np.ndarray:
+        block = self.audio[self._pos : self._pos + frames]
+        self._pos += block.shape[0]
+        return block
+
+
+class ArraySink(Sink):
+    def __init__(self):
+        self.parts: List[np.ndarray] = []
+
+    def write(self, samples: np.ndarray) -> None:
+        self.parts.append(samples)
+
+    def result(self, channels: int) -> np.ndarray:
+        if not self.parts:
+            return np.zeros((0, channels), np.float32)
+        return np.concatenate(self.parts)
+
+
+@dataclasses.dataclass
+class Job:
+    """One stream through the engine. ``open()`` (run in the engine's thread) returns the
+    source and sink; ``tag`` is the caller's (a path pair, an index)."""
+
+    open: Callable[[], Tuple[Source, Sink]]
+    tag: object = None
+
+
+# -- the model, batched ---------------------------------------------------------------------
+def model_context(model) -> Tuple[int, int]:
+    from .streaming import model_context as context
+
+    return context(model)
+
+
+def _time_padding_layers(model):
+    """(module, time dim) for every layer that pads time before a convolution: where a first
+    piece's frames before the stream's start must read as zeros."""
+    from torch import nn
+
+    layers = []
+    for module in model.modules():
+        if isinstance(module, nn.ConstantPad2d) and module.padding[2] > 0:
+            layers.append((module, -2))
+        elif isinstance(module, nn.ConstantPad3d) and module.padding[4] > 0:
+            layers.append((module, -3))
+        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            pad = module.padding[0] if not isinstance(module.padding, str) else 0
+            if module.padding == "same" or pad:
+                layers.append((module, -2))
+    return layers
+
+
+class _StepContext:
+    """One step's switches on the model: carried recurrent state and start-of-stream masks.
+
+    While a step runs, each recurrent module's ``forward`` starts the piece's frames
+    [left, left + piece) from the rows' carried states, continues through the lookahead frames
+    from there (state not kept), and returns the previous piece's outputs for the left context.
+    """
+
+    def __init__(self, model, left: int, piece: int):
+        import torch
+
+        if isinstance(model, torch.jit.ScriptModule):
+            raise ValueError(
+                "the engine needs an eager (not TorchScript) model: its recurrent state is "
+                "carried between pieces"
+            )
+        self.recurrent = [m for m in model.modules() if isinstance(m, torch.nn.RNNBase)]
+        self.padding = _time_padding_layers(model)
+        self.left, self.piece = left, piece
+        # Per step: inputs (stacked per row) and outputs (to split per row).
+        self.h0: List[object] = []
+        self.history: List[object] = []
+        self.new_h: List[object] = [None] * len(self.recurrent)
+        self.new_history: List[object] = [None] * len(self.recurrent)
+        self.mask = None
+
+    @contextlib.contextmanager
+    def active(self, h0: List[object], history: List[object], mask):
+        self.h0, self.history, self.mask = h0, history, mask
+        saved, hooks = [], []
+        try:
+            for index, module in enumerate(self.recurrent):
+                saved.append((module, module.__dict__.get("forward")))
+                module.forward = types.MethodType(self._forward(index), module)
+            if mask is not None:
+                for module, dim in self.padding:
+                    hooks.append(module.register_forward_pre_hook(self._masker(dim)))
+            yield self
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for module, original in saved:
+                if original is None:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.forward = original
+            self.h0, self.history, self.mask = [], [], None
+
+    def _masker(self, dim: int):
+        def hook(module, args):
+            x = args[0]
+            mask = self.mask
+            if x.shape[dim] != mask.shape[1]:
+                raise RuntimeError(
+                    f"{type(module).__name__}: expected {mask.shape[1]} frames on dim {dim}, got "
+                    f"{x.shape[dim]}"
+                )
+            shape = [1] * x.ndim
+            shape[0] = x.shape[0]
+            shape[dim] = x.shape[dim]
+            return (x * mask.view(shape).to(x.dtype), *args[1:])
+
+        return hook
+
+    def _forward(self, index: int):
+        import torch
+
+        ctx = self
+
+        def forward(self_, x, hx=None):
+            time_dim = 1 if self_.batch_first else 0
+            left, piece = ctx.left, ctx.piece
+            cls_forward = type(self_).forward
+            out_piece, state = cls_forward(self_, x.narrow(time_dim, left, piece), ctx.h0[index])
+            ctx.new_h[index] = state
+            ctx.new_history[index] = out_piece.narrow(time_dim, piece - left, left)
+            parts = [ctx.history[index].to(out_piece.dtype), out_piece] if left else [out_piece]
+            rest = x.shape[time_dim] - left - piece
+            if rest > 0:
+                out_rest, state = cls_forward(self_, x.narrow(time_dim, left + piece, rest), state)
+                parts.append(out_rest)
+            return torch.cat(parts, time_dim), state
+
+        return forward
+
+
+class BatchedModel:
+    """DeepFilterNet run on ``[rows, 1, left + piece + right, ...]`` windows, rows independent.
+
+    ``step(windows)`` takes per row (spec, erb_feat, spec_feat, fresh, state) and returns the
+    enhanced spectrum of each row's piece frames plus the rows' new states. A row's state is
+    (hidden states, output histories), one entry per recurrent module; ``None`` is the state
+    at a stream's start.
+    """
+
+    def __init__(self, model, *, piece_frames: int, context: Optional[Tuple[int, int]] = None):
+        import torch
+
+        self.model = model.eval()
+        self.left, self.right = context if context is not None else model_context(model)
+        self.piece = int(piece_frames)
+        if self.left > self.piece:
+            raise ValueError(
+                f"pieces of {self.piece} frames are shorter than the {self.left}-frame left context"
+            )
+        self.window = self.left + self.piece + self.right
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._ctx = _StepContext(model, self.left, self.piece)
+        self._lock = threading.Lock()
+        self._shapes = []
+        for module in self._ctx.recurrent:
+            dirs = 2 if module.bidirectional else 1
+            out = module.proj_size or module.hidden_size
+            self._shapes.append(
+                (
+                    (module.num_layers * dirs, module.hidden_size),
+                    (out * dirs,),
+                    module.batch_first,
+                )
+            )
+        if any(isinstance(m, torch.nn.LSTM) for m in self._ctx.recurrent):
+            raise ValueError("the engine carries GRU/RNN states; LSTMs are not supported")
+
+    def _stack_states(self, states: Sequence[Optional[tuple]]):
+        import torch
+
+        h0, history = [], []
+        for index, ((layers, hidden), (out,), batch_first) in enumerate(self._shapes):
+            hs, hist = [], []
+            for state in states:
+                if state is None:
+                    hs.append(
+                        torch.zeros((layers, 1, hidden), device=self.device, dtype=self.dtype)
+                    )
+                    shape = (1, self.left, out) if batch_first else (self.left, 1, out)
+                    hist.append(torch.zeros(shape, device=self.device, dtype=self.dtype))
+                else:
+                    hs.append(state[0][index])
+                    hist.append(state[1][index])
+            h0.append(torch.cat(hs, dim=1))
+            history.append(torch.cat(hist, dim=0 if batch_first else 1))
+        return h0, history
+
+    def _split_states(self, rows: int) -> List[tuple]:
+        ctx = self._ctx
+        out = []
+        for r in range(rows):
+            hs = [h[:, r : r + 1] for h in ctx.new_h]
+            hist = []
+            for h, (_, _, batch_first) in zip(ctx.new_history, self._shapes):
+                hist.append(h[r : r + 1] if batch_first else h[:, r : r + 1])
+            out.append((hs, hist))
+        return out
+
+    def step(self, spec, erb_feat, spec_feat, fresh: Sequence[bool], states):
+        """spec [R, 1, W, F, 2], erb_feat [R, 1, W, E], spec_feat [R, 1, W, Fdf, 2] on the
+        model's device, W = ``self.window``. Returns (enhanced spec [R, piece, F, 2], lsnr
+        [R, piece], new states)."""
+        import torch
+
+        rows = spec.shape[0]
+        mask = None
+        if any(fresh):
+            valid = torch.ones((rows, self.window), device=self.device, dtype=torch.float32)
+            for r, is_fresh in enumerate(fresh):
+                if is_fresh:
+                    valid[r, : self.left] = 0.0
+            mask = valid
+        h0, history = self._stack_states(states)
+        with self._lock, torch.no_grad(), self._ctx.active(h0, history, mask):
+            out = self.model(spec, erb_feat, spec_feat)
+            new_states = self._split_states(rows)
+        keep = slice(self.left, self.left + self.piece)
+        enhanced = out[0][:, 0, keep]
+        lsnr = out[2][:, keep, 0] if out[2].ndim == 3 else out[2][:, keep]
+        return enhanced, lsnr, new_states
+
+
+# -- a job in flight ------------------------------------------------------------------------
+class _Active:
+    """A job whose lanes are in the engine: its source and sink, DSP state and buffers."""
+
+    def __init__(self, engine: Engine, job: Job, source: Source, sink: Sink):
+        import torch
+
+        from .streaming import StreamResampler
+
+        self.engine, self.job, self.source, self.sink = engine, job, source, sink
+        self.rate, self.channels = int(source.sample_rate), int(source.channels)
+        if self.rate <= 0 or self.channels <= 0:
+            raise JobError(f"invalid stream: {self.rate} Hz, {self.channels} channel(s)")
+        spec = engine.df_spec
+        # Our own DFs (torch, a streaming state per channel, on the model's device): libdf's
+        # DF shares one state between channels, and the caller's df_state stays untouched.
+        self.analysis = engine.new_dsp()
+        self.synthesis = engine.new_dsp()
+        self.to_model = StreamResampler(self.rate, spec.sr)
+        self.from_model = StreamResampler(spec.sr, self.rate)
+        self.block = max(1, round(engine.piece_frames * spec.hop * self.rate / spec.sr))
+        self.remainder = torch.zeros((self.channels, 0))
+        self.features: Optional[Tuple] = None  # frames from self.base on, on the device
+        self.base = 0
+        self.frames = 0  # frames analysed
+        self.done = 0  # frames enhanced
+        self.ended = False  # all input read and analysed (with upstream's end padding)
+        self.frames_in = 0  # input frames at the input rate
+        self.frames_out = 0
+        self.samples_model_in = 0  # samples at the model rate
+        self.samples_model_out = 0
+        self.skip = spec.fft - spec.hop if engine.pad else 0
+        self.states: List[Optional[tuple]] = [None] * self.channels
+        self.pending_lanes: List[int] = []  # lanes still to run the current piece
+        self.piece_out: List[Optional[object]] = [None] * self.channels
+        self.reading: Optional[cf.Future] = None
+        self.writes: Deque[Callable[[], None]] = collections.deque()
+        self.writing: Optional[cf.Future] = None
+        self.write_lock = threading.Lock()
+        self.seconds = 0.0
+        self.failed: Optional[str] = None
+        self.committed = False
+        self.finish_queued = False
+        self.finished: Optional[cf.Future] = None
+
+    # -- reading (I/O thread) --
+    def read_block(self):
+        """Read, check, resample and analyse the next block; returns new features or None."""
+        import torch
+
+        t0 = time.perf_counter()
+        data = self.source.read(self.block)
+        if data.shape[0] and not np.isfinite(data).all():
+            first = self.frames_in + int(np.argmin(np.isfinite(data).all(axis=1)))
+            raise JobError(f"contains NaN or Inf sample(s) (first at {first / self.rate:.2f} s)")
+        n = int(data.shape[0])
+        last = n < self.block
+        x = torch.from_numpy(np.ascontiguousarray(data.T))
+        parts = [self.to_model.process(x)] if n else []
+        if last and not self.to_model.identity:
+            rest = self.to_model.finish()
+            if rest is not None:
+                parts.append(rest)
+        self.frames_in += n
+        if last and self.frames_in == 0:
+            raise JobError("has no audio samples")
+        y = torch.cat(parts, dim=-1) if parts else torch.zeros((self.channels, 0))
+        self.samples_model_in += y.shape[-1]
+        if last and self.engine.pad:
+            # Upstream pads the audio with fft_size zeros at the end.
+            y = torch.cat([y, torch.zeros((self.channels, self.engine.df_spec.fft))], dim=-1)
+        features = self._analyse(y)
+        self.seconds += time.perf_counter() - t0
+        return features, last
+
+    def _analyse(self, x):
+        import torch
+
+        x = torch.cat([self.remainder, x.to(torch.float32)], dim=-1)
+        hop = self.engine.df_spec.hop
+        whole = (x.shape[-1] // hop) * hop
+        self.remainder = x[..., whole:].clone()
+        if whole == 0:
+            return None
+        device = self.engine.model.device
+        signal = x[..., :whole]
+        if device.type == "cuda":
+            signal = signal.pin_memory().to(device, non_blocking=True)
+        elif device.type != "cpu":
+            signal = signal.to(device)
+        return self.analysis.features(
+            signal, self.engine.nb_df, alpha=self.engine.alpha, reset=False
+        )
+
+    def take_block(self) -> None:
+        """Append a finished read's features (scheduling thread)."""
+        import torch
+
+        features, last = self.reading.result()
+        self.reading = None
+        if features is not None:
+            if self.features is None:
+                self.features = features
+            else:
+                self.features = tuple(
+                    torch.cat([old, new], dim=2) for old, new in zip(self.features, features)
+                )
+            self.frames += features[0].shape[2]
+        self.ended = last
+
+    # -- scheduling (scheduling thread) --
+    def needs_input(self) -> bool:
+        """Keep about one piece beyond the next one analysed."""
+        if self.ended or self.reading is not None:
+            return False
+        engine = self.engine
+        return self.frames - self.done < 2 * engine.piece_frames + engine.right
+
+    def piece_ready(self) -> bool:
+        engine = self.engine
+        if self.pending_lanes:
+            return True
+        if self.finish_queued or self.done >= self.frames and self.ended:
+            return False
+        if self.frames - self.done >= engine.piece_frames + engine.right:
+            return True
+        return self.ended and self.done < self.frames
+
+    def start_piece(self) -> None:
+        if not self.pending_lanes:
+            self.pending_lanes = list(range(self.channels))
+            self.piece_out = [None] * self.channels
+
+    def window(self, lane: int):
+        """The lane's (spec, erb_feat, spec_feat) over [done - left, done + piece + right),
+        zero outside the analysed frames."""
+        import torch
+
+        engine = self.engine
+        lo = self.done - engine.left
+        hi = lo + engine.window
+        out = []
+        for f in self.features:
+            row = f[lane : lane + 1]
+            a, b = max(lo, self.base), min(hi, self.frames)
+            part = row[:, :, a - self.base : b - self.base]
+            before, after = a - lo, hi - b
+            if before or after:
+                shape = list(part.shape)
+                pieces = []
+                if before:
+                    shape[2] = before
+                    pieces.append(part.new_zeros(shape))
+                pieces.append(part)
+                if after:
+                    shape[2] = after
+                    pieces.append(part.new_zeros(shape))
+                part = torch.cat(pieces, dim=2)
+            out.append(part)
+        return out
+
+    def fresh(self) -> bool:
+        return self.done == 0
+
+    def lane_done(self, lane: int, enhanced, state) -> None:
+        self.states[lane] = state
+        self.piece_out[lane] = enhanced
+        self.pending_lanes.remove(lane)
+        if not self.pending_lanes:
+            self._piece_done()
+
+    def _piece_done(self) -> None:
+        import torch
+
+        engine = self.engine
+        keep = min(engine.piece_frames, self.frames - self.done)
+        enhanced = torch.cat(self.piece_out, dim=0)[:, :keep]
+        if engine.lim is not None:
+            lo = self.done - self.base
+            spec = self.features[0][:, 0, lo : lo + keep]
+            enhanced = spec * engine.lim + enhanced * (1 - engine.lim)
+        self.piece_out = [None] * self.channels
+        self.done += keep
+        # Keep the frames the next piece needs as its left context.
+        drop = max(0, self.done - engine.left - self.base)
+        if drop:
+            self.features = tuple(f[:, :, drop:] for f in self.features)
+            self.base += drop
+        final = self.ended and self.done >= self.frames
+        self.queue_write(lambda spec=enhanced: self._synthesise(spec, final=final))
+        if final:
+            self.finish_queued = True
+            self.queue_write(self._commit)
+
+    # -- writing (I/O thread, in order per job) --
+    def queue_write(self, task: Callable[[], None]) -> None:
+        with self.write_lock:
+            self.writes.append(task)
+            if self.writing is None:
+                self.writing = self.engine.pool.submit(self._drain)
+
+    def _drain(self) -> None:
+        while True:
+            with self.write_lock:
+                if not self.writes or self.failed:
+                    self.writes.clear()
+                    self.writing = None
+                    return
+                task = self.writes.popleft()
+            try:
+                task()
+            except Exception as exc:  # noqa: BLE001 - reported as the job's failure
+                self.fail(exc)
+            except BaseException as exc:  # an interruption: the scheduling thread re-raises it
+                self.engine.interrupted = exc
+                self.fail(exc)
+
+    def _synthesise(self, spec, final: bool) -> None:
+        t0 = time.perf_counter()
+        samples = self.synthesis.synthesis(spec, reset=False)
+        samples = samples.to("cpu")
+        if self.skip:
+            cut = min(self.skip, samples.shape[-1])
+            samples = samples[..., cut:]
+            self.skip -= cut
+        self._emit(samples, final=final)
+        self.seconds += time.perf_counter() - t0
+
+    def _emit(self, samples, final: bool = False) -> None:
+        import torch
+
+        # Upstream returns the input's length with delay compensation, whole hops without.
+        if final:
+            hop = self.engine.df_spec.hop
+            target = (
+                self.samples_model_in if self.engine.pad else (self.samples_model_in // hop) * hop
+            )
+        else:
+            target = None
+        if target is not None:
+            room = max(0, target - self.samples_model_out)
+            samples = samples[..., :room]
+        self.samples_model_out += samples.shape[-1]
+        y = self.from_model.process(samples)
+        if final and not self.from_model.identity:
+            tail = self.from_model.finish()
+            if tail is not None:
+                y = torch.cat([y, tail], dim=-1)
+        room = self.frames_in - self.frames_out
+        out = y[..., :room].T.numpy()
+        if final and out.shape[0] < room:
+            out = np.concatenate([out, np.zeros((room - out.shape[0], self.channels), np.float32)])
+        self.frames_out += out.shape[0]
+        if out.shape[0]:
+            self.sink.write(np.ascontiguousarray(out, dtype=np.float32))
+
+    def _commit(self) -> None:
+        self.sink.commit()
+        self.committed = True
+
+    def fail(self, exc: BaseException) -> None:
+        if self.failed is None:
+            self.failed = _describe(exc)
+
+    def is_done(self) -> bool:
+        """Committed or failed, with no I/O left in flight."""
+        if self.reading is not None and not self.reading.done():
+            return False
+        with self.write_lock:
+            idle = self.writing is None
+        return idle and (self.committed or self.failed is not None)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.source.close()
+        if not self.committed:
+            with contextlib.suppress(Exception):
+                self.sink.abort()
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for the user: a job's own errors as they are, anything else with its type."""
+    from .patches.audio_io import AudioFileError
+
+    text = " ".join(str(exc).split())
+    if isinstance(exc, (JobError, AudioFileError)):
+        return text or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"'{exc.filename}': " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclasses.dataclass(frozen=True)
+class DfSpec:
+    sr: int
+    fft: int
+    hop: int
+    nb: int
+    erb_widths: np.ndarray
+
+
+class Engine:
+    """Runs jobs through one model, ``batch`` rows per forward."""
+
+    def __init__(
+        self,
+        model,
+        df_state,
+        *,
+        batch: int,
+        piece_frames: int,
+        pad: bool = True,
+        atten_lim_db: Optional[float] = None,
+        io_threads: Optional[int] = None,
+        context: Optional[Tuple[int, int]] = None,
+    ):
+        from df.enhance import ModelParams
+        from df.utils import get_norm_alpha
+
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, not {batch}")
+        self.batch = int(batch)
+        self.model = BatchedModel(model, piece_frames=piece_frames, context=context)
+        self.piece_frames = self.model.piece
+        self.left, self.right, self.window = self.model.left, self.model.right, self.model.window
+        self.df_spec = DfSpec(
+            sr=int(df_state.sr()),
+            fft=int(df_state.fft_size()),
+            hop=int(df_state.hop_size()),
+            nb=int(df_state.nb_erb()),
+            erb_widths=np.asarray(df_state.erb_widths(), dtype=np.uint64),
+        )
+        params = ModelParams()
+        self._min_nb_freqs = int(getattr(params, "min_nb_freqs", 1) or 1)
+        probe = self.new_dsp()
+        if not np.array_equal(np.asarray(probe.erb_widths()), self.df_spec.erb_widths):
+            raise ValueError("df_mps.dsp's ERB bands differ from the model's df_state")
+        nb_df = getattr(model, "nb_df", getattr(model, "df_bins", None))
+        self.nb_df = int(nb_df if nb_df is not None else params.nb_df)
+        self.alpha = get_norm_alpha(False)
+        self.pad = pad
+        self.lim = None
+        if atten_lim_db is not None and abs(atten_lim_db) > 0:
+            self.lim = 10 ** (-abs(atten_lim_db) / 20)
+        self.io_threads = io_threads or max(2, min(4, os.cpu_count() or 2))
+        self.pool: Optional[cf.ThreadPoolExecutor] = None
+        self.interrupted: Optional[BaseException] = None  # raised in an I/O thread
+        self.steps = 0
+        self.step_seconds = 0.0
+        self.rows_run = 0
+
+    def new_dsp(self):
+        from . import dsp
+
+        spec = self.df_spec
+        return dsp.DF(
+            sr=spec.sr,
+            fft_size=spec.fft,
+            hop_size=spec.hop,
+            nb_bands=spec.nb,
+            min_nb_erb_freqs=self._min_nb_freqs,
+        )
+
+    # -- the loop --
+    def run(self, jobs: Iterable[Job], progress: Optional[Callable[[float], None]] = None):
+        """Yield a ``Result`` per job as each finishes (completion order). ``progress`` is
+        called with seconds of input audio whose pieces were enhanced."""
+        pending = iter(jobs)
+        active: List[_Active] = []
+        waiting: Optional[_Active] = None  # opened, waiting for enough free rows
+        exhausted = False
+        self.pool = cf.ThreadPoolExecutor(self.io_threads, thread_name_prefix="df-mps-io")
+        try:
+            while True:
+                # Refill free rows with new jobs (continuous batching). A job wider than the
+                # batch runs alone, its channels taking turns.
+                while self._free_rows(active) > 0:
+                    if waiting is None:
+                        job = None if exhausted else next(pending, None)
+                        if job is None:
+                            exhausted = True
+                            break
+                        started = self._start(job)
+                        if isinstance(started, Result):
+                            yield started
+                            continue
+                        waiting = started
+                    if active and waiting.channels > self._free_rows(active):
+                        break
+                    active.append(waiting)
+                    waiting = None
+                if self.interrupted is not None:
+                    raise self.interrupted
+                # Finished jobs out, failed jobs cleaned up.
+                for item in list(active):
+                    if (item.failed is not None or item.committed) and item.is_done():
+                        active.remove(item)
+                        item.close()
+                        yield self._result(item)
+                if not active:
+                    if exhausted and waiting is None:
+                        return
+                    continue
+                # Reads: one block ahead per job.
+                for item in active:
+                    if item.failed is None and item.reading is not None and item.reading.done():
+                        try:
+                            item.take_block()
+                        except Exception as exc:  # noqa: BLE001 - this job's failure
+                            item.fail(exc)
+                    if item.failed is None and item.needs_input():
+                        item.reading = self.pool.submit(item.read_block)
+                rows = self._pick_rows(active)
+                if rows:
+                    self._step(rows, progress)
+                else:
+                    self._wait(active)
+        finally:
+            if waiting is not None:
+                active.append(waiting)
+            for item in active:
+                item.failed = item.failed or "interrupted"
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            for item in active:
+                item.close()
+            self.pool = None
+
+    def _free_rows(self, active: List[_Active]) -> int:
+        return self.batch - sum(item.channels for item in active)
+
+    def _start(self, job: Job):
+        try:
+            source, sink = job.open()
+        except BaseException as exc:  # noqa: BLE001 - one bad job never stops the others
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            return Result(job, 0, 0, 0, 0.0, error=_describe(exc))
+        try:
+            return _Active(self, job, source, sink)
+        except BaseException as exc:  # noqa: BLE001
+            with contextlib.suppress(Exception):
+                sink.abort()
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            return Result(job, 0, 0, 0, 0.0, error=_describe(exc))
+
+    def _result(self, item: _Active) -> Result:
+        return Result(
+            item.job,
+            frames=item.frames_in,
+            sample_rate=item.rate,
+            channels=item.channels,
+            model_seconds=item.seconds,
+            error=item.failed,
+        )
+
+    def _pick_rows(self, active: List[_Active]) -> List[Tuple[_Active, int]]:
+        rows: List[Tuple[_Active, int]] = []
+        for item in active:
+            if item.failed is not None or item.features is None or not item.piece_ready():
+                continue
+            item.start_piece()
+            for lane in item.pending_lanes:
+                if len(rows) >= self.batch:
+                    return rows
+                rows.append((item, lane))
+        return rows
+
+    def _wait(self, active: List[_Active]) -> None:
+        futures = [item.reading for item in active if item.reading is not None]
+        futures += [item.writing for item in active if item.writing is not None]
+        if futures:
+            cf.wait(futures, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+        else:
+            time.sleep(0.001)
+
+    def _step(self, rows: List[Tuple[_Active, int]], progress) -> None:
+        import torch
+
+        t0 = time.perf_counter()
+        windows = [item.window(lane) for item, lane in rows]
+        spec, erb_feat, spec_feat = (torch.cat(parts, dim=0) for parts in zip(*windows))
+        fresh = [item.fresh() for item, _ in rows]
+        states = [item.states[lane] for item, lane in rows]
+        enhanced, _lsnr, new_states = self.model.step(
+            spec.to(self.model.device, self.model.dtype),
+            erb_feat.to(self.model.device, self.model.dtype),
+            spec_feat.to(self.model.device, self.model.dtype),
+            fresh,
+            states,
+        )
+        enhanced = enhanced.float()
+        seconds = time.perf_counter() - t0
+        share = seconds / len(rows)
+        audio = 0.0
+        for r, (item, lane) in enumerate(rows):
+            item.seconds += share
+            before = item.done
+            item.lane_done(lane, enhanced[r : r + 1], new_states[r])
+            if item.done != before:
+                audio += (item.done - before) * self.df_spec.hop / self.df_spec.sr
+        self.steps += 1
+        self.rows_run += len(rows)
+        self.step_seconds += seconds
+        if progress is not None and audio:
+            progress(audio)
