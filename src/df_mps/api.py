@@ -81,13 +81,12 @@ class FileError:
 class FileSource(Source):
     """A file read in blocks through soundfile, with read_audio's checks and one-line errors."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, on_read: Optional[Callable[[int], object]] = None):
         import soundfile as sf
 
-        from .patches.audio_io import read_audio
-
         self.path = path
-        _, info = read_audio(path, num_frames=0)
+        self.on_read = on_read
+        info = sound_info(path)
         self.info = info
         self.sample_rate = int(info.samplerate)
         self.channels = int(info.channels)
@@ -109,15 +108,19 @@ class FileSource(Source):
                 f"'{self.path}': read failed at {self._read / self.sample_rate:.2f} s "
                 f"({_one_line(exc)})"
             ) from None
+        from .streaming import BadAudioError
+
         if data.shape[0] and not np.isfinite(data).all():
             first = self._read + int(np.argmin(np.isfinite(data).all(axis=1)))
-            raise AudioFileError(
+            raise BadAudioError(
                 f"'{self.path}': contains NaN or Inf sample(s) (first at "
                 f"{first / self.sample_rate:.2f} s)"
             )
         self._read += data.shape[0]
         if self._read == 0 and data.shape[0] < frames:
-            raise AudioFileError(f"'{self.path}': has no audio samples")
+            raise BadAudioError(f"'{self.path}': has no audio samples")
+        if self.on_read is not None and data.shape[0]:
+            self.on_read(data.shape[0])
         return data
 
     def close(self) -> None:
@@ -165,10 +168,37 @@ class FileSink(Sink):
         self._writer.__exit__(None, None, None)
 
 
-def _open_file_job(source: Path, target: Path, overwrite: bool) -> Tuple[Source, Sink]:
+def sound_info(path: Path):
+    """soundfile's info for ``path``, with read_audio's checks and one-line errors."""
+    from .patches.audio_io import read_audio
+
+    return read_audio(path, num_frames=0)[1]
+
+
+def file_job(
+    source: Path,
+    target: Path,
+    overwrite: bool,
+    on_read: Optional[Callable[[int], object]] = None,
+) -> Job:
+    """An engine job that enhances the file ``source`` into ``target``. Its ``tag`` is
+    (source, target, {"sink": FileSink once opened})."""
+    opened = {}
+
+    def opener():
+        reader, sink = _open_file_job(source, target, overwrite, on_read)
+        opened["sink"] = sink
+        return reader, sink
+
+    return Job(open=opener, tag=(source, target, opened))
+
+
+def _open_file_job(
+    source: Path, target: Path, overwrite: bool, on_read=None
+) -> Tuple[Source, Sink]:
     if _same_file(source, target):
         raise AudioFileError(f"'{source}': the output path is the input file itself; refused")
-    reader = FileSource(source)
+    reader = FileSource(source, on_read)
     try:
         if not overwrite and os.path.lexists(target):
             raise AudioFileError(f"'{target}': output exists (use --overwrite to replace it)")
@@ -400,17 +430,7 @@ class Enhancer:
         others; an interruption removes every temporary file. ``progress`` is called with
         seconds of audio done."""
 
-        def make(source: Path, target: Path) -> Job:
-            sink_box = {}
-
-            def opener():
-                reader, sink = _open_file_job(source, target, overwrite)
-                sink_box["sink"] = sink
-                return reader, sink
-
-            return Job(open=opener, tag=(source, target, sink_box))
-
-        engine_jobs = (make(Path(s), Path(t)) for s, t in jobs)
+        engine_jobs = (file_job(Path(s), Path(t), overwrite) for s, t in jobs)
         engine = self.engine(piece_seconds=piece_seconds)
         for result in engine.run(engine_jobs, progress=progress):
             source, target, sink_box = result.job.tag

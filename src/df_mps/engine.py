@@ -76,6 +76,10 @@ class JobError(Exception):
     """A job that can't be enhanced; the message is one line for the user."""
 
 
+class BadSamples(JobError):
+    """Input without samples, or with NaN/Inf (sources name the file; arrays don't)."""
+
+
 @dataclasses.dataclass
 class Result:
     """What the engine reports for one finished job."""
@@ -86,6 +90,7 @@ class Result:
     channels: int
     model_seconds: float  # this job's share of the step and DSP time
     error: Optional[str] = None  # one line, where the job failed
+    exception: Optional[BaseException] = None  # what failed it
 
     @property
     def ok(self) -> bool:
@@ -409,22 +414,27 @@ class _Active:
         self.write_lock = threading.Lock()
         self.seconds = 0.0
         self.failed: Optional[str] = None
+        self.exception: Optional[BaseException] = None
         self.committed = False
         self.finish_queued = False
         self.finished: Optional[cf.Future] = None
 
     # -- reading (I/O thread) --
     def read_block(self):
-        """Read, check, resample and analyse the next block; returns new features or None."""
+        """Read the next block and ``ingest`` it (I/O thread)."""
+        data = self.source.read(self.block)
+        return self.ingest(data, last=data.shape[0] < self.block)
+
+    def ingest(self, data: np.ndarray, last: bool):
+        """Check, resample and analyse input samples [n, channels]; returns (new features or
+        None, last)."""
         import torch
 
         t0 = time.perf_counter()
-        data = self.source.read(self.block)
         if data.shape[0] and not np.isfinite(data).all():
             first = self.frames_in + int(np.argmin(np.isfinite(data).all(axis=1)))
-            raise JobError(f"contains NaN or Inf sample(s) (first at {first / self.rate:.2f} s)")
+            raise BadSamples(f"contains NaN or Inf sample(s) (first at {first / self.rate:.2f} s)")
         n = int(data.shape[0])
-        last = n < self.block
         x = torch.from_numpy(np.ascontiguousarray(data.T))
         parts = [self.to_model.process(x)] if n else []
         if last and not self.to_model.identity:
@@ -433,7 +443,7 @@ class _Active:
                 parts.append(rest)
         self.frames_in += n
         if last and self.frames_in == 0:
-            raise JobError("has no audio samples")
+            raise BadSamples("has no audio samples")
         y = torch.cat(parts, dim=-1) if parts else torch.zeros((self.channels, 0))
         self.samples_model_in += y.shape[-1]
         if last and self.engine.pad:
@@ -464,10 +474,13 @@ class _Active:
 
     def take_block(self) -> None:
         """Append a finished read's features (scheduling thread)."""
-        import torch
-
         features, last = self.reading.result()
         self.reading = None
+        self.add_features(features, last)
+
+    def add_features(self, features, last: bool) -> None:
+        import torch
+
         if features is not None:
             if self.features is None:
                 self.features = features
@@ -564,6 +577,9 @@ class _Active:
 
     # -- writing (I/O thread, in order per job) --
     def queue_write(self, task: Callable[[], None]) -> None:
+        if self.engine.pool is None:  # driven synchronously (``Engine.stream``)
+            task()
+            return
         with self.write_lock:
             self.writes.append(task)
             if self.writing is None:
@@ -572,7 +588,7 @@ class _Active:
     def _drain(self) -> None:
         while True:
             with self.write_lock:
-                if not self.writes or self.failed:
+                if not self.writes or self.failed or self.engine.interrupted:
                     self.writes.clear()
                     self.writing = None
                     return
@@ -631,6 +647,7 @@ class _Active:
     def fail(self, exc: BaseException) -> None:
         if self.failed is None:
             self.failed = _describe(exc)
+            self.exception = exc
 
     def is_done(self) -> bool:
         """Committed or failed, with no I/O left in flight."""
@@ -732,6 +749,11 @@ class Engine:
             min_nb_erb_freqs=self._min_nb_freqs,
         )
 
+    # -- one stream, pushed block by block, no threads --
+    def stream(self, sample_rate: int, channels: int) -> PushStream:
+        """A stream whose blocks the caller pushes (``df_mps.streaming.StreamEnhancer``)."""
+        return PushStream(self, sample_rate, channels)
+
     # -- the loop --
     def run(self, jobs: Iterable[Job], progress: Optional[Callable[[float], None]] = None):
         """Yield a ``Result`` per job as each finishes (completion order). ``progress`` is
@@ -805,7 +827,7 @@ class Engine:
         except BaseException as exc:  # noqa: BLE001 - one bad job never stops the others
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            return Result(job, 0, 0, 0, 0.0, error=_describe(exc))
+            return Result(job, 0, 0, 0, 0.0, error=_describe(exc), exception=exc)
         try:
             return _Active(self, job, source, sink)
         except BaseException as exc:  # noqa: BLE001
@@ -813,7 +835,7 @@ class Engine:
                 sink.abort()
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            return Result(job, 0, 0, 0, 0.0, error=_describe(exc))
+            return Result(job, 0, 0, 0, 0.0, error=_describe(exc), exception=exc)
 
     def _result(self, item: _Active) -> Result:
         return Result(
@@ -823,6 +845,7 @@ class Engine:
             channels=item.channels,
             model_seconds=item.seconds,
             error=item.failed,
+            exception=item.exception,
         )
 
     def _pick_rows(self, active: List[_Active]) -> List[Tuple[_Active, int]]:
@@ -875,3 +898,39 @@ class Engine:
         self.step_seconds += seconds
         if progress is not None and audio:
             progress(audio)
+
+
+class _PushSource(Source):
+    def __init__(self, sample_rate: int, channels: int):
+        self.sample_rate, self.channels = int(sample_rate), int(channels)
+
+
+class PushStream:
+    """One job driven by its caller: ``push(block)`` returns the enhanced samples that are
+    complete, ``finish()`` the rest; the steps run on the caller's thread, ``channels`` rows
+    per forward."""
+
+    def __init__(self, engine: Engine, sample_rate: int, channels: int):
+        self.engine = engine
+        self.sink = ArraySink()
+        self.item = _Active(engine, Job(open=None), _PushSource(sample_rate, channels), self.sink)
+
+    def push(self, block: np.ndarray, last: bool = False) -> np.ndarray:
+        item = self.item
+        item.add_features(*item.ingest(block, last))
+        while True:
+            rows = self.engine._pick_rows([item])
+            if not rows:
+                break
+            self.engine._step(rows, None)
+        parts, self.sink.parts = self.sink.parts, []
+        if not parts:
+            return np.zeros((0, item.channels), np.float32)
+        return np.concatenate(parts)
+
+    def finish(self) -> np.ndarray:
+        return self.push(np.zeros((0, self.item.channels), np.float32), last=True)
+
+    @property
+    def seconds(self) -> float:
+        return self.item.seconds

@@ -73,11 +73,9 @@ import dataclasses
 import math
 import os
 import tempfile
-import time
-import types
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
@@ -90,7 +88,6 @@ from .patches.audio_io import (
     choose_subtype,
     format_for_path,
     quantize,
-    read_audio,
 )
 
 __all__ = [
@@ -247,238 +244,6 @@ def model_context(model) -> Tuple[int, int]:
     return before, after
 
 
-class _RecurrentCarry:
-    """The state of every recurrent module of a model between pieces, and the switch that
-    makes those modules continue from it while a piece runs."""
-
-    def __init__(self, model, left_context: int):
-        import torch
-
-        if isinstance(model, torch.jit.ScriptModule):
-            raise ValueError(
-                "streaming needs an eager (not TorchScript) model: its recurrent state is "
-                "carried between pieces"
-            )
-        self.modules: List[torch.nn.Module] = [
-            m for m in model.modules() if isinstance(m, torch.nn.RNNBase)
-        ]
-        self.left_context = left_context
-        self.state: Dict[int, object] = {}  # hidden state after the last committed frame
-        self.outputs: Dict[int, object] = {}  # outputs of the last `left_context` frames
-
-    @contextlib.contextmanager
-    def piece(self, start: int, stop: int):
-        """Run a window whose frames [start, stop) are the piece; frames before ``start`` were
-        the previous piece's last frames, frames from ``stop`` on are lookahead only."""
-        saved = []
-        try:
-            for module in self.modules:
-                saved.append((module, module.__dict__.get("forward")))
-                module.forward = types.MethodType(self._forward(module, start, stop), module)
-            yield
-        finally:
-            for module, original in saved:
-                if original is None:
-                    module.__dict__.pop("forward", None)
-                else:
-                    module.forward = original
-
-    def _forward(self, module, start: int, stop: int):
-        import torch
-
-        key = id(module)
-        time_dim = 1 if module.batch_first else 0
-        cls_forward = type(module).forward
-        carry = self
-
-        def forward(self_, x, hx=None):
-            if start > 0:
-                hx = carry.state[key]
-            piece = x.narrow(time_dim, start, stop - start)
-            out_piece, state = cls_forward(self_, piece, hx)
-            carry.state[key] = state
-            parts = []
-            if start > 0:
-                # The window's first frames belong to the previous piece: their inputs there
-                # had full context, here they don't. Its outputs for them are the right ones.
-                parts.append(carry.outputs[key].narrow(time_dim, -start, start))
-            parts.append(out_piece)
-            history = torch.cat([carry.outputs[key], out_piece], time_dim) if start else out_piece
-            keep = min(carry.left_context, history.shape[time_dim])
-            carry.outputs[key] = history.narrow(time_dim, history.shape[time_dim] - keep, keep)
-            rest = x.shape[time_dim] - stop
-            if rest > 0:
-                # Lookahead frames: computed so the window has its full shape; dropped later.
-                out_rest, state = cls_forward(self_, x.narrow(time_dim, stop, rest), state)
-                parts.append(out_rest)
-            return torch.cat(parts, time_dim) if len(parts) > 1 else out_piece, state
-
-        return forward
-
-
-# -- the model on a stream at the model's rate ---------------------------------------------------
-class _ModelStream:
-    """DeepFilterNet on a [C, n] float32 stream at the model's sample rate, piece by piece."""
-
-    def __init__(
-        self,
-        model,
-        df_state,
-        channels: int,
-        *,
-        pad: bool,
-        atten_lim_db: Optional[float],
-        piece_frames: int,
-        left_context: int,
-        right_context: int,
-    ):
-        import torch
-        from df.enhance import ModelParams
-        from df.utils import get_norm_alpha
-
-        from . import dsp
-
-        self.model = model
-        self.channels = channels
-        self.pad = pad
-        self.piece_frames = max(1, int(piece_frames))
-        self.left = max(0, int(left_context))
-        self.right = max(0, int(right_context))
-        if self.left > self.piece_frames:
-            raise ValueError(
-                f"pieces of {self.piece_frames} frames are shorter than the "
-                f"{self.left}-frame left context"
-            )
-        self.fft_size, self.hop = int(df_state.fft_size()), int(df_state.hop_size())
-        # A DF of our own (torch, one streaming state per channel): libdf's DF shares one
-        # state between channels, and the caller's df_state stays untouched.
-        self.dsp = dsp.DF(
-            sr=int(df_state.sr()),
-            fft_size=self.fft_size,
-            hop_size=self.hop,
-            nb_bands=int(df_state.nb_erb()),
-        )
-        # libdf's DF doesn't expose min_nb_erb_freqs; take its band widths as they are.
-        self.dsp._erb = np.asarray(df_state.erb_widths(), dtype=np.uint64)
-        self.nb_df = getattr(model, "nb_df", getattr(model, "df_bins", None))
-        if self.nb_df is None:
-            self.nb_df = ModelParams().nb_df
-        self.alpha = get_norm_alpha(False)
-        self.lim = None
-        if atten_lim_db is not None and abs(atten_lim_db) > 0:
-            self.lim = 10 ** (-abs(atten_lim_db) / 20)
-        self.device = _model_device()
-        self.carry = _RecurrentCarry(model, self.left)
-        model.eval()
-        if hasattr(model, "reset_h0"):
-            model.reset_h0(batch_size=channels, device=self.device)
-        self._remainder = torch.zeros((channels, 0))
-        self._features: Optional[Tuple] = None  # frames from self._base on
-        self._base = 0  # global index of the first buffered frame
-        self._frames = 0  # frames analysed so far
-        self._done = 0  # frames enhanced and synthesised
-        self._skip = self.fft_size - self.hop if pad else 0  # upstream's delay compensation
-        self._samples_in = 0
-        self._samples_out = 0
-
-    def process(self, x):
-        """Push [C, n] samples; returns the enhanced samples that are complete."""
-        self._samples_in += x.shape[-1]
-        self._analyse(x)
-        outputs = []
-        while self._frames - self._done >= self.piece_frames + self.right:
-            outputs.append(self._piece(self._done + self.piece_frames, final=False))
-        return self._emit(outputs)
-
-    def finish(self):
-        """The rest of the stream: upstream pads the audio with fft_size zeros at the end."""
-        import torch
-
-        if self.pad:
-            self._analyse(torch.zeros((self.channels, self.fft_size)))
-        outputs = []
-        slack = int(self.piece_frames * LAST_PIECE_SLACK)
-        while self._done < self._frames:
-            stop = self._done + self.piece_frames
-            if self._frames - self._done <= self.piece_frames + slack:
-                stop = self._frames
-            outputs.append(self._piece(stop, final=stop == self._frames))
-        out = self._emit(outputs)
-        # Upstream returns the input's length with delay compensation, whole hops without.
-        target = self._samples_in if self.pad else (self._samples_in // self.hop) * self.hop
-        over = self._samples_out - target
-        if over > 0:
-            out = out[..., : out.shape[-1] - over]
-            self._samples_out = target
-        return out
-
-    def _analyse(self, x) -> None:
-        import torch
-
-        x = torch.cat([self._remainder, x.to(torch.float32)], dim=-1)
-        whole = (x.shape[-1] // self.hop) * self.hop
-        self._remainder = x[..., whole:].clone()
-        if whole == 0:
-            return
-        spec, erb_feat, spec_feat = self.dsp.features(
-            x[..., :whole], self.nb_df, alpha=self.alpha, reset=False
-        )
-        new = (spec, erb_feat, spec_feat)
-        if self._features is None:
-            self._features = new
-        else:
-            self._features = tuple(
-                torch.cat([old, part], dim=2) for old, part in zip(self._features, new)
-            )
-        self._frames += whole // self.hop
-
-    def _piece(self, stop: int, final: bool):
-        """Enhance frames [self._done, stop); returns their synthesised samples."""
-        import torch
-
-        start = self._done
-        first = max(0, start - self.left)
-        last = self._frames if final else min(self._frames, stop + self.right)
-        lo, hi = first - self._base, last - self._base
-        spec, erb_feat, spec_feat = (f[:, :, lo:hi] for f in self._features)
-        with torch.no_grad(), self.carry.piece(start - first, stop - first):
-            # Copies: the model may work in place, and these are views of the frame buffer.
-            enhanced = self.model(
-                spec.to(self.device, copy=True),
-                erb_feat.to(self.device, copy=True),
-                spec_feat.to(self.device, copy=True),
-            )[0]
-        keep = slice(start - first, stop - first)
-        enhanced = enhanced[:, 0, keep].to("cpu", torch.float32)
-        if self.lim is not None:
-            enhanced = spec[:, 0, keep] * self.lim + enhanced * (1 - self.lim)
-        samples = self.dsp.synthesis(enhanced, reset=False)
-        self._done = stop
-        # Keep the frames the next piece needs as its left context.
-        drop = max(0, stop - self.left - self._base)
-        if drop:
-            self._features = tuple(f[:, :, drop:].clone() for f in self._features)
-            self._base += drop
-        return samples
-
-    def _emit(self, outputs):
-        import torch
-
-        out = torch.cat(outputs, dim=-1) if outputs else torch.zeros((self.channels, 0))
-        if self._skip:
-            cut = min(self._skip, out.shape[-1])
-            out = out[..., cut:]
-            self._skip -= cut
-        self._samples_out += out.shape[-1]
-        return out
-
-
-def _model_device():
-    from df.modules import get_device
-
-    return get_device()
-
-
 # -- the public stream ---------------------------------------------------------------------------
 def _unpack(model, df_state, pad, atten_lim_db):
     """(model, df_state, pad, atten_lim_db) from a df_mps ``Enhancer`` or a model + DF."""
@@ -494,10 +259,28 @@ def _unpack(model, df_state, pad, atten_lim_db):
     return model, df_state, (True if pad is None else pad), atten_lim_db
 
 
+def _engine(model, df_state, *, batch, pad, atten_lim_db, piece_seconds, context_frames=None):
+    from .engine import Engine
+
+    model, df_state, pad, atten_lim_db = _unpack(model, df_state, pad, atten_lim_db)
+    if not piece_seconds > 0:
+        raise ValueError(f"piece_seconds must be positive, not {piece_seconds}")
+    hop, rate = int(df_state.hop_size()), int(df_state.sr())
+    return Engine(
+        model,
+        df_state,
+        batch=batch,
+        piece_frames=max(1, round(piece_seconds * rate / hop)),
+        pad=pad,
+        atten_lim_db=atten_lim_db,
+        context=context_frames,
+    )
+
+
 class StreamEnhancer:
     """DeepFilterNet over a stream of audio blocks at any sample rate, in bounded memory.
 
-    ``model`` is a df_mps ``Enhancer`` (from ``df_mps.enhance.load_enhancer``; its ``pad`` and
+    ``model`` is a df_mps ``Enhancer`` (``df_mps.api.Enhancer``; its ``pad`` and
     ``atten_lim_db`` are the defaults) or a DeepFilterNet model with its ``df_state`` (as
     ``df.enhance.init_df`` returns them). ``process(block)`` takes float32 samples
     [frames, channels] (soundfile's layout) at ``sample_rate`` and returns the enhanced samples
@@ -506,10 +289,11 @@ class StreamEnhancer:
     ``enhance()`` returns for the whole signal (resampled to the model's rate and back with
     ``df.io.resample`` where ``sample_rate`` differs), to float32 rounding.
 
-    ``piece_seconds``: how much the model runs on at once (memory and speed; the result does
-    not depend on it). ``context_frames``: (before, after) frames each piece runs with, default
-    ``model_context(model)``. ``seconds`` accumulates the time spent computing (resampling,
-    features, model, synthesis).
+    It is one job of ``df_mps.engine``, driven from the caller's thread, its channels the rows
+    of each forward. ``piece_seconds``: how much the model runs on at once (memory and speed;
+    the result does not depend on it). ``context_frames``: (before, after) frames each piece
+    runs with, default ``model_context(model)``. ``seconds`` accumulates the time spent
+    computing (resampling, features, model, synthesis).
     """
 
     def __init__(
@@ -524,32 +308,28 @@ class StreamEnhancer:
         piece_seconds: float = DEFAULT_PIECE_SECONDS,
         context_frames: Optional[Tuple[int, int]] = None,
     ):
-        model, df_state, pad, atten_lim_db = _unpack(model, df_state, pad, atten_lim_db)
-        left, right = context_frames if context_frames is not None else model_context(model)
         if sample_rate <= 0 or channels <= 0:
             raise ValueError(f"invalid stream: {sample_rate} Hz, {channels} channel(s)")
-        if not piece_seconds > 0:
-            raise ValueError(f"piece_seconds must be positive, not {piece_seconds}")
-        self.sample_rate = int(sample_rate)
-        self.channels = int(channels)
-        self.model_rate = int(df_state.sr())
-        hop = int(df_state.hop_size())
-        self._stream = _ModelStream(
+        engine = _engine(
             model,
             df_state,
-            self.channels,
+            batch=int(channels),
             pad=pad,
             atten_lim_db=atten_lim_db,
-            piece_frames=round(piece_seconds * self.model_rate / hop),
-            left_context=left,
-            right_context=right,
+            piece_seconds=piece_seconds,
+            context_frames=context_frames,
         )
-        self._to_model = StreamResampler(self.sample_rate, self.model_rate)
-        self._from_model = StreamResampler(self.model_rate, self.sample_rate)
+        self.sample_rate = int(sample_rate)
+        self.channels = int(channels)
+        self.model_rate = engine.df_spec.sr
+        self._stream = engine.stream(self.sample_rate, self.channels)
         self.frames_in = 0
         self.frames_out = 0
-        self.seconds = 0.0
         self._finished = False
+
+    @property
+    def seconds(self) -> float:
+        return self._stream.seconds
 
     def process(self, block: np.ndarray) -> np.ndarray:
         if self._finished:
@@ -561,48 +341,18 @@ class StreamEnhancer:
             raise ValueError(
                 f"expected a block [frames, {self.channels}], got shape {tuple(block.shape)}"
             )
-        import torch
-
-        t0 = time.perf_counter()
         self.frames_in += block.shape[0]
-        x = torch.from_numpy(np.ascontiguousarray(block.T))
-        y = self._from_model.process(self._stream.process(self._to_model.process(x)))
-        out = self._deliver(y, final=False)
-        self.seconds += time.perf_counter() - t0
-        return out
+        return self._count(self._stream.push(block))
 
     def finish(self) -> np.ndarray:
-        import torch
-
         if self._finished:
             raise RuntimeError("StreamEnhancer: finish() called twice")
         self._finished = True
-        t0 = time.perf_counter()
-        parts = []
-        if not self._to_model.identity:
-            rest = self._to_model.finish()
-            if rest is not None:
-                parts.append(self._stream.process(rest))
-        parts.append(self._stream.finish())
-        y48 = torch.cat(parts, dim=-1)
-        y = self._from_model.process(y48)
-        if not self._from_model.identity:
-            tail = self._from_model.finish()
-            if tail is not None:
-                y = torch.cat([y, tail], dim=-1)
-        out = self._deliver(y, final=True)
-        self.seconds += time.perf_counter() - t0
-        return out
+        return self._count(self._stream.finish())
 
-    def _deliver(self, y, final: bool) -> np.ndarray:
-        # Resampling there and back can give a sample more, and --no-delay-compensation whole
-        # hops only: the output has the input's length (zero-padded at the end).
-        room = self.frames_in - self.frames_out
-        out = y[..., :room].T.numpy()
-        if final and out.shape[0] < room:
-            out = np.concatenate([out, np.zeros((room - out.shape[0], self.channels), np.float32)])
+    def _count(self, out: np.ndarray) -> np.ndarray:
         self.frames_out += out.shape[0]
-        return np.ascontiguousarray(out, dtype=np.float32)
+        return out
 
 
 def enhance_blocks(
@@ -722,7 +472,6 @@ def enhance_stream(
     pad: Optional[bool] = None,
     atten_lim_db: Optional[float] = None,
     piece_seconds: float = DEFAULT_PIECE_SECONDS,
-    block_seconds: Optional[float] = None,
     progress: Union[bool, Callable[[int], object]] = False,
 ) -> StreamResult:
     """Enhance the audio file ``source`` into ``target``, streaming both, in bounded memory.
@@ -732,92 +481,38 @@ def enhance_stream(
     sample format (as ``df_mps.enhance``). ``target`` is written to a temporary file in its
     directory and renamed into place when complete; it is never ``source``, and an existing
     ``target`` is replaced only with ``overwrite``. ``progress``: True for a tqdm bar in
-    seconds of audio, or a callable given the number of input frames done after each block.
+    seconds of audio, or a callable given the number of input frames read after each block.
 
     Raises ``AudioFileError`` (one-line message) for a file that can't be read or written and
     ``BadAudioError`` for one without samples or with NaN/Inf (no output is left behind).
     """
-    import soundfile as sf
+    from .api import file_job, sound_info
 
     source, target = Path(source), Path(target)
-    if _same_file(source, target):
-        raise AudioFileError(f"'{source}': the output path is the input file itself; refused")
-    _, info = read_audio(source, num_frames=0)  # the checks and one-line errors of read_audio
-    if not overwrite and os.path.lexists(target):
-        raise AudioFileError(f"'{target}': output exists (use --overwrite to replace it)")
-    rate, channels = int(info.samplerate), int(info.channels)
-    stream = StreamEnhancer(
+    engine = _engine(
         model,
         df_state,
-        sample_rate=rate,
-        channels=channels,
+        batch=max(1, sound_info(source).channels),
         pad=pad,
         atten_lim_db=atten_lim_db,
         piece_seconds=piece_seconds,
     )
-    block = max(1, round((block_seconds or piece_seconds) * rate))
-    target.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        bar = _progress_bar(progress, info, source, stack)
-        try:
-            reader = stack.enter_context(sf.SoundFile(os.fspath(source)))
-        except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError) as exc:
-            raise AudioFileError(
-                f"'{source}': not a readable audio file ({_one_line(exc)})"
-            ) from None
-        writer = stack.enter_context(
-            _AtomicAudioWriter(target, rate, channels, info.subtype, overwrite)
-        )
-        while True:
-            try:
-                data = reader.read(frames=block, dtype="float32", always_2d=True)
-            except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
-                raise AudioFileError(
-                    f"'{source}': read failed at {stream.frames_in / rate:.2f} s ({_one_line(exc)})"
-                ) from None
-            if data.shape[0] == 0:
-                break
-            if not np.isfinite(data).all():
-                first = stream.frames_in + int(np.argmin(np.isfinite(data).all(axis=1)))
-                raise BadAudioError(
-                    f"'{source}': contains NaN or Inf sample(s) (first at {first / rate:.2f} s)"
-                )
-            _write(writer, stream.process(data), target)
-            if bar is not None:
-                bar(data.shape[0])
-            if data.shape[0] < block:
-                break
-        if stream.frames_in == 0:
-            raise BadAudioError(f"'{source}': has no audio samples")
-        _write(writer, stream.finish(), target)
-        if _same_file(source, target):  # the target path changed under us
-            raise AudioFileError(f"'{source}': the output path is the input file itself; refused")
-        try:
-            writer.commit()
-        except FileExistsError:
-            raise AudioFileError(
-                f"'{target}': output exists (use --overwrite to replace it)"
-            ) from None
-        except OSError as exc:
-            raise AudioFileError(f"'{target}': can't write: {exc.strerror or exc}") from None
-    return StreamResult(
-        sample_rate=rate,
-        channels=channels,
-        frames=stream.frames_in,
-        subtype=writer.subtype,
-        model_seconds=stream.seconds,
-    )
-
-
-def _write(writer: _AtomicAudioWriter, samples: np.ndarray, target: Path) -> None:
-    import soundfile as sf
-
-    try:
-        writer.write(samples)
-    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
-        raise AudioFileError(f"'{target}': could not write ({_one_line(exc)})") from None
-    except OSError as exc:
-        raise AudioFileError(f"'{target}': can't write: {exc.strerror or exc}") from None
+        bar = _progress_bar(progress, sound_info(source), source, stack)
+        job = file_job(source, target, overwrite, on_read=bar)
+        for result in engine.run([job]):
+            if result.exception is not None:
+                raise result.exception
+            if result.error is not None:  # pragma: no cover - every failure has its exception
+                raise AudioFileError(result.error)
+            return StreamResult(
+                sample_rate=result.sample_rate,
+                channels=result.channels,
+                frames=result.frames,
+                subtype=job.tag[2]["sink"].subtype,
+                model_seconds=result.model_seconds,
+            )
+    raise AssertionError("the engine returned no result")  # pragma: no cover
 
 
 def _progress_bar(progress, info, source: Path, stack: contextlib.ExitStack):
