@@ -221,8 +221,8 @@ class _StepContext:
         self.mask = None
 
     @contextlib.contextmanager
-    def active(self, h0: List[object], history: List[object], mask):
-        self.h0, self.history, self.mask = h0, history, mask
+    def active(self, h0: List[object], history: List[object], mask, piece: int):
+        self.h0, self.history, self.mask, self.piece = h0, history, mask, piece
         saved, hooks = [], []
         try:
             for index, module in enumerate(self.recurrent):
@@ -269,7 +269,10 @@ class _StepContext:
             cls_forward = type(self_).forward
             out_piece, state = cls_forward(self_, x.narrow(time_dim, left, piece), ctx.h0[index])
             ctx.new_h[index] = state
-            ctx.new_history[index] = out_piece.narrow(time_dim, piece - left, left)
+            # A piece shorter than the left context is a stream's last: no next piece.
+            ctx.new_history[index] = (
+                out_piece.narrow(time_dim, piece - left, left) if piece >= left else None
+            )
             parts = [ctx.history[index].to(out_piece.dtype), out_piece] if left else [out_piece]
             rest = x.shape[time_dim] - left - piece
             if rest > 0:
@@ -345,29 +348,35 @@ class BatchedModel:
             hs = [h[:, r : r + 1] for h in ctx.new_h]
             hist = []
             for h, (_, _, batch_first) in zip(ctx.new_history, self._shapes):
-                hist.append(h[r : r + 1] if batch_first else h[:, r : r + 1])
+                if h is None:
+                    hist.append(None)
+                else:
+                    hist.append(h[r : r + 1] if batch_first else h[:, r : r + 1])
             out.append((hs, hist))
         return out
 
-    def step(self, spec, erb_feat, spec_feat, fresh: Sequence[bool], states):
+    def step(self, spec, erb_feat, spec_feat, fresh: Sequence[bool], states, piece=None):
         """spec [R, 1, W, F, 2], erb_feat [R, 1, W, E], spec_feat [R, 1, W, Fdf, 2] on the
-        model's device, W = ``self.window``. Returns (enhanced spec [R, piece, F, 2], lsnr
-        [R, piece], new states)."""
+        model's device, W = left + piece + right (``piece`` defaults to ``self.piece``; a
+        shorter one only where every row is on its stream's last piece). Returns (enhanced
+        spec [R, piece, F, 2], lsnr [R, piece], new states)."""
         import torch
 
+        piece = int(piece or self.piece)
+        window = self.left + piece + self.right
         rows = spec.shape[0]
         mask = None
         if any(fresh):
-            valid = torch.ones((rows, self.window), device=self.device, dtype=torch.float32)
+            valid = torch.ones((rows, window), device=self.device, dtype=torch.float32)
             for r, is_fresh in enumerate(fresh):
                 if is_fresh:
                     valid[r, : self.left] = 0.0
             mask = valid
         h0, history = self._stack_states(states)
-        with self._lock, torch.no_grad(), self._ctx.active(h0, history, mask):
+        with self._lock, torch.no_grad(), self._ctx.active(h0, history, mask, piece):
             out = self.model(spec, erb_feat, spec_feat)
             new_states = self._split_states(rows)
-        keep = slice(self.left, self.left + self.piece)
+        keep = slice(self.left, self.left + piece)
         enhanced = out[0][:, 0, keep]
         lsnr = out[2][:, keep, 0] if out[2].ndim == 3 else out[2][:, keep]
         return enhanced, lsnr, new_states
@@ -514,14 +523,21 @@ class _Active:
             self.pending_lanes = list(range(self.channels))
             self.piece_out = [None] * self.channels
 
-    def window(self, lane: int):
+    def piece_frames(self) -> int:
+        """Frames the next piece keeps: a full piece, or what is left of an ended stream."""
+        remaining = self.frames - self.done
+        if self.ended and remaining <= self.engine.piece_frames:
+            return remaining
+        return self.engine.piece_frames
+
+    def window(self, lane: int, piece: int):
         """The lane's (spec, erb_feat, spec_feat) over [done - left, done + piece + right),
         zero outside the analysed frames."""
         import torch
 
         engine = self.engine
         lo = self.done - engine.left
-        hi = lo + engine.window
+        hi = lo + engine.left + piece + engine.right
         out = []
         for f in self.features:
             row = f[lane : lane + 1]
@@ -603,8 +619,7 @@ class _Active:
 
     def _synthesise(self, spec, final: bool) -> None:
         t0 = time.perf_counter()
-        samples = self.synthesis.synthesis(spec, reset=False)
-        samples = samples.to("cpu")
+        samples = _to_host(self.synthesis.synthesis(spec, reset=False))
         if self.skip:
             cut = min(self.skip, samples.shape[-1])
             samples = samples[..., cut:]
@@ -663,6 +678,20 @@ class _Active:
         if not self.committed:
             with contextlib.suppress(Exception):
                 self.sink.abort()
+
+
+def _to_host(x):
+    """``x`` on the CPU; from CUDA through pinned memory, waiting for this copy only."""
+    import torch
+
+    if x.device.type != "cuda":
+        return x.to("cpu")
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()
+    return host
 
 
 def _describe(exc: BaseException) -> str:
@@ -872,7 +901,10 @@ class Engine:
         import torch
 
         t0 = time.perf_counter()
-        windows = [item.window(lane) for item, lane in rows]
+        # One shape per step: the full piece, unless every row is on its stream's last,
+        # shorter piece (a small set of lengths, so that few shapes are ever compiled).
+        piece = _bucket(max(item.piece_frames() for item, _ in rows), self.piece_frames)
+        windows = [item.window(lane, piece) for item, lane in rows]
         spec, erb_feat, spec_feat = (torch.cat(parts, dim=0) for parts in zip(*windows))
         fresh = [item.fresh() for item, _ in rows]
         states = [item.states[lane] for item, lane in rows]
@@ -882,6 +914,7 @@ class Engine:
             spec_feat.to(self.model.device, self.model.dtype),
             fresh,
             states,
+            piece,
         )
         enhanced = enhanced.float()
         seconds = time.perf_counter() - t0
@@ -898,6 +931,11 @@ class Engine:
         self.step_seconds += seconds
         if progress is not None and audio:
             progress(audio)
+
+
+def _bucket(frames: int, full: int) -> int:
+    """``frames`` rounded up to a power of two (at least 16), at most ``full``."""
+    return min(full, max(16, 1 << max(0, int(frames) - 1).bit_length()))
 
 
 class _PushSource(Source):
