@@ -92,6 +92,20 @@ def synchronize(device) -> None:
         torch.mps.synchronize()
 
 
+def usable_device(name: str):
+    """``torch.device(name)``, once a tensor has been made there; else a one-line exit."""
+    import torch
+
+    try:
+        device = torch.device(name)
+        torch.zeros(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise SystemExit(
+            f"{Path(sys.argv[0]).stem}: device {name!r} is not usable: {exc}"
+        ) from None
+    return device
+
+
 class ChildFailed(RuntimeError):
     """A child process exited nonzero or printed no JSON; the message is one line."""
 

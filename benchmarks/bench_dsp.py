@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import comma_list, print_rows, synchronize, write_json
+from _common import comma_list, print_rows, synchronize, usable_device, write_json
 
 SR, FFT, HOP, NB_ERB, MIN_ERB, NB_DF = 48000, 960, 480, 32, 2, 96  # DeepFilterNet3
 
@@ -90,12 +90,7 @@ def row(implementation: str, device: str, batch: int, audio_seconds: float, seco
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
-        device = torch.device(args.device)
-        torch.zeros(1, device=device)
-    except (RuntimeError, AssertionError) as exc:
-        print(f"bench_dsp: device {args.device!r} is not usable here: {exc}", file=sys.stderr)
-        return 2
+    device = usable_device(args.device)
 
     from df_mps import dsp
 

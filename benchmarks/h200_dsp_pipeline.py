@@ -24,7 +24,15 @@ import sys
 import time
 from pathlib import Path
 
-from _common import SHARED, comma_list, model_dir, print_rows, synchronize, write_json
+from _common import (
+    SHARED,
+    comma_list,
+    model_dir,
+    print_rows,
+    synchronize,
+    usable_device,
+    write_json,
+)
 
 os.environ["DF_MPS_LIBDF"] = "torch"  # before df_mps and df are imported
 
@@ -86,12 +94,7 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
 
-    try:
-        device = torch.device(args.device)
-        torch.zeros(1, device=device)
-    except (RuntimeError, AssertionError) as exc:
-        print(f"h200_dsp_pipeline: device {args.device!r} is not usable: {exc}", file=sys.stderr)
-        return 2
+    device = usable_device(args.device)
 
     import libdf
     from df.enhance import enhance, init_df
