@@ -199,8 +199,11 @@ def machine() -> dict:
             versions[dist] = version(dist)
         except PackageNotFoundError:
             versions[dist] = None
+    torch = sys.modules.get("torch")  # a GPU only where the benchmark used torch
+    gpu = torch.cuda.get_device_name() if torch is not None and torch.cuda.is_available() else None
     return {
         "cpu": cpu or platform.processor() or platform.machine(),
+        "gpu": gpu,
         "cores": cores,
         "ram_gib": round(ram_gib, 1) if ram_gib else None,
         "os": os_name,

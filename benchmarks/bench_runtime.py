@@ -26,7 +26,7 @@ correlates with upstream's (at the best lag, the runtime's algorithmic delay).
 
 ``lengths``: RTF and peak memory against file length. Each (method, length) runs in a fresh
 process that reads a WAV of that length (noisy_white.wav repeated) and reports its peak resident
-memory (``ru_maxrss``) before and after the file. Methods: ``upstream`` (whole file, as
+memory (VmHWM) before and after the file. Methods: ``upstream`` (whole file, as
 ``df.enhance.enhance``), ``rust`` (frame by frame) and ``streaming`` (df_mps's bounded-memory
 streaming, where ``df_mps.streaming`` exists).
 """

@@ -58,13 +58,15 @@ def machines(found: Dict[str, dict]) -> str:
     for name, data in found.items():
         m = data["meta"].get("machine")
         if isinstance(m, dict):  # (older files from elsewhere name only the architecture)
-            key = json.dumps({k: v for k, v in m.items() if k != "load_average"}, sort_keys=True)
+            same = {k: v for k, v in m.items() if k != "load_average" and v is not None}
+            key = json.dumps(same, sort_keys=True)
             seen.setdefault(key, (m, []))[1].append(name)
     out = []
     for m, names in seen.values():
         v = m["versions"]
         rows = [
             ["CPU", m["cpu"]],
+            *([["GPU", m["gpu"]]] if m.get("gpu") else []),
             ["cores available", fmt(m["cores"])],
             ["RAM", f"{m['ram_gib']} GiB" if m.get("ram_gib") else "-"],
             ["OS", m["os"]],

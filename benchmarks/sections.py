@@ -140,7 +140,12 @@ def meta_line(meta: dict) -> str:
 
 
 def gpu_head(data: dict, sentence: str) -> str:
-    return f"{sentence}\n\n{meta_line(data['meta'])}\n\n"
+    """What a file measured elsewhere says: the sentence, its facts, and its provenance."""
+    meta = data["meta"]
+    measured = provenance(meta)
+    shown = ("command", "date", "elapsed_s") if measured else ()
+    facts = meta_line({k: v for k, v in meta.items() if k not in shown})
+    return "\n\n".join(text for text in (sentence, facts, measured) if text) + "\n\n"
 
 
 def complex_throughput(row: dict) -> float:
@@ -416,10 +421,15 @@ def by_seconds(row: dict) -> float:
     return row["seconds"]
 
 
+LONG_MODES = {
+    "streaming": "df-mps command line, streaming (I/O included)",
+    "upstream": "upstream enhance(), whole file in memory",
+}
+
+
 def long_tables(data: dict) -> str:
     """bench_long.py's rows (streaming and whole-file runs) and its ways of joining pieces."""
     meta = data["meta"]
-    streaming = "df-mps command line, streaming (I/O included)"
     text = (
         f"{meta.get('note', '')} Device {meta.get('device', 'cpu')}; "
         f"{meta.get('threads', '?')} torch thread(s); "
@@ -428,15 +438,7 @@ def long_tables(data: dict) -> str:
             data["rows"],
             [
                 ("audio", lambda r: human_length(r["seconds"]), "g"),
-                (
-                    "mode",
-                    lambda r: (
-                        streaming
-                        if r["mode"] == "streaming"
-                        else "upstream enhance(), whole file in memory"
-                    ),
-                    "g",
-                ),
+                ("mode", lambda r: LONG_MODES[r["mode"]], "g"),
                 ("peak RSS MiB", "peak_rss_mib", "mb"),
                 ("RTF (median)", lambda r: r.get("rtf_median", r.get("rtf")), "rtf"),
                 (
@@ -559,7 +561,7 @@ def h200_dsp(data: dict) -> Rendered:
 
 @section("h200_long", "h200_long.json", "#### `h200_long.json`")
 def h200_long(data: dict) -> Rendered:
-    return meta_line(data["meta"]) + "\n\n" + long_tables(data), []
+    return gpu_head(data, "") + long_tables(data), []
 
 
 @section("h200_pipeline", "h200_pipeline.json", "#### `h200_pipeline.json`")
