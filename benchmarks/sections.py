@@ -421,65 +421,54 @@ def by_seconds(row: dict) -> float:
     return row["seconds"]
 
 
+def rtf_runs(row: dict) -> str:
+    """Each child's RTF (streaming rows), or '1 run' (a whole-file row is timed once)."""
+    return ", ".join(fmt(x, "rtf") for x in row["rtf_runs"]) if "rtf_runs" in row else "1 run"
+
+
 LONG_MODES = {
     "streaming": "df-mps command line, streaming (I/O included)",
     "upstream": "upstream enhance(), whole file in memory",
 }
+LONG_COLUMNS: List[Column] = [
+    ("audio", lambda r: human_length(r["seconds"]), "g"),
+    ("mode", lambda r: LONG_MODES[r["mode"]], "g"),
+    ("peak RSS MiB", "peak_rss_mib", "mb"),
+    ("RTF (median)", lambda r: r.get("rtf_median", r.get("rtf")), "rtf"),
+    ("RTF runs", rtf_runs, "g"),
+    ("vs shortest", lambda r: fmt(r["vs_shortest"], "ratio") if "rtf_runs" in r else "", "g"),
+]
+
+
+METHOD_COLUMNS: List[Column] = [
+    ("method", "method", "g"),
+    ("left context s", "left_s", "g"),
+    ("SNR vs whole file dB", lambda r: f"{r['snr_db']:.1f}", "g"),
+    ("max abs diff", "max_abs", "diff"),
+]
 
 
 def long_tables(data: dict) -> str:
     """bench_long.py's rows (streaming and whole-file runs) and its ways of joining pieces."""
-    meta = data["meta"]
-    text = (
-        f"{meta.get('note', '')} Device {meta.get('device', 'cpu')}; "
-        f"{meta.get('threads', '?')} torch thread(s); "
-        f"{meta.get('repeats', '?')} child runs per streaming length.\n\n"
-        + rows_table(
-            data["rows"],
-            [
-                ("audio", lambda r: human_length(r["seconds"]), "g"),
-                ("mode", lambda r: LONG_MODES[r["mode"]], "g"),
-                ("peak RSS MiB", "peak_rss_mib", "mb"),
-                ("RTF (median)", lambda r: r.get("rtf_median", r.get("rtf")), "rtf"),
-                (
-                    "RTF runs",
-                    lambda r: (
-                        ", ".join(fmt(x, "rtf") for x in r["rtf_runs"])
-                        if "rtf_runs" in r
-                        else "1 run"
-                    ),
-                    "g",
-                ),
-                (
-                    "vs shortest",
-                    lambda r: fmt(r["vs_shortest"], "ratio") if "rtf_runs" in r else "",
-                    "g",
-                ),
-            ],
-            "llrrlr",
+    meta, parts = data["meta"], []
+    if data["rows"]:  # (none with --methods-only)
+        parts.append(
+            f"{meta.get('note', '')} Device {meta.get('device', 'cpu')}; "
+            f"{meta.get('threads', '?')} torch thread(s); "
+            f"{meta.get('repeats', '?')} child runs per streaming length.\n\n"
+            + rows_table(data["rows"], LONG_COLUMNS, "llrrlr")
         )
-    )
     methods = data.get("methods")
     if methods and methods.get("rows"):
         audio = methods["audio_seconds"]
-        text += (
-            f"\n\nJoining 10 s pieces of {human_length(audio)} of audio, against upstream's "
+        rtf: Column = ("RTF", lambda r: r["seconds"] / audio, "rtf")
+        parts.append(
+            f"Joining 10 s pieces of {human_length(audio)} of audio, against upstream's "
             f"whole-file output (whole file: RTF {fmt(methods['whole_seconds'] / audio, 'rtf')}): "
             "carrying the model's state (df_mps) against overlapping independent pieces with a "
-            "crossfade.\n\n"
-            + rows_table(
-                methods["rows"],
-                [
-                    ("method", "method", "g"),
-                    ("left context s", "left_s", "g"),
-                    ("SNR vs whole file dB", lambda r: f"{r['snr_db']:.1f}", "g"),
-                    ("max abs diff", "max_abs", "diff"),
-                    ("RTF", lambda r: r["seconds"] / audio, "rtf"),
-                ],
-                "lrrrr",
-            )
+            "crossfade.\n\n" + rows_table(methods["rows"], METHOD_COLUMNS + [rtf], "lrrrr")
         )
-    return text
+    return "\n\n".join(parts)
 
 
 @section(
