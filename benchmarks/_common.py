@@ -231,20 +231,20 @@ def write_json(path: Optional[Path], rows: List[dict], meta: dict, **more) -> No
         "rows": rows,
         **more,
     }
-    write_text_atomic(Path(path), json.dumps(record, indent=2) + "\n")
+    write_atomic(Path(path), json.dumps(record, indent=2) + "\n")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """A temp file beside ``path``, written and fsynced, then renamed over it: a reader sees
-    the old file or the new one, never half of one."""
+def write_atomic(path: Path, content) -> None:
+    """``content`` (str or bytes) into a temp file beside ``path``, fsynced, then renamed over
+    it: a reader sees the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     umask = os.umask(0)
     os.umask(umask)
     try:
         os.chmod(tmp, 0o666 & ~umask)  # as open() would make it, not mkstemp's 0600
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

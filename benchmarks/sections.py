@@ -185,8 +185,9 @@ COMPUTE_COLUMNS = text_columns(
 )
 
 
-def compute_table(rows: List[dict], *headers: str) -> str:
-    return rows_table(rows, [(h, *COMPUTE_COLUMNS[h]) for h in headers])
+def compute_table(rows: List[dict], headers: str) -> str:
+    """A table of bench_compute.py's rows with these comma-separated COMPUTE_COLUMNS."""
+    return rows_table(rows, [(h, *COMPUTE_COLUMNS[h]) for h in map(str.strip, headers.split(","))])
 
 
 # -- sections measured on this machine --------------------------------------------------------
@@ -202,13 +203,12 @@ def compute_table(rows: List[dict], *headers: str) -> str:
 def compute(data: dict) -> Rendered:
     meta, rows = data["meta"], data["rows"]
     shim = compute_table(
-        rows, "batch", "audio s", "forward unpatched ms", "patched (auto) ms", "shim overhead"
+        rows, "batch, audio s, forward unpatched ms, patched (auto) ms, shim overhead"
     )
     op = compute_table(
         rows,
-        *("batch", "DF op complex ms", "DF op real ms", "DF op real/complex"),
-        *("DF op max abs diff", "forward complex ms", "forward real ms", "real/complex"),
-        "forward max abs diff",
+        """batch, DF op complex ms, DF op real ms, DF op real/complex, DF op max abs diff,
+        forward complex ms, forward real ms, real/complex, forward max abs diff""",
     )
     first = rows[0]
     glance = [
@@ -509,15 +509,6 @@ DSP_COLUMNS: List[Column] = [
 
 
 # -- sections measured on an NVIDIA H200 (benchmarks/h200_session.sh) --------------------------
-GPU_COMPUTE_HEADERS = ("batch", "audio s", "forward complex ms", "forward real ms") + (
-    "real/complex",
-    "DF op real/complex",
-    "shim overhead",
-    "audio-s/s (real)",
-    "audio-s/s (complex)",
-)
-
-
 @section(
     "h200_compute",
     "h200_compute.json",
@@ -533,11 +524,17 @@ def h200_compute(data: dict) -> Rendered:
         )
         + "."
     ]
-    return gpu_head(
+    head = gpu_head(
         data,
         "`bench_compute.py`: the DFN3 forward alone on precomputed features (complex and real "
         "routes, patched and unpatched), median of interleaved repeats.",
-    ) + compute_table(rows, *GPU_COMPUTE_HEADERS), glance
+    )
+    body = compute_table(
+        rows,
+        """batch, audio s, forward complex ms, forward real ms, real/complex, DF op real/complex,
+        shim overhead, audio-s/s (real), audio-s/s (complex)""",
+    )
+    return head + body, glance
 
 
 @section("h200_dsp", "h200_dsp.json", "#### `h200_dsp.json`")
@@ -600,8 +597,9 @@ def h200_pipeline(data: dict) -> Rendered:
 )
 def cpu_batch(data: dict) -> Rendered:
     rows = data["rows"]
-    headers = ("forward complex ms", "forward real ms", "audio-s/s (real)", "real/complex")
-    body = compute_table(rows, "batch", "audio s", *headers)
+    body = compute_table(
+        rows, "batch, audio s, forward complex ms, forward real ms, audio-s/s (real), real/complex"
+    )
     item = rows[0]["audio_seconds"] / rows[0]["batch"]
     return (
         f"CPU, DFN3 forward alone (features precomputed), items of {item:.0f} s, "
