@@ -110,7 +110,9 @@ class ChildFailed(RuntimeError):
     """A child process exited nonzero or printed no JSON; the message is one line."""
 
 
-def run_child(script: str, args: Iterable[str], threads: int, clean_env: bool = False) -> dict:
+def run_child(
+    script: str, args: Iterable[str], threads: int, clean_env: bool = False, timeout: float = 3600
+) -> dict:
     """Run ``python script *args`` in a fresh process; the last JSON line it prints, as a dict.
 
     A fresh process gives each measurement its own peak RSS. ``clean_env`` drops DF_MPS_*
@@ -118,9 +120,16 @@ def run_child(script: str, args: Iterable[str], threads: int, clean_env: bool = 
     """
     env = {k: v for k, v in os.environ.items() if not (clean_env and k.startswith("DF_MPS_"))}
     env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, env=env
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(script), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise ChildFailed(f"no result after {timeout:g} s") from None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]

@@ -59,6 +59,7 @@ from _common import (
 
 TORCH_VARIANTS = ("upstream", "df_mps", "df_mps_real", "df_mps_torch_dsp")
 ALL_VARIANTS = TORCH_VARIANTS + ("rust",)
+LENGTH_METHODS = ("upstream", "streaming", "rust")
 LABELS = {
     "upstream": "upstream deepfilternet (libdf, df_mps unpatched)",
     "df_mps": "df_mps, auto route (libdf)",
@@ -510,9 +511,7 @@ def parse_args(argv=None):
 
     lengths = sub.add_parser("lengths", parents=[common], help="RTF and memory vs file length")
     lengths.add_argument("--lengths", type=comma_list(float), default=[10.0, 60.0, 180.0])
-    lengths.add_argument(
-        "--methods", type=comma_list(str), default=["upstream", "streaming", "rust"]
-    )
+    lengths.add_argument("--methods", type=comma_list(str), default=list(LENGTH_METHODS))
     lengths.add_argument("--threads", type=int, default=1)
 
     child = sub.add_parser("_child", help=argparse.SUPPRESS)
@@ -521,7 +520,14 @@ def parse_args(argv=None):
     child.add_argument("--warm-wav", required=True)
     child.add_argument("--threads", type=int, default=1)
     child.add_argument("--model-dir", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    known = {"rtf": ("variants", ALL_VARIANTS), "lengths": ("methods", LENGTH_METHODS)}
+    if args.command in known:
+        option, names = known[args.command]
+        unknown = [n for n in getattr(args, option) if n not in names]
+        if unknown:
+            p.error(f"--{option}: unknown {', '.join(unknown)}; choose from {', '.join(names)}")
+    return args
 
 
 def main(argv=None) -> int:
