@@ -8,23 +8,19 @@ Measures, for each batch size, with the real DFN3 weights:
 - the full DFN3 forward: DF_MPS_FORWARD_METHOD=complex (upstream's path) vs real;
 - the shim: the full forward unpatched vs patched (auto route);
 and the max abs difference of the outputs. Variants are timed interleaved, round-robin, and the
-median of each is reported, so machine noise hits them alike. Prints a markdown table and, with
---json, writes the numbers for docs/performance.md.
+median of each is reported, so machine noise hits them alike. Prints the rows and, with
+--json, writes them for docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SHARED = Path(os.environ.get("DF_MPS_SHARED", REPO.parent / "shared"))
+from _common import DEFAULT_AUDIO, model_dir, print_rows, synchronize, write_json
 
 
 def parse_args(argv=None):
@@ -34,23 +30,14 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--seconds", type=float, default=10.0, help="audio length per item")
-    p.add_argument("--model-dir", type=Path, default=DEFAULT_SHARED / "models" / "DeepFilterNet3")
-    p.add_argument("--audio", type=Path, default=DEFAULT_SHARED / "audio" / "noisy_white.wav")
+    p.add_argument("--model-dir", type=Path, help="DFN3 model directory (default: ../shared's)")
+    p.add_argument("--audio", type=Path, default=DEFAULT_AUDIO)
     p.add_argument(
         "--features", type=Path, help="precomputed features (torch.save'd); else libdf computes"
     )
     p.add_argument("--save-features", type=Path, help="write the features for another machine")
     p.add_argument("--json", type=Path, help="write results as JSON")
     return p.parse_args(argv)
-
-
-def sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def timed_round_robin(variants: dict, device, repeats: int) -> dict:
@@ -61,10 +48,10 @@ def timed_round_robin(variants: dict, device, repeats: int) -> dict:
     times = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             fn()
-            sync(device)
+            synchronize(device)
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -77,7 +64,7 @@ def load_features(args):
     import soundfile as sf
     from df.enhance import df_features, init_df
 
-    model, df_state, _ = init_df(str(args.model_dir), log_file=None, log_level="ERROR")
+    model, df_state, _ = init_df(str(model_dir(args.model_dir)), log_file=None, log_level="ERROR")
     audio, sr = sf.read(str(args.audio), dtype="float32", always_2d=True)
     audio = torch.from_numpy(audio.T.copy())[:, : int(args.seconds * sr)]
     spec, erb_feat, spec_feat = df_features(audio, df_state, model.nb_df, device="cpu")
@@ -177,7 +164,7 @@ def main(argv=None):
     df_mps.patch(device=args.device)
     from df.enhance import init_df
 
-    model, _, _ = init_df(str(args.model_dir), log_file=None, log_level="ERROR")
+    model, _, _ = init_df(str(model_dir(args.model_dir)), log_file=None, log_level="ERROR")
     model = model.to(device).eval()
 
     def use(method):
@@ -193,26 +180,10 @@ def main(argv=None):
         if device.type == "cuda"
         else platform.processor() or platform.machine(),
         "threads": args.threads,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
         "repeats": args.repeats,
-        "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
     }
-    print(f"\n{meta}\n")
-    print(
-        "| batch | DF op complex ms | DF op real ms | op ratio | op max diff | "
-        "DFN3 fwd complex ms | DFN3 fwd real ms | fwd ratio | fwd max diff | shim overhead |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['batch']} | {r['op_complex_ms']:.2f} | {r['op_real_ms']:.2f} | "
-            f"{r['op_ratio']:.2f} | {r['op_max_abs_diff']:.1e} | {r['model_complex_ms']:.1f} | "
-            f"{r['model_real_ms']:.1f} | {r['model_ratio']:.3f} | {r['model_max_abs_diff']:.1e} | "
-            f"{r['shim_overhead_ratio']:.3f} |"
-        )
-    if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print_rows(rows, f"DFN3 forward on {meta['device']} ({meta['device_name']})")
+    write_json(args.json, rows, meta)
 
 
 if __name__ == "__main__":

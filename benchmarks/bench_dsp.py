@@ -8,7 +8,7 @@ spectrum back to audio. Throughput is audio-seconds processed per second of wall
     python benchmarks/bench_dsp.py --device cuda --batch 1,32,128
 
 libdf runs only on the CPU and one channel at a time; it is timed where it is installed
-(Python <= 3.11) and the device is the CPU. Prints a markdown table.
+(Python <= 3.11) and the device is the CPU. Prints the rows; --json writes them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import comma_list, print_rows, synchronize, usable_device, write_json
 
 SR, FFT, HOP, NB_ERB, MIN_ERB, NB_DF = 48000, 960, 480, 32, 2, 96  # DeepFilterNet3
 
@@ -27,26 +28,17 @@ SR, FFT, HOP, NB_ERB, MIN_ERB, NB_DF = 48000, 960, 480, 32, 2, 96  # DeepFilterN
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
-    parser.add_argument("--batch", default="1,32", help="comma-separated batch sizes")
+    parser.add_argument(
+        "--batch", type=comma_list(int), default=[1, 32], help="comma-separated batch sizes"
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each signal")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds to time each row")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON (for the docs)")
     args = parser.parse_args(argv)
-    try:
-        args.batch = [int(b) for b in args.batch.split(",") if b.strip()]
-    except ValueError:
-        parser.error(f"--batch must be comma-separated integers, not {args.batch!r}")
-    if not args.batch or min(args.batch) < 1 or args.seconds <= 0:
+    if min(args.batch) < 1 or args.seconds <= 0:
         parser.error("--batch sizes and --seconds must be positive")
     return args
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def timed(run, args: tuple, device: torch.device, min_time: float) -> float:
@@ -85,15 +77,20 @@ def libdf_round(audio: np.ndarray, libdf, df, alpha: float) -> None:
     df.synthesis(spec)
 
 
+def row(implementation: str, device: str, batch: int, audio_seconds: float, seconds: float):
+    return {
+        "implementation": implementation,
+        "device": device,
+        "batch": batch,
+        "audio_s_per_s": audio_seconds / seconds,
+        "ms_per_batch": seconds * 1000,
+    }
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
-        device = torch.device(args.device)
-        torch.zeros(1, device=device)
-    except (RuntimeError, AssertionError) as exc:
-        print(f"bench_dsp: device {args.device!r} is not usable here: {exc}", file=sys.stderr)
-        return 2
+    device = usable_device(args.device)
 
     from df_mps import dsp
 
@@ -108,52 +105,19 @@ def main(argv=None) -> int:
         audio_t = torch.from_numpy(audio).to(device)
         dsp_df = dsp.DF(SR, FFT, HOP, NB_ERB, MIN_ERB)
         t_torch = timed(torch_dsp_round, (audio_t, dsp_df), device, args.min_time)
-        t_lib = None
         if libdf is not None:
             lib_df = libdf.DF(SR, FFT, HOP, NB_ERB, MIN_ERB)
             t_lib = timed(libdf_round, (audio, libdf, lib_df, alpha), device, args.min_time)
-            rows.append(("libdf (Rust)", "cpu", batch, audio_seconds, t_lib, None))
-        rows.append(("df_mps.dsp", str(device), batch, audio_seconds, t_torch, t_lib))
+            rows.append(row("libdf (Rust)", "cpu", batch, audio_seconds, t_lib))
+        rows.append(row("df_mps.dsp", str(device), batch, audio_seconds, t_torch))
 
-    threads = f"{args.threads} thread(s)" if device.type == "cpu" else str(device)
-    print(
-        f"\nDSP round trip (analysis + features + synthesis), {args.seconds:g} s signals, "
-        f"{threads}, torch {torch.__version__}\n"
-    )
-    print("| implementation | device | batch | audio-s/s | ms per batch | vs libdf |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
-    for name, dev, batch, audio_seconds, seconds, reference in rows:
-        ratio = f"{reference / seconds:.1f}x" if reference else "-"
-        print(
-            f"| {name} | {dev} | {batch} | {audio_seconds / seconds:,.0f} | "
-            f"{seconds * 1000:,.1f} | {ratio} |"
-        )
     if libdf is None and device.type == "cpu":
-        print("\n(libdf: DeepFilterLib is not installed here, so only df_mps.dsp was timed.)")
-    if args.json:
-        import json
-
-        meta = {"device": str(device), "threads": args.threads, "torch": torch.__version__}
-        if device.type == "cuda":
-            meta["device_name"] = torch.cuda.get_device_name(device)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "meta": meta,
-                    "rows": [
-                        {
-                            "implementation": name,
-                            "device": dev,
-                            "batch": batch,
-                            "audio_s_per_s": audio_seconds / seconds,
-                            "ms_per_batch": seconds * 1000,
-                        }
-                        for name, dev, batch, audio_seconds, seconds, _ in rows
-                    ],
-                },
-                indent=2,
-            )
-        )
+        print("bench_dsp: DeepFilterLib is not installed here; only df_mps.dsp is timed.")
+    meta = {"device": str(device), "threads": args.threads, "seconds": args.seconds}
+    if device.type == "cuda":
+        meta["device_name"] = torch.cuda.get_device_name(device)
+    print_rows(rows, f"DSP round trip, {args.seconds:g} s signals, {args.threads} thread(s)")
+    write_json(args.json, rows, meta)
     return 0
 
 

@@ -4,8 +4,7 @@
     python benchmarks/bench_long.py --lengths 10 1800 --repeats 5 --json long.json
     python benchmarks/bench_long.py --methods-only   # how to join pieces: carry vs overlap
 
-Every measurement runs in a fresh child process, so each peak RSS (``ru_maxrss``) is that
-run's own:
+Every measurement runs in a fresh child process, so each peak RSS (VmHWM) is that run's own:
 
 - streaming: the df-mps command line (``df_mps.enhance.main``, bounded-memory mode, the default)
   on a generated 48 kHz PCM_16 file. The child first enhances a 1 s file (model load, warm-up),
@@ -23,7 +22,8 @@ unless --keep); a 30-minute file takes 165 MiB.
 The method comparison (``--methods``, on by default) measures the two ways to join pieces on
 1 minute of audio against upstream's whole-file output: carrying the model's state exactly
 (df_mps.streaming) and overlapping independent pieces with left context and a crossfade.
-Prints markdown tables; ``--json`` writes the numbers for docs/performance.md.
+Prints the rows; ``--json`` writes them for docs/performance.md: one row per (mode, length),
+mode "streaming" or "upstream", and the method comparison as ``methods``.
 """
 
 from __future__ import annotations
@@ -31,20 +31,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _memory import peak_rss_mib  # benchmarks/_memory.py, beside this script
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SHARED = Path(os.environ.get("DF_MPS_SHARED", REPO.parent / "shared"))
-SR = 48000
+from _common import (
+    SHARED,
+    SR,
+    ChildFailed,
+    human_length,
+    model_dir,
+    peak_rss_mib,
+    print_rows,
+    run_child,
+    write_json,
+)
 
 
 def parse_args(argv=None):
@@ -58,8 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--piece-seconds", type=float, default=None)
     p.add_argument("--methods", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--methods-only", action="store_true")
-    p.add_argument("--model-dir", type=Path, default=DEFAULT_SHARED / "models" / "DeepFilterNet3")
-    p.add_argument("--audio-dir", type=Path, default=DEFAULT_SHARED / "audio")
+    p.add_argument("--model-dir", type=Path, help="DFN3 model directory (default: ../shared's)")
+    p.add_argument("--audio-dir", type=Path, default=SHARED / "audio")
     p.add_argument("--workdir", type=Path, help="where generated files go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
     p.add_argument("--json", type=Path, help="write results as JSON")
@@ -95,29 +99,10 @@ def write_program(path: Path, seconds: float, audio_dir: Path, seed: int = 0) ->
     return path
 
 
-def label(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:g} s"
-    return f"{seconds / 60:g} min"
-
-
 # -- children --------------------------------------------------------------------------------------
-def run_child(spec: dict, timeout: float = 3600) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DF_MPS_")}
-    env["OMP_NUM_THREADS"] = str(spec["threads"])
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"child {spec['mode']} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        )
-    return json.loads(lines[-1])
+def child(spec: dict) -> dict:
+    """One measurement in a fresh process (its own peak RSS), with df_mps's default settings."""
+    return run_child(__file__, ["--child", json.dumps(spec)], spec["threads"], clean_env=True)
 
 
 def child_main(spec: dict) -> None:
@@ -278,16 +263,12 @@ def main(argv=None) -> int:
         return 0
     import torch
 
+    args.model_dir = model_dir(args.model_dir)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="df-mps-bench-long-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     base = {"threads": args.threads, "model_dir": str(args.model_dir), "device": args.device}
     warmup = str(write_program(workdir / "warmup_1s.wav", 1.0, args.audio_dir, seed=99))
     meta = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
         "threads": args.threads,
         "device": args.device
         if args.device != "auto"
@@ -296,22 +277,25 @@ def main(argv=None) -> int:
         "note": "streaming: the CLI's wall time per file (I/O included), after a warm-up run; "
         "upstream: df.enhance.enhance() on the whole file in memory. Peak RSS per child process.",
     }
-    out = {"meta": meta, "streaming": [], "upstream": [], "methods": None}
+    rows, more = [], {}
     try:
         if not args.methods_only:
-            out["streaming"] = bench_streaming(args, base, workdir, warmup)
-            out["upstream"] = bench_upstream(args, base, workdir, warmup)
+            rows += bench_streaming(args, base, workdir, warmup)
+            rows += bench_upstream(args, base, workdir, warmup)
         if args.methods or args.methods_only:
             src = write_program(workdir / "methods_60s.wav", 60, args.audio_dir, seed=7)
             spec = {**base, "mode": "methods", "file": str(src), "overlap_left": [1, 2, 5, 10, 20]}
-            out["methods"] = run_child(spec)
+            more["methods"] = child(spec)
+    except ChildFailed as exc:
+        print(f"bench_long: a child run failed: {exc}", file=sys.stderr)
+        return 1
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    out["rows"] = flat_rows(out)
-    print_tables(out)
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+    print_rows(rows, f"{meta['device']}, {args.threads} thread(s), {args.repeats} child runs")
+    if more:
+        print_rows(more["methods"]["rows"], "Joining 10 s pieces of 1 min against the whole file")
+    write_json(args.json, rows, meta, **more)
     return 0
 
 
@@ -332,10 +316,10 @@ def bench_streaming(args, base, workdir: Path, warmup: str) -> list:
                 "inner": args.inner if s <= 60 else 1,
                 "piece_seconds": args.piece_seconds,
             }
-            result = run_child(spec)
+            result = child(spec)
             runs[s].append(result)
             print(
-                f"# repeat {r + 1}/{args.repeats} {label(s)}: RTF {result['rtf']:.4f}, "
+                f"# repeat {r + 1}/{args.repeats} {human_length(s)}: RTF {result['rtf']:.4f}, "
                 f"peak RSS {result['peak_rss_mib']:.0f} MiB",
                 file=sys.stderr,
                 flush=True,
@@ -347,6 +331,7 @@ def bench_streaming(args, base, workdir: Path, warmup: str) -> list:
         rtfs = [r["rtf"] for r in runs[s]]
         rows.append(
             {
+                "mode": "streaming",
                 "seconds": s,
                 "rtf_median": statistics.median(rtfs),
                 "rtf_runs": rtfs,
@@ -363,78 +348,13 @@ def bench_upstream(args, base, workdir: Path, warmup: str) -> list:
     for s in args.upstream:
         src = write_program(workdir / f"program_{s:g}s.wav", s, args.audio_dir, seed=int(s))
         spec = {**base, "mode": "upstream", "file": str(src), "warmup": warmup}
-        result = run_child(spec)
-        print(f"# upstream {label(s)}: RTF {result['rtf']:.4f}", file=sys.stderr, flush=True)
+        result = child(spec)
+        print(f"# upstream {human_length(s)}: RTF {result['rtf']:.4f}", file=sys.stderr, flush=True)
         rows.append(
-            {"seconds": s, "rtf": result["rtf"], "peak_rss_mib": result["peak_rss_mib"]}
+            {"mode": "upstream", "seconds": s, "rtf": result["rtf"],
+             "peak_rss_mib": result["peak_rss_mib"]}
         )  # fmt: skip
     return rows
-
-
-def flat_rows(out: dict) -> list:
-    """The length table as flat rows (one scalar per field), for docs/performance.md."""
-    rows = []
-    for row in out["streaming"]:
-        rows.append(
-            {
-                "audio": label(row["seconds"]),
-                "mode": "df-mps CLI, streaming",
-                "peak_rss_gib": round(row["peak_rss_mib"] / 1024, 3),
-                "rtf": round(row["rtf_median"], 4),
-                "rtf_min": round(min(row["rtf_runs"]), 4),
-                "rtf_max": round(max(row["rtf_runs"]), 4),
-                "vs_shortest": round(row["vs_shortest"], 3),
-                "compute_rtf": round(row["model_rtf_median"], 4),
-            }
-        )
-    for row in out["upstream"]:
-        rows.append(
-            {
-                "audio": label(row["seconds"]),
-                "mode": "upstream enhance(), whole file",
-                "peak_rss_gib": round(row["peak_rss_mib"] / 1024, 3),
-                "rtf": round(row["rtf"], 4),
-            }
-        )
-    return rows
-
-
-def print_tables(out: dict) -> None:
-    meta = out["meta"]
-    print(
-        f"\n{meta.get('device', 'cpu')}, {meta['threads']} CPU thread(s), torch {meta['torch']}, "
-        f"{meta['platform']}; "
-        f"medians of {meta['repeats']} child runs\n"
-    )
-    if out["streaming"] or out["upstream"]:
-        print("| audio | mode | peak RSS | RTF (median) | RTF runs | vs shortest | compute RTF |")
-        print("|---|---|---|---|---|---|---|")
-        for row in out["streaming"]:
-            runs = ", ".join(f"{r:.4f}" for r in row["rtf_runs"])
-            print(
-                f"| {label(row['seconds'])} | df-mps CLI, streaming | "
-                f"{row['peak_rss_mib'] / 1024:.2f} GiB | {row['rtf_median']:.4f} | {runs} | "
-                f"{row['vs_shortest']:.3f} | {row['model_rtf_median']:.4f} |"
-            )
-        for row in out["upstream"]:
-            print(
-                f"| {label(row['seconds'])} | upstream enhance(), whole file | "
-                f"{row['peak_rss_mib'] / 1024:.2f} GiB | {row['rtf']:.4f} | 1 run | | |"
-            )
-    methods = out.get("methods")
-    if methods:
-        whole_rtf = methods["whole_seconds"] / methods["audio_seconds"]
-        print(
-            f"\nJoining 10 s pieces, {label(methods['audio_seconds'])} of audio, against "
-            f"upstream's whole-file output (whole file: RTF {whole_rtf:.4f})\n"
-        )
-        print("| method | left context | SNR vs whole file | max abs diff | RTF |")
-        print("|---|---|---|---|---|")
-        for row in methods["rows"]:
-            print(
-                f"| {row['method']} | {row['left_s']:g} s | {row['snr_db']:.1f} dB | "
-                f"{row['max_abs']:.1e} | {row['seconds'] / methods['audio_seconds']:.4f} |"
-            )
 
 
 if __name__ == "__main__":

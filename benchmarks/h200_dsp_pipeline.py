@@ -10,9 +10,9 @@ not used even where it is installed.
     python benchmarks/h200_dsp_pipeline.py --model-dir ../shared/models/DeepFilterNet3 \\
         --audio ../shared/audio/noisy_white.wav ../shared/audio/noisy_pink.wav
 
-Prints a markdown table (audio-seconds per second, and milliseconds per batch for each step),
-the on-device pipeline's difference from upstream enhance(), and whether the device's inverse
-FFT ignores the imaginary part of the DC and Nyquist bins (libdf does).
+Prints the rows (audio-seconds per second, and milliseconds per batch for each step), the
+on-device pipeline's difference from upstream enhance(), and whether the device's inverse FFT
+ignores the imaginary part of the DC and Nyquist bins (libdf does); --json writes them.
 """
 
 from __future__ import annotations
@@ -24,19 +24,23 @@ import sys
 import time
 from pathlib import Path
 
-os.environ["DF_MPS_LIBDF"] = "torch"  # before df_mps and df are imported
+from _common import (
+    SHARED,
+    comma_list,
+    model_dir,
+    print_rows,
+    synchronize,
+    usable_device,
+    write_json,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("DF_MPS_SHARED", REPO.parent / "shared"))
+os.environ["DF_MPS_LIBDF"] = "torch"  # before df_mps and df are imported
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--model-dir",
-        type=Path,
-        default=SHARED / "models" / "DeepFilterNet3",
-        help="DeepFilterNet3 model directory (config.ini + checkpoints/)",
+        "--model-dir", type=Path, help="DeepFilterNet3 model directory (default: ../shared's)"
     )
     parser.add_argument(
         "--audio",
@@ -46,7 +50,9 @@ def parse_args(argv=None):
         help="wav files; a batch cycles through them",
     )
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, mps or cpu")
-    parser.add_argument("--batch", default="1,32", help="comma-separated batch sizes")
+    parser.add_argument(
+        "--batch", type=comma_list(int), default=[1, 32], help="comma-separated batch sizes"
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each file")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per row (median)")
     parser.add_argument(
@@ -54,12 +60,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON (for the docs)")
     args = parser.parse_args(argv)
-    try:
-        args.batch = [int(b) for b in args.batch.split(",") if b.strip()]
-    except ValueError:
-        parser.error(f"--batch must be comma-separated integers, not {args.batch!r}")
-    if not args.batch or min(args.batch) < 1 or args.seconds <= 0 or args.repeat < 1:
+    if min(args.batch) < 1 or args.seconds <= 0 or args.repeat < 1:
         parser.error("--batch, --seconds and --repeat must be positive")
+    args.model_dir = model_dir(args.model_dir)
     if not (args.model_dir / "config.ini").is_file():
         parser.error(f"--model-dir: no config.ini in {args.model_dir}")
     for path in args.audio:
@@ -91,12 +94,7 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
 
-    try:
-        device = torch.device(args.device)
-        torch.zeros(1, device=device)
-    except (RuntimeError, AssertionError) as exc:
-        print(f"h200_dsp_pipeline: device {args.device!r} is not usable: {exc}", file=sys.stderr)
-        return 2
+    device = usable_device(args.device)
 
     import libdf
     from df.enhance import enhance, init_df
@@ -107,10 +105,7 @@ def main(argv=None) -> int:
     assert getattr(libdf, "__df_mps_shim__", False), "libdf is not df_mps's stand-in"
 
     def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elif device.type == "mps":
-            torch.mps.synchronize()
+        synchronize(device)
 
     model, df_state, _ = init_df(str(args.model_dir), log_level="ERROR", log_file=None)
     model = model.to(device).eval()
@@ -173,63 +168,30 @@ def main(argv=None) -> int:
             a, b = outputs.values()
             diffs[batch] = float((a - b).abs().max())
 
-    print(
-        f"\nDeepFilterNet3, {args.seconds:g} s files, device {device} "
-        f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type}), "
-        f"torch {torch.__version__}, Python {sys.version.split()[0]}\n"
-    )
-    print(
-        "| pipeline | batch | audio-s/s | total ms | features ms | model ms | synthesis ms "
-        "| copy back ms |"
-    )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, batch, throughput, total, steps in rows:
-        cells = [
-            f"{steps[k] * 1000:,.1f}" if k in steps else "-"
-            for k in ("features", "model", "synthesis", "copy")
-        ]
-        print(
-            f"| {name} | {batch} | {throughput:,.0f} | {total * 1000:,.1f} | "
-            + " | ".join(cells)
-            + " |"
-        )
-    for batch, diff in diffs.items():
-        print(f"\nbatch {batch}: on-device output vs upstream enhance(): max abs diff {diff:.3g}")
     ignores = _irfft_ignores(device)
+    table = [
+        {
+            "pipeline": name,
+            "batch": batch,
+            "audio_s_per_s": throughput,
+            "total_ms": total * 1000,
+            **{f"{k}_ms": v * 1000 for k, v in steps.items() if k != "total"},
+        }
+        for name, batch, throughput, total, steps in rows
+    ]
+    meta = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "seconds": args.seconds,
+        "repeat": args.repeat,
+        "irfft_ignores_imag_dc_nyquist": ignores,
+    }
+    print_rows(table, f"DeepFilterNet3, {args.seconds:g} s files, {meta['device_name']}")
+    for batch, diff in diffs.items():
+        print(f"batch {batch}: on-device output vs upstream enhance(): max abs diff {diff:.3g}")
     print(f"inverse FFT on {device.type} ignores imag(DC, Nyquist): {ignores}")
-    if args.json:
-        import json
-
-        args.json.write_text(
-            json.dumps(
-                {
-                    "meta": {
-                        "device": str(device),
-                        "device_name": torch.cuda.get_device_name(device)
-                        if device.type == "cuda"
-                        else device.type,
-                        "torch": torch.__version__,
-                        "python": sys.version.split()[0],
-                        "seconds": args.seconds,
-                        "repeat": args.repeat,
-                        "irfft_ignores_imag_dc_nyquist": ignores,
-                        "command": " ".join(["h200_dsp_pipeline.py"] + (argv or sys.argv[1:])),
-                    },
-                    "rows": [
-                        {
-                            "pipeline": name,
-                            "batch": batch,
-                            "audio_s_per_s": throughput,
-                            "total_ms": total * 1000,
-                            **{f"{k}_ms": v * 1000 for k, v in steps.items() if k != "total"},
-                        }
-                        for name, batch, throughput, total, steps in rows
-                    ],
-                    "max_abs_diff_vs_upstream": {str(b): d for b, d in diffs.items()},
-                },
-                indent=2,
-            )
-        )
+    diffs = {str(b): d for b, d in diffs.items()}
+    write_json(args.json, table, meta, max_abs_diff_vs_upstream=diffs)
     return 0
 
 

