@@ -833,9 +833,10 @@ class Engine:
                     if item.failed is None and item.needs_input():
                         item.reading = self.pool.submit(item.read_block)
                 rows = self._pick_rows(active)
-                if rows:
+                if rows and (len(rows) >= self._wanted_rows(active) or not self._reading(active)):
                     self._step(rows, progress)
                 else:
+                    # Fuller batches first: lanes whose next block is being read join this step.
                     self._wait(active)
         finally:
             if waiting is not None:
@@ -888,6 +889,23 @@ class Engine:
                     return rows
                 rows.append((item, lane))
         return rows
+
+    def _wanted_rows(self, active: List[_Active]) -> int:
+        """Rows that could step now or once their read is in: lanes of running jobs."""
+        lanes = sum(
+            item.channels
+            for item in active
+            if item.failed is None and not item.finish_queued and not item.committed
+        )
+        return min(self.batch, lanes)
+
+    @staticmethod
+    def _reading(active: List[_Active]) -> bool:
+        return any(
+            item.reading is not None and not item.reading.done()
+            for item in active
+            if item.failed is None
+        )
 
     def _wait(self, active: List[_Active]) -> None:
         futures = [item.reading for item in active if item.reading is not None]
