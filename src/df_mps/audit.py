@@ -171,7 +171,8 @@ def parse_native_functions(text: str) -> Dict[str, OpEntry]:
     """The fields the audit needs from native_functions.yaml, without a YAML library.
 
     The file is regular: each entry starts with ``- func: name.overload(...) -> ...``; its keys
-    are indented by two spaces, ``dispatch:``'s lines by four (``CPU, CUDA: kernel``).
+    are indented by two spaces, ``dispatch:``'s lines by four (``CPU, CUDA: kernel``). An
+    entry with ``ufunc_inner_loop`` gets CPU and CUDA kernels from torchgen, as ``ufunc``.
     tests/test_audit.py checks the result against PyYAML's parse where PyYAML is installed.
     """
     entries: Dict[str, OpEntry] = {}
@@ -218,6 +219,10 @@ def parse_native_functions(text: str) -> Dict[str, OpEntry]:
             in_dispatch = key == "dispatch"
             if key == "structured_delegate":
                 current["delegate"] = value
+            elif key == "ufunc_inner_loop":
+                # torchgen generates the CPU and CUDA kernels of a ufunc entry (add.out)
+                current["dispatch"].setdefault("CPU", "ufunc")
+                current["dispatch"].setdefault("CUDA", "ufunc")
             elif key == "autogen":
                 current["autogen"] = [v.strip() for v in value.split(",") if v.strip()]
     flush()
@@ -344,7 +349,7 @@ class Finding:
         return f"{self.severity}: {self.kind}: {self.op} x{self.count}: {self.message}"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class AuditReport:
     target: Target
     ops: List[OpRecord]
@@ -442,6 +447,9 @@ class AuditReport:
 
     def __str__(self) -> str:
         return self.table()
+
+    def __repr__(self) -> str:
+        return f"<AuditReport: {self.summary()}>"
 
     def to_dict(self) -> dict:
         return {
