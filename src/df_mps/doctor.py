@@ -323,11 +323,14 @@ def audit_report(options) -> Tuple[str, bool]:
         _aline("audio", f"{options.seconds:g} s, {frames} frames, forward on the CPU"),
     ]
     kernels = f"{single.kernels / options.seconds:.0f} at batch 1"
+    forwards = f"{single.kernels} at batch 1"
     if options.batch > 1:
         batched = reports[options.batch]
         per_file = batched.kernels / options.batch / options.seconds
         kernels += f"; {per_file:.0f} per file at batch {options.batch}"
+        forwards += f"; {batched.kernels} at batch {options.batch}"
     lines.append(_aline("kernels per second", kernels + " (of audio)"))
+    lines.append(_aline("kernels per forward", forwards))
     without = single.no_kernel
     missing = {}
     for report in reports.values():
