@@ -118,6 +118,13 @@ def test_planted_model_on_macos_14_keeps_float64_and_mode_only():
     assert not any("complex" in f.message for f in report.errors)
 
 
+@pytest.mark.parametrize("macos, flagged", [(MAC13, True), (MAC14, False)])
+def test_bfloat16_needs_macos_14(macos, flagged):
+    report = audit(lambda x: x.to(torch.bfloat16) * 2, torch.ones(3), macos=macos)
+    assert ("bfloat16" in report.missing_dtypes) is flagged
+    assert report.ok is not flagged
+
+
 def test_planted_model_is_fine_for_cuda():
     report = audit(Planted(), torch.randn(3, 8), device="cuda", macos=None)
     assert report.ok, str(report)

@@ -32,12 +32,14 @@ it, so df_mps routes as it would there (before macOS 14: no complex on the devic
 kernels). The CPU's oneDNN paths are switched off, so the CPU takes the generic code that other
 backends run.
 
-Checked against torch's own sources (aten/src/ATen/native/mps/, aten/src/ATen/mps/
-MPSFallback.mm on pytorch/pytorch main): ``addmm``, ``sigmoid``, ``tanh``, ``mul``, ``cat``,
-``convolution`` (through ``_mps_convolution``) have MPS kernels; ``mode`` and ``linalg_eig``
-have CPU and CUDA kernels only; MPSFallback.mm sends ``embedding_renorm_``, ``linalg_svd``,
-``col2im`` and ``upsample_nearest3d.vec`` to the CPU even without the environment variable.
-The tests check these against the installed registry.
+Checked against torch's own sources (pytorch/pytorch main): ``addmm`` has an MPS kernel
+(``TORCH_IMPL_FUNC(addmm_out_mps)``, native/mps/operations/LinearAlgebra.mm), ``sigmoid`` an MPS
+stub (``REGISTER_UNARY_TI_DISPATCH(sigmoid)``, a Metal kernel), ``convolution`` reaches
+``_mps_convolution``; ``mode`` has CPU, CUDA and XPU kernels only (pytorch/pytorch#195275, "[MPS]
+Add mode", is still open), as has ``linalg_eig`` (CPU, CUDA); aten/src/ATen/mps/MPSFallback.mm
+sends ``embedding_renorm_``, ``linalg_svd``, ``col2im`` and ``upsample_nearest3d.vec`` to the
+CPU even without the environment variable, and registers the error fallback for every other
+op without a kernel. tests/test_audit.py checks these against the installed registry.
 
 Known gaps (what the audit can't see from the CPU):
 
@@ -48,6 +50,11 @@ Known gaps (what the audit can't see from the CPU):
   only says a kernel exists. Only the float64/complex/bfloat16 rules are checked.
 - Kernels registered outside native_functions.yaml (``TORCH_LIBRARY_IMPL`` in .mm files) are
   known only where listed in ``EXTRA_KERNELS``; others show as ``no kernel``.
+- A structured kernel shared between backends (``CPU, CUDA, MPS: sigmoid_out``) calls a
+  DispatchStub that each backend registers; a stub MPS forgot shows as ``kernel`` here and
+  raises there.
+- For CUDA the counts are the generic ones: there ``nn.GRU`` runs cuDNN's fused kernels, which
+  a CPU trace can't show, so CUDA launches far fewer kernels than counted.
 - Ops that reach the device through TorchScript are traced, but ``.cpu()`` or ``.numpy()`` on
   a tensor already on the CPU dispatch nothing in TorchScript, so such copies inside scripted
   code are not seen. In eager code they are (a ``TorchFunctionMode``).
