@@ -107,7 +107,7 @@ MPS_FORCED_FALLBACK = frozenset(
 )
 # Kernels registered with TORCH_LIBRARY_IMPL(aten, <backend>, m) outside native_functions.yaml.
 EXTRA_KERNELS: Mapping[str, frozenset] = {
-    "MPS": frozenset({"_copy_from", "_copy_from_and_resize", "shallow_copy_data_"}),
+    "MPS": frozenset({"_copy_from", "_copy_from_and_resize"}),  # native/mps/operations/Copy.mm
 }
 # Ops that only allocate or set metadata: no kernel launch.
 METADATA_OPS = frozenset(
