@@ -10,6 +10,10 @@ For df_mps's own tests and for users' tests:
 
     with emulate_no_complex(model):
         enhanced = enhance(model, df_state, audio)   # raises if complex reaches the model
+
+- ``audit(model_or_fn, *inputs, device="mps", macos=(13, 6))`` (from ``df_mps.audit``): every
+  aten op the call sends to the device, checked against the installed torch's kernels, the
+  target's dtypes and host syncs; returns an ``AuditReport``.
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from . import capabilities
+from .audit import AuditReport, Finding, audit
 
 __all__ = [
+    "AuditReport",
     "ComplexNotSupportedError",
+    "Finding",
+    "audit",
     "NoComplexMode",
     "emulate_no_complex",
     "guard_forward",
