@@ -176,6 +176,37 @@ def model_context(model) -> Tuple[int, int]:
     return context(model)
 
 
+@contextlib.contextmanager
+def _ieee_fp32(device):
+    """cuDNN's convolutions and RNNs in full fp32 while a step runs.
+
+    torch lets cuDNN use TF32 for fp32 convolutions and RNNs by default (10-bit mantissa), and
+    which algorithm runs depends on the batch size: a file's output would then change with the
+    batch it rode in, by about 3e-5 (measured on an H200). The contract is 1e-5, and DFN3's
+    convolutions are small, so exactness costs little. This switch is process-wide while the
+    step runs.
+    """
+    import torch
+
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = []
+    for part in (getattr(cudnn, "conv", None), getattr(cudnn, "rnn", None)):
+        if part is not None and hasattr(part, "fp32_precision"):
+            saved.append((part, "fp32_precision", part.fp32_precision))
+            part.fp32_precision = "ieee"
+    if not saved:
+        saved.append((cudnn, "allow_tf32", cudnn.allow_tf32))
+        cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+
 def _time_padding_layers(model):
     """(module, time dim) for every layer that pads time before a convolution: where a first
     piece's frames before the stream's start must read as zeros."""
@@ -373,9 +404,10 @@ class BatchedModel:
                     valid[r, : self.left] = 0.0
             mask = valid
         h0, history = self._stack_states(states)
-        with self._lock, torch.no_grad(), self._ctx.active(h0, history, mask, piece):
-            out = self.model(spec, erb_feat, spec_feat)
-            new_states = self._split_states(rows)
+        with self._lock, torch.no_grad(), _ieee_fp32(self.device):
+            with self._ctx.active(h0, history, mask, piece):
+                out = self.model(spec, erb_feat, spec_feat)
+                new_states = self._split_states(rows)
         keep = slice(self.left, self.left + piece)
         enhanced = out[0][:, 0, keep]
         lsnr = out[2][:, keep, 0] if out[2].ndim == 3 else out[2][:, keep]
@@ -430,13 +462,20 @@ class _Active:
 
     # -- reading (I/O thread) --
     def read_block(self):
-        """Read the next block and ``ingest`` it (I/O thread)."""
+        """Read the next block and ``ingest`` it (I/O thread); analyse it there too where the
+        engine says so. Returns (samples or features, last, analysed)."""
         data = self.source.read(self.block)
-        return self.ingest(data, last=data.shape[0] < self.block)
+        samples, last = self.ingest(data, last=data.shape[0] < self.block)
+        if self.engine.dsp_in_io:
+            t0 = time.perf_counter()
+            features = self.analyse(samples)
+            self.seconds += time.perf_counter() - t0
+            return features, last, True
+        return samples, last, False
 
     def ingest(self, data: np.ndarray, last: bool):
-        """Check, resample and analyse input samples [n, channels]; returns (new features or
-        None, last)."""
+        """Check and resample input samples [n, channels]; returns (samples at the model's
+        rate, with upstream's end padding after the last block, last)."""
         import torch
 
         t0 = time.perf_counter()
@@ -458,11 +497,11 @@ class _Active:
         if last and self.engine.pad:
             # Upstream pads the audio with fft_size zeros at the end.
             y = torch.cat([y, torch.zeros((self.channels, self.engine.df_spec.fft))], dim=-1)
-        features = self._analyse(y)
         self.seconds += time.perf_counter() - t0
-        return features, last
+        return y, last
 
-    def _analyse(self, x):
+    def analyse(self, x):
+        """Features (on the model's device) for model-rate samples [C, n], or None."""
         import torch
 
         x = torch.cat([self.remainder, x.to(torch.float32)], dim=-1)
@@ -483,9 +522,13 @@ class _Active:
 
     def take_block(self) -> None:
         """Append a finished read's features (scheduling thread)."""
-        features, last = self.reading.result()
+        payload, last, analysed = self.reading.result()
         self.reading = None
-        self.add_features(features, last)
+        if not analysed:
+            t0 = time.perf_counter()
+            payload = self.analyse(payload)
+            self.seconds += time.perf_counter() - t0
+        self.add_features(payload, last)
 
     def add_features(self, features, last: bool) -> None:
         import torch
@@ -586,7 +629,15 @@ class _Active:
             self.features = tuple(f[:, :, drop:] for f in self.features)
             self.base += drop
         final = self.ended and self.done >= self.frames
-        self.queue_write(lambda spec=enhanced: self._synthesise(spec, final=final))
+        if engine.dsp_in_io:
+            self.queue_write(lambda spec=enhanced: self._synthesise(spec, final=final))
+        else:
+            # Synthesis here, where the kernels are launched with the step's; the copy to the
+            # host is waited for in the writer thread.
+            t0 = time.perf_counter()
+            copy = _start_host_copy(self.synthesis.synthesis(enhanced, reset=False))
+            self.seconds += time.perf_counter() - t0
+            self.queue_write(lambda: self._deliver(_finish_host_copy(copy), final=final))
         if final:
             self.finish_queued = True
             self.queue_write(self._commit)
@@ -619,13 +670,16 @@ class _Active:
 
     def _synthesise(self, spec, final: bool) -> None:
         t0 = time.perf_counter()
-        samples = _to_host(self.synthesis.synthesis(spec, reset=False))
+        samples = _finish_host_copy(_start_host_copy(self.synthesis.synthesis(spec, reset=False)))
+        self._deliver(samples, final)
+        self.seconds += time.perf_counter() - t0
+
+    def _deliver(self, samples, final: bool) -> None:
         if self.skip:
             cut = min(self.skip, samples.shape[-1])
             samples = samples[..., cut:]
             self.skip -= cut
         self._emit(samples, final=final)
-        self.seconds += time.perf_counter() - t0
 
     def _emit(self, samples, final: bool = False) -> None:
         import torch
@@ -680,17 +734,24 @@ class _Active:
                 self.sink.abort()
 
 
-def _to_host(x):
-    """``x`` on the CPU; from CUDA through pinned memory, waiting for this copy only."""
+def _start_host_copy(x):
+    """Start copying ``x`` to the CPU: from CUDA into pinned memory, asynchronously."""
     import torch
 
     if x.device.type != "cuda":
-        return x.to("cpu")
+        return x.to("cpu"), None
     host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
     host.copy_(x, non_blocking=True)
     done = torch.cuda.Event()
     done.record()
-    done.synchronize()
+    return host, done
+
+
+def _finish_host_copy(copy):
+    """The host tensor of ``_start_host_copy``, once its copy (only) is complete."""
+    host, done = copy
+    if done is not None:
+        done.synchronize()
     return host
 
 
@@ -730,6 +791,7 @@ class Engine:
         atten_lim_db: Optional[float] = None,
         io_threads: Optional[int] = None,
         context: Optional[Tuple[int, int]] = None,
+        dsp_in_io: Optional[bool] = None,
     ):
         from df.enhance import ModelParams
         from df.utils import get_norm_alpha
@@ -760,6 +822,14 @@ class Engine:
         if atten_lim_db is not None and abs(atten_lim_db) > 0:
             self.lim = 10 ** (-abs(atten_lim_db) / 20)
         self.io_threads = io_threads or max(2, min(4, os.cpu_count() or 2))
+        # Where the STFT analysis and synthesis run: on the CPU, in the I/O threads, beside
+        # the step; on a GPU, on the scheduling thread, so that one thread launches all the
+        # device's kernels (I/O threads launching kernels too contend for the GIL with the
+        # step's thousands of launches).
+        device_type = self.model.device.type
+        self.dsp_in_io = (device_type == "cpu") if dsp_in_io is None else bool(dsp_in_io)
+        self.timings = collections.Counter()  # seconds per phase of the step
+        self.profile = os.environ.get("DF_MPS_ENGINE_PROFILE") == "1"
         self.pool: Optional[cf.ThreadPoolExecutor] = None
         self.interrupted: Optional[BaseException] = None  # raised in an I/O thread
         self.steps = 0
@@ -890,6 +960,17 @@ class Engine:
                 rows.append((item, lane))
         return rows
 
+    def _phase(self, name: str, since: float) -> float:
+        """Add the time since ``since`` to phase ``name`` (after the device's queued work, where
+        DF_MPS_ENGINE_PROFILE=1 asks for exact phase times); returns now."""
+        if self.profile and self.model.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.timings[name] += now - since
+        return now
+
     def _wanted_rows(self, active: List[_Active]) -> int:
         """Rows that could step now or once their read is in: lanes of running jobs."""
         lanes = sum(
@@ -926,6 +1007,7 @@ class Engine:
         spec, erb_feat, spec_feat = (torch.cat(parts, dim=0) for parts in zip(*windows))
         fresh = [item.fresh() for item, _ in rows]
         states = [item.states[lane] for item, lane in rows]
+        t1 = self._phase("windows", t0)
         enhanced, _lsnr, new_states = self.model.step(
             spec.to(self.model.device, self.model.dtype),
             erb_feat.to(self.model.device, self.model.dtype),
@@ -935,8 +1017,8 @@ class Engine:
             piece,
         )
         enhanced = enhanced.float()
-        seconds = time.perf_counter() - t0
-        share = seconds / len(rows)
+        t2 = self._phase("forward", t1)
+        share = (t2 - t0) / len(rows)
         audio = 0.0
         for r, (item, lane) in enumerate(rows):
             item.seconds += share
@@ -944,6 +1026,8 @@ class Engine:
             item.lane_done(lane, enhanced[r : r + 1], new_states[r])
             if item.done != before:
                 audio += (item.done - before) * self.df_spec.hop / self.df_spec.sr
+        self._phase("after", t2)
+        seconds = time.perf_counter() - t0
         self.steps += 1
         self.rows_run += len(rows)
         self.step_seconds += seconds
@@ -973,7 +1057,8 @@ class PushStream:
 
     def push(self, block: np.ndarray, last: bool = False) -> np.ndarray:
         item = self.item
-        item.add_features(*item.ingest(block, last))
+        samples, last = item.ingest(block, last)
+        item.add_features(item.analyse(samples), last)
         while True:
             rows = self.engine._pick_rows([item])
             if not rows:
