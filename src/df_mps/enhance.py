@@ -34,33 +34,33 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ._log import logger
-from .patches.audio_io import (
+from .audio import (
     EXTENSION_FORMATS,
     TEMP_SUFFIX,
     AudioFileError,
     read_audio,
+    refuse_input_as_output,
     write_audio,
+    write_error,
 )
+from .models import ModelNotFoundError, init_df, resolve_model_dir
 from .streaming import DEFAULT_PIECE_SECONDS, BadAudioError, enhance_stream
+from .util import PathLike, installed_version, one_line, quiet_resample_rename, sysctl
 
 PROG = "df-mps-enhance"
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "none")
 PRETRAINED_MODELS = ("DeepFilterNet", "DeepFilterNet2", "DeepFilterNet3")
 DEFAULT_MODEL = "DeepFilterNet3"
 MAX_DEFAULT_THREADS = 4
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
     "BadAudioError",
@@ -119,9 +119,7 @@ def _resample(audio, orig_sr: int, new_sr: int):
         return audio
     from df.io import resample
 
-    with warnings.catch_warnings():
-        # torchaudio renames "sinc_interpolation"; the result is the same.
-        warnings.filterwarnings("ignore", message=".*resampling method name is being deprecated")
+    with quiet_resample_rename():
         return resample(audio, orig_sr, new_sr)
 
 
@@ -155,19 +153,11 @@ def load_enhancer(
 
 
 def resolve_model(model: Optional[PathLike]) -> Path:
-    import importlib.util
-
-    if importlib.util.find_spec("df_mps.models") is not None:
-        from .models import ModelNotFoundError, resolve_model_dir
-
-        try:
-            return Path(resolve_model_dir(model))
-        except ModelNotFoundError as exc:
-            raise UserError(str(exc)) from None
-    path = Path(os.fspath(model or DEFAULT_MODEL)).expanduser()
-    if (path / "config.ini").is_file():
-        return path
-    raise UserError(f"model not found: '{path}' is not a directory with config.ini")
+    """``df_mps.models.resolve_model_dir``, its failure a ``UserError``."""
+    try:
+        return Path(resolve_model_dir(model))
+    except ModelNotFoundError as exc:
+        raise UserError(str(exc)) from None
 
 
 def output_suffix(model: Optional[PathLike], model_dir: Path, post_filter: bool) -> str:
@@ -178,20 +168,12 @@ def output_suffix(model: Optional[PathLike], model_dir: Path, post_filter: bool)
 
 
 def _init_model(model_dir: Path, post_filter: bool, epoch, mask_only: bool):
-    from .models import init_df
-
     _keep_our_logging()
     try:
         # log_file=None: upstream would write enhance.log into the model directory, which may
         # be read-only (a shared or system-wide install).
-        net, df_state, _ = init_df(
-            str(model_dir),
-            post_filter=post_filter,
-            log_file=None,
-            config_allow_defaults=True,
-            epoch=epoch,
-            mask_only=mask_only,
-        )
+        options = dict(post_filter=post_filter, epoch=epoch, mask_only=mask_only)
+        net, df_state, _ = init_df(str(model_dir), log_file=None, **options)
     except SystemExit:
         # Upstream calls exit(1) when it finds no checkpoint.
         raise UserError(
@@ -201,7 +183,7 @@ def _init_model(model_dir: Path, post_filter: bool, epoch, mask_only: bool):
         raise
     except Exception as exc:
         logger.opt(exception=exc).debug("model load failed")
-        raise UserError(f"could not load the model in '{model_dir}': {_one_line(exc)}") from None
+        raise UserError(f"could not load the model in '{model_dir}': {one_line(exc)}") from None
     return net, df_state
 
 
@@ -260,7 +242,7 @@ def enhance_file(
     ``enhancer(audio, sample_rate)`` on it once, as upstream does.
     """
     source, target = Path(source), Path(target)
-    _refuse_input_as_output(source, target)
+    refuse_input_as_output(source, target)
     if whole_file:
         return _enhance_whole_file(source, target, enhancer, overwrite)
     result = enhance_stream(
@@ -272,15 +254,7 @@ def enhance_file(
         piece_seconds=piece_seconds,
         progress=progress,
     )
-    return FileResult(
-        source=source,
-        target=target,
-        sample_rate=result.sample_rate,
-        channels=result.channels,
-        frames=result.frames,
-        subtype=result.subtype,
-        model_seconds=result.model_seconds,
-    )
+    return FileResult(source=source, target=target, **dataclasses.asdict(result))
 
 
 def _enhance_whole_file(
@@ -296,15 +270,13 @@ def _enhance_whole_file(
     seconds = time.perf_counter() - t0
     samples = enhanced.detach().cpu().numpy().T
     target.parent.mkdir(parents=True, exist_ok=True)
-    _refuse_input_as_output(source, target)
+    refuse_input_as_output(source, target)
     try:
         subtype = write_audio(
             target, samples, info.samplerate, subtype=info.subtype, overwrite=overwrite
         )
-    except FileExistsError:
-        raise AudioFileError(f"'{target}': output exists (use --overwrite to replace it)") from None
     except OSError as exc:
-        raise AudioFileError(f"'{target}': can't write: {exc.strerror or exc}") from None
+        raise write_error(target, exc) from None
     return FileResult(
         source=source,
         target=target,
@@ -322,14 +294,6 @@ def check_samples(source: Path, data: np.ndarray) -> None:
     if not np.isfinite(data).all():
         bad = int(data.size - np.isfinite(data).sum())
         raise BadAudioError(f"'{source}': contains {bad} NaN or Inf sample(s)")
-
-
-def _refuse_input_as_output(source: Path, target: Path) -> None:
-    same = os.path.realpath(source) == os.path.realpath(target)
-    if not same and target.exists() and source.exists():
-        same = os.path.samefile(source, target)
-    if same:
-        raise AudioFileError(f"'{source}': the output path is the input file itself; refused")
 
 
 # -- planning: which file goes where, checked before the model loads ---------------------------
@@ -525,14 +489,9 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, help="print versions and exit")
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from importlib.metadata import PackageNotFoundError, version
-
         from . import __version__
 
-        try:
-            upstream = version("deepfilternet")
-        except PackageNotFoundError:
-            upstream = "not installed"
+        upstream = installed_version("deepfilternet") or "not installed"
         print(f"df-mps {__version__}, DeepFilterNet {upstream}")
         parser.exit(0)
 
@@ -685,15 +644,8 @@ def _performance_cores() -> Optional[int]:
     if sys.platform != "darwin":
         return None
     try:
-        out = subprocess.run(
-            ["sysctl", "-n", "hw.perflevel0.physicalcpu"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-        return int(out.stdout.strip()) if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError, ValueError):
+        return int(sysctl("hw.perflevel0.physicalcpu") or "")
+    except ValueError:
         return None
 
 
@@ -724,11 +676,6 @@ def _say(message: str) -> None:
     tqdm.write(f"{PROG}: {message}", file=sys.stderr)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; returns the exit status (the console script passes it to sys.exit)."""
     parser = build_parser()
@@ -748,7 +695,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:
         logger.opt(exception=exc).debug("traceback")
         _say(
-            f"error: unexpected {type(exc).__name__}: {_one_line(exc)} "
+            f"error: unexpected {type(exc).__name__}: {one_line(exc)} "
             "(run with --log-level debug for the traceback)"
         )
         return 1
@@ -829,7 +776,7 @@ def _run_jobs(
             except (Exception, SystemExit) as exc:
                 logger.opt(exception=exc).debug("traceback")
                 _say(
-                    f"error: '{job.source}': {type(exc).__name__}: {_one_line(exc)} (skipped; "
+                    f"error: '{job.source}': {type(exc).__name__}: {one_line(exc)} (skipped; "
                     "run with --log-level debug for the traceback)"
                 )
                 yield exc

@@ -72,26 +72,21 @@ import contextlib
 import dataclasses
 import math
 import os
-import tempfile
 import time
 import types
-import warnings
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .patches.audio_io import (
-    TEMP_SUFFIX,
+from .audio import (
     AudioFileError,
-    _current_umask,
-    _one_line,
-    _publish,
-    choose_subtype,
-    format_for_path,
-    quantize,
+    AudioFileWriter,
     read_audio,
+    read_blocks,
+    refuse_input_as_output,
 )
+from .util import PathLike, quiet_resample_rename
 
 __all__ = [
     "DEFAULT_PIECE_SECONDS",
@@ -103,8 +98,6 @@ __all__ = [
     "enhance_stream",
     "model_context",
 ]
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 # 10 s pieces: measured on one CPU thread, DeepFilterNet3 costs 0.31 ms per frame for pieces of
 # 500-1000 frames and 0.35-0.39 ms for 2000-8000 (larger intermediates fall out of the caches),
@@ -143,8 +136,7 @@ class StreamResampler:
             # Upstream's parameters as they are: torchaudio (2.11 here) warns about the old name
             # "sinc_interpolation" and then builds a Kaiser window for it, not the Hann window
             # the warning promises. df.io.resample gets that kernel, so it is the one to match.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*resampling method name is being")
+            with quiet_resample_rename():
                 resampler = Resample(
                     self.orig_sr, self.new_sr, dtype=torch.float32, **_resample_params(method)
                 )
@@ -649,69 +641,6 @@ class StreamResult:
     model_seconds: float  # resampling, features, model and synthesis: what upstream times
 
 
-class _AtomicAudioWriter:
-    """A SoundFile written block by block into a temporary file next to ``path``; ``commit``
-    fsyncs it and renames it onto ``path`` (never replacing an existing file unless
-    ``overwrite``); leaving the ``with`` block by an exception removes it."""
-
-    def __init__(self, path: Path, sample_rate: int, channels: int, subtype, overwrite: bool):
-        import soundfile as sf
-
-        self.path = os.fspath(path)
-        fmt = format_for_path(self.path)
-        self.subtype = choose_subtype(fmt, subtype, self.path)
-        self.overwrite = overwrite
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self.tmp = tempfile.mkstemp(
-            prefix="." + os.path.basename(self.path) + ".", suffix=TEMP_SUFFIX, dir=directory
-        )
-        os.close(fd)
-        try:
-            self._file = sf.SoundFile(
-                self.tmp, "w", int(sample_rate), int(channels), self.subtype, format=fmt
-            )
-        except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
-            self._remove()
-            raise AudioFileError(
-                f"'{self.path}': could not write {fmt} {self.subtype} at {sample_rate} Hz "
-                f"({_one_line(exc)})"
-            ) from None
-
-    def write(self, samples: np.ndarray) -> None:
-        if samples.shape[0]:
-            self._file.write(quantize(samples, self.subtype))
-
-    def commit(self) -> None:
-        self._file.close()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        os.chmod(self.tmp, 0o666 & ~_current_umask())
-        _publish(self.tmp, self.path, self.overwrite)
-
-    def _remove(self) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self.tmp)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        with contextlib.suppress(Exception):
-            self._file.close()
-        self._remove()  # after commit() the name is gone (renamed) or a second link
-        return False
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def enhance_stream(
     model,
     df_state,
@@ -737,11 +666,8 @@ def enhance_stream(
     Raises ``AudioFileError`` (one-line message) for a file that can't be read or written and
     ``BadAudioError`` for one without samples or with NaN/Inf (no output is left behind).
     """
-    import soundfile as sf
-
     source, target = Path(source), Path(target)
-    if _same_file(source, target):
-        raise AudioFileError(f"'{source}': the output path is the input file itself; refused")
+    refuse_input_as_output(source, target)
     _, info = read_audio(source, num_frames=0)  # the checks and one-line errors of read_audio
     if not overwrite and os.path.lexists(target):
         raise AudioFileError(f"'{target}': output exists (use --overwrite to replace it)")
@@ -759,47 +685,24 @@ def enhance_stream(
     target.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         bar = _progress_bar(progress, info, source, stack)
-        try:
-            reader = stack.enter_context(sf.SoundFile(os.fspath(source)))
-        except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError) as exc:
-            raise AudioFileError(
-                f"'{source}': not a readable audio file ({_one_line(exc)})"
-            ) from None
+        blocks = stack.enter_context(contextlib.closing(read_blocks(source, block)))
         writer = stack.enter_context(
-            _AtomicAudioWriter(target, rate, channels, info.subtype, overwrite)
+            AudioFileWriter(target, rate, channels, info.subtype, overwrite=overwrite)
         )
-        while True:
-            try:
-                data = reader.read(frames=block, dtype="float32", always_2d=True)
-            except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
-                raise AudioFileError(
-                    f"'{source}': read failed at {stream.frames_in / rate:.2f} s ({_one_line(exc)})"
-                ) from None
-            if data.shape[0] == 0:
-                break
+        for data in blocks:
             if not np.isfinite(data).all():
                 first = stream.frames_in + int(np.argmin(np.isfinite(data).all(axis=1)))
                 raise BadAudioError(
                     f"'{source}': contains NaN or Inf sample(s) (first at {first / rate:.2f} s)"
                 )
-            _write(writer, stream.process(data), target)
+            writer.write(stream.process(data))
             if bar is not None:
                 bar(data.shape[0])
-            if data.shape[0] < block:
-                break
         if stream.frames_in == 0:
             raise BadAudioError(f"'{source}': has no audio samples")
-        _write(writer, stream.finish(), target)
-        if _same_file(source, target):  # the target path changed under us
-            raise AudioFileError(f"'{source}': the output path is the input file itself; refused")
-        try:
-            writer.commit()
-        except FileExistsError:
-            raise AudioFileError(
-                f"'{target}': output exists (use --overwrite to replace it)"
-            ) from None
-        except OSError as exc:
-            raise AudioFileError(f"'{target}': can't write: {exc.strerror or exc}") from None
+        writer.write(stream.finish())
+        refuse_input_as_output(source, target)  # the target path changed under us
+        writer.commit()
     return StreamResult(
         sample_rate=rate,
         channels=channels,
@@ -807,17 +710,6 @@ def enhance_stream(
         subtype=writer.subtype,
         model_seconds=stream.seconds,
     )
-
-
-def _write(writer: _AtomicAudioWriter, samples: np.ndarray, target: Path) -> None:
-    import soundfile as sf
-
-    try:
-        writer.write(samples)
-    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
-        raise AudioFileError(f"'{target}': could not write ({_one_line(exc)})") from None
-    except OSError as exc:
-        raise AudioFileError(f"'{target}': can't write: {exc.strerror or exc}") from None
 
 
 def _progress_bar(progress, info, source: Path, stack: contextlib.ExitStack):
