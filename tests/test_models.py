@@ -383,6 +383,31 @@ def test_concurrent_builder_finishing_first_wins(slim_tar, monkeypatch, tmp_path
     assert not _leftovers(dest.parent)
 
 
+KILLED_BUILD = """
+import os, signal
+import torch
+import df_mps.models as m
+
+def killed(*args, **kwargs):  # SIGKILL mid-build: nothing of ours gets to clean up
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = killed
+m.ensure_slim_model()
+"""
+
+
+@pytest.mark.subprocess
+def test_a_killed_builds_leftovers_are_removed_by_the_next_build(python_child, slim_tar):
+    dest = models.slim_cache_dir(slim_tar[1])
+    env = {models.CACHE_ENV: str(models.cache_root())}
+    with pytest.raises(AssertionError, match="child failed with -9"):
+        python_child(KILLED_BUILD, env=env)
+    left = [p.name for p in dest.parent.iterdir()]
+    assert left and all(name.startswith(".") for name in left)  # the killed build's
+    assert models.ensure_slim_model() == dest
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]
+
+
 # -- resolution order -------------------------------------------------------------------------
 
 
