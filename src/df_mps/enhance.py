@@ -52,14 +52,18 @@ from .audio import (
     write_audio,
     write_error,
 )
-from .models import ModelNotFoundError, init_df, resolve_model_dir
+from .models import (
+    DEFAULT_MODEL,
+    PRETRAINED_MODELS,
+    ModelNotFoundError,
+    init_df,
+    resolve_model_dir,
+)
 from .streaming import DEFAULT_PIECE_SECONDS, BadAudioError, enhance_stream
 from .util import PathLike, installed_version, one_line, quiet_resample_rename, sysctl
 
 PROG = "df-mps-enhance"
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "none")
-PRETRAINED_MODELS = ("DeepFilterNet", "DeepFilterNet2", "DeepFilterNet3")
-DEFAULT_MODEL = "DeepFilterNet3"
 MAX_DEFAULT_THREADS = 4
 
 __all__ = [
