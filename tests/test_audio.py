@@ -193,3 +193,12 @@ def test_a_failed_publish_leaves_only_the_old_file(tmp_path):
         with audio.atomic_output(target) as tmp:
             Path(tmp).write_bytes(b"new")
     assert os.listdir(tmp_path) == ["keep.wav"] and target.read_bytes() == b"old"
+
+
+def test_the_command_line_skips_the_writers_temporaries(tmp_path):
+    from df_mps import enhance
+
+    audio_io.write_audio(tmp_path / "take.wav", _silence(), SR)
+    audio.new_temp(tmp_path / "other.wav")  # as an interrupted run leaves it
+    found = enhance.collect_inputs([], str(tmp_path), False, tmp_path / "out")
+    assert [source.name for source, _ in found] == ["take.wav"]

@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -47,6 +46,8 @@ from .audio import (
     EXTENSION_FORMATS,
     TEMP_SUFFIX,
     AudioFileError,
+    discard,
+    new_temp,
     read_audio,
     refuse_input_as_output,
     write_audio,
@@ -375,16 +376,15 @@ def check_output_dir(output_dir: Path) -> None:
     if not path.is_dir():
         what = "is a file" if path == output_dir else f"can't be created: '{path}' is a file"
         raise UserError(f"output directory '{output_dir}' {what}")
-    # Try it: permission bits don't tell about read-only mounts, or about root.
+    # Try it, as the writer will: permission bits don't tell about read-only mounts, or root.
     try:
-        fd, probe = tempfile.mkstemp(prefix=".df-mps-probe.", dir=path)
+        probe = new_temp(path / "probe")
     except OSError as exc:
         where = "is not writable" if path == output_dir else f"can't be created in '{path}'"
         raise UserError(
             f"output directory '{output_dir}' {where} ({exc.strerror or exc})"
         ) from None
-    os.close(fd)
-    os.unlink(probe)
+    discard(probe)
 
 
 def plan_jobs(
