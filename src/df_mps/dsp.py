@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -742,7 +742,3 @@ class DF:
             ri[..., :nb_df, :], alpha, self._unit_norm_state
         )
         return ri.unsqueeze(-4), erb_feat.unsqueeze(-3), spec_feat.unsqueeze(-4)
-
-
-def _names() -> Iterable[str]:  # what the libdf stand-in exports
-    return ("DF", "erb", "erb_inv", "erb_norm", "unit_norm", "unit_norm_init")

@@ -757,7 +757,7 @@ def _finish_host_copy(copy):
 
 def _describe(exc: BaseException) -> str:
     """One line for the user: a job's own errors as they are, anything else with its type."""
-    from .patches.audio_io import AudioFileError
+    from .audio import AudioFileError
 
     text = " ".join(str(exc).split())
     if isinstance(exc, (JobError, AudioFileError)):

@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -45,8 +43,6 @@ import numpy as np
 
 from ._log import logger
 from .api import (
-    DEFAULT_MODEL,
-    PRETRAINED_MODELS,
     Enhancer,
     FileError,
     FileResult,
@@ -55,21 +51,28 @@ from .api import (
     output_suffix,
     resolve_model,
 )
-from .engine import DEFAULT_BATCH, DEFAULT_PIECE_SECONDS
-from .patches.audio_io import (
+from .audio import (
     EXTENSION_FORMATS,
     TEMP_SUFFIX,
     AudioFileError,
+    discard,
+    new_temp,
     read_audio,
+    refuse_input_as_output,
     write_audio,
+    write_error,
+)
+from .engine import DEFAULT_BATCH, DEFAULT_PIECE_SECONDS
+from .models import (
+    DEFAULT_MODEL,
+    PRETRAINED_MODELS,
 )
 from .streaming import BadAudioError
+from .util import PathLike, installed_version, one_line, sysctl
 
 PROG = "df-mps-enhance"
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "none")
 MAX_DEFAULT_THREADS = 4
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -111,7 +114,7 @@ def enhance_file(
     on it once, as upstream does.
     """
     source, target = Path(source), Path(target)
-    _refuse_input_as_output(source, target)
+    refuse_input_as_output(source, target)
     if whole_file:
         return _enhance_whole_file(source, target, enhancer, overwrite)
     return enhancer.enhance_file(
@@ -136,15 +139,13 @@ def _enhance_whole_file(
     seconds = time.perf_counter() - t0
     samples = enhanced.detach().cpu().numpy().T
     target.parent.mkdir(parents=True, exist_ok=True)
-    _refuse_input_as_output(source, target)
+    refuse_input_as_output(source, target)
     try:
         subtype = write_audio(
             target, samples, info.samplerate, subtype=info.subtype, overwrite=overwrite
         )
-    except FileExistsError:
-        raise AudioFileError(f"'{target}': output exists (use --overwrite to replace it)") from None
     except OSError as exc:
-        raise AudioFileError(f"'{target}': can't write: {exc.strerror or exc}") from None
+        raise write_error(target, exc) from None
     return FileResult(
         source=source,
         target=target,
@@ -162,14 +163,6 @@ def check_samples(source: Path, data: np.ndarray) -> None:
     if not np.isfinite(data).all():
         bad = int(data.size - np.isfinite(data).sum())
         raise BadAudioError(f"'{source}': contains {bad} NaN or Inf sample(s)")
-
-
-def _refuse_input_as_output(source: Path, target: Path) -> None:
-    same = os.path.realpath(source) == os.path.realpath(target)
-    if not same and target.exists() and source.exists():
-        same = os.path.samefile(source, target)
-    if same:
-        raise AudioFileError(f"'{source}': the output path is the input file itself; refused")
 
 
 # -- planning: which file goes where, checked before the model loads ---------------------------
@@ -247,16 +240,15 @@ def check_output_dir(output_dir: Path) -> None:
     if not path.is_dir():
         what = "is a file" if path == output_dir else f"can't be created: '{path}' is a file"
         raise UserError(f"output directory '{output_dir}' {what}")
-    # Try it: permission bits don't tell about read-only mounts, or about root.
+    # Try it, as the writer will: permission bits don't tell about read-only mounts, or root.
     try:
-        fd, probe = tempfile.mkstemp(prefix=".df-mps-probe.", dir=path)
+        probe = new_temp(path / "probe")
     except OSError as exc:
         where = "is not writable" if path == output_dir else f"can't be created in '{path}'"
         raise UserError(
             f"output directory '{output_dir}' {where} ({exc.strerror or exc})"
         ) from None
-    os.close(fd)
-    os.unlink(probe)
+    discard(probe)
 
 
 def plan_jobs(
@@ -377,14 +369,9 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, help="print versions and exit")
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from importlib.metadata import PackageNotFoundError, version
-
         from . import __version__
 
-        try:
-            upstream = version("deepfilternet")
-        except PackageNotFoundError:
-            upstream = "not installed"
+        upstream = installed_version("deepfilternet") or "not installed"
         print(f"df-mps {__version__}, DeepFilterNet {upstream}")
         parser.exit(0)
 
@@ -547,15 +534,8 @@ def _performance_cores() -> Optional[int]:
     if sys.platform != "darwin":
         return None
     try:
-        out = subprocess.run(
-            ["sysctl", "-n", "hw.perflevel0.physicalcpu"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-        return int(out.stdout.strip()) if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError, ValueError):
+        return int(sysctl("hw.perflevel0.physicalcpu") or "")
+    except ValueError:
         return None
 
 
@@ -586,11 +566,6 @@ def _say(message: str) -> None:
     tqdm.write(f"{PROG}: {message}", file=sys.stderr)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; returns the exit status (the console script passes it to sys.exit)."""
     parser = build_parser()
@@ -610,7 +585,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:
         logger.opt(exception=exc).debug("traceback")
         _say(
-            f"error: unexpected {type(exc).__name__}: {_one_line(exc)} "
+            f"error: unexpected {type(exc).__name__}: {one_line(exc)} "
             "(run with --log-level debug for the traceback)"
         )
         return 1
@@ -717,7 +692,7 @@ def _whole_files(jobs: Sequence[Job], enhancer: Enhancer, overwrite: bool):
             yield FileError(
                 job.source,
                 job.target,
-                f"'{job.source}': {type(exc).__name__}: {_one_line(exc)} (run with --log-level "
+                f"'{job.source}': {type(exc).__name__}: {one_line(exc)} (run with --log-level "
                 "debug for the traceback)",
             )
 

@@ -71,24 +71,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
-from .patches.audio_io import (
-    TEMP_SUFFIX,
+from .audio import (
     AudioFileError,
-    _current_umask,
-    _one_line,
-    _publish,
-    choose_subtype,
-    format_for_path,
-    quantize,
 )
+from .util import PathLike, quiet_resample_rename
 
 __all__ = [
     "DEFAULT_PIECE_SECONDS",
@@ -100,8 +91,6 @@ __all__ = [
     "enhance_stream",
     "model_context",
 ]
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 # 10 s pieces: measured on one CPU thread, DeepFilterNet3 costs 0.31 ms per frame for pieces of
 # 500-1000 frames and 0.35-0.39 ms for 2000-8000 (larger intermediates fall out of the caches),
@@ -140,8 +129,7 @@ class StreamResampler:
             # Upstream's parameters as they are: torchaudio (2.11 here) warns about the old name
             # "sinc_interpolation" and then builds a Kaiser window for it, not the Hann window
             # the warning promises. df.io.resample gets that kernel, so it is the one to match.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*resampling method name is being")
+            with quiet_resample_rename():
                 resampler = Resample(
                     self.orig_sr, self.new_sr, dtype=torch.float32, **_resample_params(method)
                 )
@@ -397,69 +385,6 @@ class StreamResult:
     frames: int
     subtype: str  # what was written
     model_seconds: float  # resampling, features, model and synthesis: what upstream times
-
-
-class _AtomicAudioWriter:
-    """A SoundFile written block by block into a temporary file next to ``path``; ``commit``
-    fsyncs it and renames it onto ``path`` (never replacing an existing file unless
-    ``overwrite``); leaving the ``with`` block by an exception removes it."""
-
-    def __init__(self, path: Path, sample_rate: int, channels: int, subtype, overwrite: bool):
-        import soundfile as sf
-
-        self.path = os.fspath(path)
-        fmt = format_for_path(self.path)
-        self.subtype = choose_subtype(fmt, subtype, self.path)
-        self.overwrite = overwrite
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self.tmp = tempfile.mkstemp(
-            prefix="." + os.path.basename(self.path) + ".", suffix=TEMP_SUFFIX, dir=directory
-        )
-        os.close(fd)
-        try:
-            self._file = sf.SoundFile(
-                self.tmp, "w", int(sample_rate), int(channels), self.subtype, format=fmt
-            )
-        except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
-            self._remove()
-            raise AudioFileError(
-                f"'{self.path}': could not write {fmt} {self.subtype} at {sample_rate} Hz "
-                f"({_one_line(exc)})"
-            ) from None
-
-    def write(self, samples: np.ndarray) -> None:
-        if samples.shape[0]:
-            self._file.write(quantize(samples, self.subtype))
-
-    def commit(self) -> None:
-        self._file.close()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        os.chmod(self.tmp, 0o666 & ~_current_umask())
-        _publish(self.tmp, self.path, self.overwrite)
-
-    def _remove(self) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self.tmp)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        with contextlib.suppress(Exception):
-            self._file.close()
-        self._remove()  # after commit() the name is gone (renamed) or a second link
-        return False
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def enhance_stream(

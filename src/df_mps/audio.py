@@ -1,0 +1,536 @@
+"""Audio files for df_mps: formats, subtypes, quantising, reading, and the one atomic writer.
+
+Everything df_mps reads or writes for a user goes through here: the command line (whole files
+and streamed ones), the ``df.io.load_audio``/``save_audio`` patch, the model cache's directories
+and the shipped sample. soundfile (libsndfile) does the audio I/O.
+
+The writer (``new_temp``, ``publish``, ``discard``; ``atomic_output`` and ``AudioFileWriter``
+on top of them): the output is first a temporary file or directory in the target's directory,
+written, fsynced, renamed onto the target, and then the directory itself is fsynced, so a crash
+leaves either the complete old output or the complete new one. Any failure, KeyboardInterrupt
+included, removes the temporary. Its name is short and independent of the target's
+(``.<pid>-<6 hex>.df-mps-tmp``), so any legal output name can be written; the PID lets a later
+model build remove what a killed one left (``remove_stale_temps``). A temporary file is
+created with ``os.open(..., O_CREAT | O_EXCL, 0o666)``: the kernel applies the process's umask
+of that moment, and nothing reads the umask. Replacing a file (``overwrite``) keeps its mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import stat
+import time
+from typing import Iterator, List, Optional
+
+import numpy as np
+
+from .util import PathLike, one_line
+
+__all__ = [
+    "EXTENSION_FORMATS",
+    "FLOAT_SUBTYPES",
+    "PCM_BITS",
+    "STALE_TEMP_SECONDS",
+    "TEMP_SUFFIX",
+    "AudioFileError",
+    "AudioFileWriter",
+    "atomic_output",
+    "choose_subtype",
+    "discard",
+    "format_for_path",
+    "is_temp_name",
+    "new_temp",
+    "publish",
+    "quantize",
+    "read_audio",
+    "read_blocks",
+    "refuse_input_as_output",
+    "remove_stale_temps",
+    "same_file",
+    "temp_directory",
+    "write_audio",
+    "write_error",
+]
+
+# File extension -> libsndfile major format, where the name differs from the format's.
+EXTENSION_FORMATS = {
+    "wav": "WAV",
+    "wave": "WAV",
+    "flac": "FLAC",
+    "ogg": "OGG",
+    "oga": "OGG",
+    "opus": "OGG",
+    "aif": "AIFF",
+    "aiff": "AIFF",
+    "aifc": "AIFF",
+    "mp3": "MP3",
+    "snd": "AU",
+    "sf": "IRCAM",
+}
+
+# Bits of the linear PCM subtypes that df_mps quantises itself (libsndfile's own float -> int
+# conversion scales by 2**(n-1) - 1 on write but divides by 2**(n-1) on read, and wraps around
+# instead of clipping unless told otherwise).
+PCM_BITS = {"PCM_S8": 8, "PCM_U8": 8, "PCM_16": 16, "PCM_24": 24, "PCM_32": 32}
+FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
+
+# Every temporary file or directory the writer makes is named ".<pid>-<6 hex>" + TEMP_SUFFIX.
+TEMP_SUFFIX = ".df-mps-tmp"
+_TEMP_NAME = re.compile(r"\.(\d+)-[0-9a-f]{6}" + re.escape(TEMP_SUFFIX))
+# A temporary older than this is left from a dead process even where its PID lives again.
+STALE_TEMP_SECONDS = 3600.0
+
+# What libsndfile raises for a file it can't make sense of (rather than an OS error).
+_SOUNDFILE_ERRORS = (RuntimeError, ValueError, TypeError)  # LibsndfileError is a RuntimeError
+
+
+class AudioFileError(Exception):
+    """A file that can't be read as audio, or written; the message is one line for the user."""
+
+
+# -- formats ---------------------------------------------------------------------------------
+def format_for_path(path: PathLike) -> str:
+    """The libsndfile major format that ``path``'s extension asks for."""
+    import soundfile as sf
+
+    ext = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+    fmt = EXTENSION_FORMATS.get(ext, ext.upper())
+    if not ext or fmt not in sf.available_formats():
+        raise AudioFileError(
+            f"can't tell an audio format from the extension of '{path}'; use .wav, .flac or .ogg"
+        )
+    return fmt
+
+
+def choose_subtype(fmt: str, wanted: Optional[str], path: Optional[PathLike] = None) -> str:
+    """``wanted`` where ``fmt`` can hold it, else the closest subtype it can.
+
+    Float data going into a format without float samples (FLAC) becomes 24-bit PCM; everything
+    else falls back to the format's default (WAV: PCM_16, OGG: Vorbis). A ``.opus`` file is Opus.
+    """
+    import soundfile as sf
+
+    ext = os.path.splitext(os.fspath(path))[1].lower() if path is not None else ""
+    if fmt == "OGG" and ext == ".opus":
+        return "OPUS"
+    if wanted and sf.check_format(fmt, wanted):
+        return wanted
+    if wanted in FLOAT_SUBTYPES + ("PCM_32",) and sf.check_format(fmt, "PCM_24"):
+        return "PCM_24"
+    return sf.default_subtype(fmt)
+
+
+def quantize(data: np.ndarray, subtype: str) -> np.ndarray:
+    """Float samples (full scale 1.0) as the array libsndfile should write for ``subtype``.
+
+    Linear PCM is rounded and clipped here to [-2**(n-1), 2**(n-1) - 1], the scale libsndfile
+    uses when it reads the file back as float; float subtypes are kept as they are; lossy and
+    companded codecs get samples clipped to [-1, 1].
+    """
+    bits = PCM_BITS.get(subtype)
+    if bits is None:
+        if subtype == "DOUBLE":
+            return np.asarray(data, dtype=np.float64)
+        data = np.asarray(data, dtype=np.float32)
+        return data if subtype == "FLOAT" else np.clip(data, -1.0, 1.0)
+    scale = float(1 << (bits - 1))
+    q = np.clip(np.round(np.asarray(data, dtype=np.float64) * scale), -scale, scale - 1)
+    if bits == 16:
+        return q.astype(np.int16)
+    # libsndfile takes the top bits of an int32 for 8- and 24-bit files.
+    return (q.astype(np.int64) << (32 - bits)).astype(np.int32)
+
+
+# -- reading ---------------------------------------------------------------------------------
+def read_audio(
+    path: PathLike,
+    *,
+    frame_offset: int = 0,
+    num_frames: int = -1,
+    dtype: str = "float32",
+):
+    """(samples [T, C] as ``dtype``, soundfile info) of an audio file.
+
+    Raises ``AudioFileError`` with a one-line reason for a file that is missing, empty, not
+    audio, or unreadable.
+    """
+    import soundfile as sf
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise AudioFileError(f"'{path}': no such file")
+    if os.path.isdir(path):
+        raise AudioFileError(f"'{path}': is a directory, not an audio file")
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise AudioFileError(f"'{path}': {exc.strerror or exc}") from None
+    if size == 0:
+        raise AudioFileError(f"'{path}': empty file")
+    try:
+        with sf.SoundFile(path) as f:
+            info = sf.info(path)
+            if frame_offset:
+                f.seek(frame_offset)
+            data = f.read(frames=num_frames, dtype=dtype, always_2d=True)
+    except _SOUNDFILE_ERRORS as exc:
+        raise AudioFileError(f"'{path}': not a readable audio file ({one_line(exc)})") from None
+    except OSError as exc:
+        raise AudioFileError(f"'{path}': {exc.strerror or one_line(exc)}") from None
+    return data, info
+
+
+def read_blocks(
+    path: PathLike, block_frames: int, *, dtype: str = "float32"
+) -> Iterator[np.ndarray]:
+    """The samples of ``path`` in blocks of ``block_frames`` ([frames, channels]; the last may
+    be shorter). The file is opened here, so a file that can't be opened raises at once;
+    ``AudioFileError`` (one line) for that and for a read that fails later. Close the
+    generator (``contextlib.closing``) to close the file early."""
+    import soundfile as sf
+
+    path = os.fspath(path)
+    try:
+        reader = sf.SoundFile(path)
+    except (*_SOUNDFILE_ERRORS, OSError) as exc:
+        raise AudioFileError(f"'{path}': not a readable audio file ({one_line(exc)})") from None
+    return _blocks(reader, path, max(1, int(block_frames)), dtype)
+
+
+def _blocks(reader, path: str, block_frames: int, dtype: str) -> Iterator[np.ndarray]:
+    with reader:
+        done = 0
+        while True:
+            try:
+                data = reader.read(frames=block_frames, dtype=dtype, always_2d=True)
+            except _SOUNDFILE_ERRORS as exc:
+                raise AudioFileError(
+                    f"'{path}': read failed at {done / reader.samplerate:.2f} s ({one_line(exc)})"
+                ) from None
+            if data.shape[0] == 0:
+                return
+            done += data.shape[0]
+            yield data
+            if data.shape[0] < block_frames:
+                return
+
+
+# -- which file is which ---------------------------------------------------------------------
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """True when ``a`` and ``b`` name one file: the same real path, or the same inode (a hard
+    link); False where either is missing or can't be looked at."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_input_as_output(source: PathLike, target: PathLike) -> None:
+    """``AudioFileError`` when writing ``target`` would replace the input ``source``."""
+    if same_file(source, target):
+        raise AudioFileError(f"'{source}': the output path is the input file itself; refused")
+
+
+# -- the atomic writer -----------------------------------------------------------------------
+def is_temp_name(name: str) -> bool:
+    """True for the name of a temporary file or directory the writer makes."""
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
+def new_temp(target: PathLike, *, directory: bool = False) -> str:
+    """Create an empty temporary file (or directory) in ``target``'s directory; its path.
+
+    The mode is the kernel's: 0o666 (0o777 for a directory) less the umask of this moment.
+    """
+    parent = os.path.dirname(os.path.abspath(os.fspath(target)))
+    while True:
+        tmp = os.path.join(parent, f".{os.getpid()}-{secrets.token_hex(3)}{TEMP_SUFFIX}")
+        try:
+            if directory:
+                os.mkdir(tmp)
+            else:
+                flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+                os.close(os.open(tmp, flags, 0o666))
+        except FileExistsError:
+            continue  # 16.7 million names per PID; try another
+        return tmp
+
+
+def publish(tmp: PathLike, target: PathLike, *, overwrite: bool = False) -> None:
+    """Make the finished temporary file or directory ``tmp`` the ``target``.
+
+    ``tmp``'s data (every file, for a directory) is fsynced, ``tmp`` is renamed onto
+    ``target`` and ``target``'s directory is fsynced. A file replaces an existing ``target``
+    only with ``overwrite`` (``FileExistsError`` otherwise, with no window in which another
+    writer could slip in) and takes the replaced file's permission bits. A directory never
+    replaces anything but an empty directory (``OSError``).
+    """
+    tmp, target = os.fspath(tmp), os.fspath(target)
+    if os.path.isdir(tmp):
+        _fsync_tree(tmp)
+        if os.path.isdir(target) and not os.listdir(target):
+            os.rmdir(target)
+        os.rename(tmp, target)
+    else:
+        _fsync(tmp)
+        if overwrite:
+            _keep_mode(tmp, target)
+            os.replace(tmp, target)
+        else:
+            _link_into_place(tmp, target)
+    _fsync(os.path.dirname(os.path.abspath(target)), directory=True)
+
+
+def discard(tmp: PathLike) -> None:
+    """Remove a temporary file or directory; nothing where it is gone already."""
+    tmp = os.fspath(tmp)
+    if os.path.isdir(tmp) and not os.path.islink(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_output(
+    target: PathLike, *, overwrite: bool = False, directory: bool = False
+) -> Iterator[str]:
+    """``with atomic_output(target) as tmp:`` write ``tmp``; it becomes ``target`` when the
+    block ends normally (``publish``) and is removed when it raises."""
+    tmp = new_temp(target, directory=directory)
+    try:
+        yield tmp
+        publish(tmp, target, overwrite=overwrite)
+    except BaseException:
+        discard(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def temp_directory(target: PathLike) -> Iterator[str]:
+    """A scratch directory next to ``target`` (same filesystem, so what is built in it can be
+    ``publish``-ed as ``target``), removed with what is left in it when the block ends."""
+    tmp = new_temp(target, directory=True)
+    try:
+        yield tmp
+    finally:
+        discard(tmp)
+
+
+def remove_stale_temps(directory: PathLike, *, max_age: float = STALE_TEMP_SECONDS) -> List[str]:
+    """Remove the writer's temporaries in ``directory`` that a dead process left: those whose
+    PID is not running on this machine, or older than ``max_age`` seconds. Returns their paths.
+
+    For directories only df_mps writes into (the model cache): a user's folder is left alone.
+    """
+    directory = os.fspath(directory)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    removed = []
+    now = time.time()
+    for name in names:
+        match = _TEMP_NAME.fullmatch(name)
+        if match is None:
+            continue
+        path = os.path.join(directory, name)
+        try:
+            age = now - os.lstat(path).st_mtime
+        except OSError:
+            continue
+        if age > max_age or not _process_exists(int(match.group(1))):
+            discard(path)
+            removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill would terminate it there; the age alone decides
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, and belongs to someone else
+        return True
+    return True
+
+
+def _link_into_place(tmp: str, target: str) -> None:
+    try:
+        # link() fails if `target` exists, with no window in which another writer could slip in.
+        os.link(tmp, target)
+    except FileExistsError:
+        raise
+    except OSError:
+        # Filesystems without hard links (FAT, some network shares): check, then rename.
+        if os.path.lexists(target):
+            raise FileExistsError(17, "File exists", target) from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
+
+
+def _keep_mode(tmp: str, target: str) -> None:
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:  # nothing to replace (or nothing we can see): the new file's mode stays
+        return
+    os.chmod(tmp, mode)
+
+
+def _fsync(path: str, *, directory: bool = False) -> None:
+    try:
+        flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:  # some platforms (Windows) can't open a directory; the rename stands
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    for current, _, files in os.walk(root):
+        for name in files:
+            _fsync(os.path.join(current, name))
+        _fsync(current, directory=True)
+
+
+def write_error(target: PathLike, exc: OSError) -> AudioFileError:
+    """The one-line ``AudioFileError`` for an OS error while writing ``target``."""
+    if isinstance(exc, FileExistsError):
+        return AudioFileError(f"'{target}': output exists (use --overwrite to replace it)")
+    return AudioFileError(f"'{target}': can't write: {exc.strerror or exc}")
+
+
+# -- writing audio ---------------------------------------------------------------------------
+def write_audio(
+    path: PathLike,
+    samples: np.ndarray,
+    sample_rate: int,
+    *,
+    subtype: Optional[str] = None,
+    overwrite: bool = True,
+) -> str:
+    """Write ``samples`` ([T, C] float, full scale 1.0; or int16) to ``path`` atomically.
+
+    Through ``atomic_output``: readers never see a partial file, and an interrupted write (an
+    exception, KeyboardInterrupt) removes the temporary file. With ``overwrite=False`` an
+    existing ``path`` is never replaced (``FileExistsError``). Returns the subtype written.
+    """
+    import soundfile as sf
+
+    path = os.fspath(path)
+    fmt = format_for_path(path)
+    subtype = choose_subtype(fmt, subtype, path)
+    samples = np.asarray(samples)
+    if samples.ndim == 1:
+        samples = samples[:, None]
+    if samples.dtype == np.int16 and subtype == "PCM_16":
+        data = samples
+    else:
+        if samples.dtype == np.int16:
+            samples = samples.astype(np.float32) / 32768.0
+        data = quantize(samples, subtype)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        try:
+            sf.write(tmp, data, int(sample_rate), format=fmt, subtype=subtype)
+        except _SOUNDFILE_ERRORS as exc:
+            raise AudioFileError(
+                f"'{path}': could not write {fmt} {subtype} at {sample_rate} Hz ({one_line(exc)})"
+            ) from None
+    return subtype
+
+
+class AudioFileWriter:
+    """An audio file written block by block, atomically: a context manager.
+
+    ``write(samples)`` appends float samples [frames, channels] (quantised for the subtype);
+    ``commit()`` closes the file and ``publish``-es it as ``path`` (never replacing an existing
+    file unless ``overwrite``). Leaving the ``with`` block without ``commit()`` (an exception)
+    removes the temporary file. Every failure is an ``AudioFileError`` with a one-line message.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        sample_rate: int,
+        channels: int,
+        subtype: Optional[str] = None,
+        *,
+        overwrite: bool = False,
+    ):
+        import soundfile as sf
+
+        self.path = os.fspath(path)
+        self.format = format_for_path(self.path)
+        self.subtype = choose_subtype(self.format, subtype, self.path)
+        self.overwrite = overwrite
+        self._committed = False
+        try:
+            self.temp = new_temp(self.path)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        try:
+            self._file = sf.SoundFile(
+                self.temp, "w", int(sample_rate), int(channels), self.subtype, format=self.format
+            )
+        except _SOUNDFILE_ERRORS as exc:
+            discard(self.temp)
+            raise AudioFileError(
+                f"'{self.path}': could not write {self.format} {self.subtype} at {sample_rate} "
+                f"Hz ({one_line(exc)})"
+            ) from None
+        except BaseException:
+            discard(self.temp)
+            raise
+
+    def write(self, samples: np.ndarray) -> None:
+        if not samples.shape[0]:
+            return
+        try:
+            self._file.write(quantize(samples, self.subtype))
+        except _SOUNDFILE_ERRORS as exc:
+            raise AudioFileError(f"'{self.path}': could not write ({one_line(exc)})") from None
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+
+    def commit(self) -> None:
+        try:
+            self._file.close()
+            publish(self.temp, self.path, overwrite=self.overwrite)
+        except _SOUNDFILE_ERRORS as exc:
+            raise AudioFileError(f"'{self.path}': could not write ({one_line(exc)})") from None
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        self._committed = True
+
+    def close(self) -> None:
+        """Abandon the file unless committed (what leaving the ``with`` block does)."""
+        with contextlib.suppress(Exception):
+            self._file.close()
+        if not self._committed:
+            discard(self.temp)
+
+    def __enter__(self) -> AudioFileWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close()
+        return False

@@ -1,0 +1,65 @@
+"""Small helpers that several df_mps modules share: one copy of each.
+
+Nothing here imports torch or DeepFilterNet, so any module (the launcher's bootstrap
+included) can use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import warnings
+from typing import Iterator, Optional, Union
+
+__all__ = ["PathLike", "installed_version", "one_line", "quiet_resample_rename", "sysctl"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def one_line(exc: BaseException, *, with_type: bool = False) -> str:
+    """``exc``'s message on one line, for a user: whitespace collapsed, no closing full stop.
+
+    libsndfile's own reason is taken where soundfile has one (``error_string``), without the
+    "Error opening '<path>': " soundfile puts around it. An exception without a message reads
+    as its type's name; ``with_type`` puts the type's name in front of any message.
+    """
+    text = getattr(exc, "error_string", None) or str(exc)
+    text = " ".join(text.split()).rstrip(".")
+    name = type(exc).__name__
+    if not text:
+        return name
+    return f"{name}: {text}" if with_type else text
+
+
+def installed_version(dist: str) -> Optional[str]:
+    """The installed version of distribution ``dist`` (as pip names it), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def sysctl(name: str) -> Optional[str]:
+    """``sysctl -n name`` (macOS, BSD) as text, or None where it fails or says nothing."""
+    try:
+        out = subprocess.run(
+            ["sysctl", "-n", name], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+@contextlib.contextmanager
+def quiet_resample_rename() -> Iterator[None]:
+    """Silence torchaudio's warning that "sinc_interpolation" was renamed.
+
+    Upstream's ``df.io.resample`` passes the old name; torchaudio warns and then builds the
+    same kernel (a Kaiser window with torchaudio 2.11), so the warning says nothing to a user.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*resampling method name is being")
+        yield
