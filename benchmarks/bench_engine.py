@@ -177,10 +177,73 @@ def child(args) -> None:
                 "steps": steps,
                 "rows_per_step": rows_run / steps if steps else 0.0,
                 "batch": engines[0].batch if engines else None,
+                "phases_s": {
+                    k: sum(e.timings[k] for e in engines) for k in ("windows", "forward", "after")
+                },
                 "peak_rss_mib": peak_rss_mib(),
             }
         )
     )
+
+
+def step_only(args) -> None:
+    """The engine's batched step against the plain model forward on the same rows (10 s of
+    speech per row, features precomputed), in this process: what the step itself costs."""
+    import numpy as np
+    import soundfile as sf
+    import torch
+
+    import df_mps
+    from df_mps.api import Enhancer
+    from df_mps.engine import Engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    df_mps.patch(device=args.device)
+    enhancer = Enhancer(model_dir(args.model_dir), batch=1)
+    engine = Engine(enhancer.model, enhancer.df_state, batch=1, piece_frames=1000)
+    audio, _ = sf.read(str(audio_path()), dtype="float32")
+    dsp = engine.new_dsp()
+    device = enhancer.device
+    audio = np.tile(audio, 2)[: 10 * SR + 16 * 480]
+    x = torch.from_numpy(audio[None].copy()).to(device)
+    spec, erb, feat = dsp.features(x, engine.nb_df, alpha=engine.alpha)
+    window = engine.left + engine.piece_frames + engine.right
+    spec, erb, feat = (f[:, :, :window] for f in (spec, erb, feat))
+    rows = []
+    for batch in [int(b) for b in args.batch]:
+        inputs = [f.expand(batch, *f.shape[1:]).contiguous() for f in (spec, erb, feat)]
+
+        def plain(inputs=inputs):
+            with torch.no_grad():
+                enhancer.model(*(t.clone() for t in inputs))
+
+        def step(inputs=inputs, batch=batch):
+            engine.model.step(*(t.clone() for t in inputs), [False] * batch, [None] * batch)
+
+        times = {}
+        for name, fn in (("forward", plain), ("step", step)):
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.repeats):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name] = (time.perf_counter() - t0) / args.repeats
+        row = {
+            "batch": batch,
+            "forward_ms": times["forward"] * 1e3,
+            "step_ms": times["step"] * 1e3,
+            "step_over_forward": times["step"] / times["forward"],
+            "step_audio_s_per_s": batch * 10.0 / times["step"],
+        }
+        rows.append(row)
+        print_rows([row])
+    meta = {"command": command_line(), "date": now_iso(), "mode": "step", "machine": machine()}
+    meta.update(device=args.device, threads=args.threads)
+    write_json(args.json, rows, meta)
 
 
 def run_once(args, files_dir: Path, batch, work: Path) -> dict:
@@ -202,7 +265,7 @@ def run_once(args, files_dir: Path, batch, work: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=("corpus", "mixed", "memory"), default="corpus")
+    p.add_argument("--mode", choices=("corpus", "mixed", "memory", "step"), default="corpus")
     p.add_argument("--files", type=int, default=16)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--batch", type=comma_list(str), default=["1", "4"])
@@ -221,6 +284,8 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return child(args)
+    if args.mode == "step":
+        return step_only(args)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_engine_"))
     if args.mode == "corpus":
         spec = [(args.seconds, SR, 1)] * args.files

@@ -5,14 +5,19 @@
 
 It takes upstream's options (``-m``, ``--pf``, ``-o``, ``--atten-lim``, ``--no-delay-compensation``,
 ``--no-suffix``, ``-i``, ``--log-level``, ``-e``) and adds ``--device``, ``--forward-method``,
-``--threads``, ``-r/--recursive``, ``--overwrite``, ``--piece-seconds`` and ``--whole-file``.
-Differences from upstream:
+``--threads``, ``-r/--recursive``, ``--overwrite``, ``--batch``, ``--piece-seconds`` and
+``--whole-file``. Differences from upstream:
 
+- Many files at once: up to ``--batch`` channels of as many files share each forward of the
+  model (``df_mps.engine``: continuous batching; when a file ends its rows take the next file).
+  Each file's output is the same whatever batch it rode in (1e-5), and equals upstream's
+  whole-file output to float32 rounding. ``--batch auto`` picks per device (CPU 4, CUDA 64,
+  MPS 16).
 - Files of any length are enhanced in bounded memory at constant speed: the audio streams from
   disk and back in blocks, and the model runs on pieces of ``--piece-seconds`` (10 s) whose
-  state carries over exactly (``df_mps.streaming``); the result equals upstream's whole-file
-  output to float32 rounding. A progress bar follows each long file. ``--whole-file`` reads the
-  whole file and runs it at once, as upstream (memory grows ~550 MB per minute of audio).
+  state carries over exactly. One progress bar, in seconds of audio, covers the run.
+  ``--whole-file`` reads each file whole and runs it at once, as upstream (memory grows ~550 MB
+  per minute of audio).
 
 - Audio goes through soundfile (no torchaudio backend, torchcodec or FFmpeg). The output has the
   input's sample rate, channel count, length and, where the format allows, sample format.
@@ -26,7 +31,9 @@ Differences from upstream:
 - Exit status: 0 when every file was enhanced, 1 when any failed or the run could not start,
   2 for a command-line usage error, 130 when interrupted.
 
-The library functions ``load_enhancer`` and ``enhance_file`` are what the command calls.
+The command is thin: it parses options, plans jobs (refusing unsafe outputs before any model
+loads), and hands them to ``df_mps.api.Enhancer.enhance_files``, which runs them through the
+engine and writes through ``df_mps.audio``'s atomic writer; it prints as results come back.
 """
 
 from __future__ import annotations

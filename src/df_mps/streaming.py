@@ -8,14 +8,15 @@ whole-file output to float32 rounding, for any length.
 
 How the pieces join (DeepFilterNet's state, carried across pieces)
 ------------------------------------------------------------------
+The pieces run through ``df_mps.engine`` (see its docstring for the batched step):
+
 - STFT analysis and synthesis, and the two exponential feature normalisations (tau = 1 s), run
   continuously over the whole stream (``df_mps.dsp.DF`` with ``reset=False``, one state per
   channel), so the model sees exactly the features it would see for the whole file.
-- The recurrent layers (every ``torch.nn.GRU``/RNN/LSTM in the model: DeepFilterNet3 has three
-  GRUs) continue from their hidden state at the end of the previous piece. While a piece runs,
-  each recurrent module's ``forward`` is replaced by a version that starts from the carried
-  state, records the state at the piece's last frame, and hands back the outputs it computed
-  for the frames before the piece (the left context, below) from the previous piece.
+- The recurrent layers (every ``torch.nn.GRU``/RNN in the model: DeepFilterNet3 has three
+  GRUs) continue from their hidden state at the end of the previous piece, and hand back the
+  outputs they computed for the frames before the piece (the left context, below) from the
+  previous piece.
 - The convolutions look a few frames back (DeepFilterNet3: 2 frames in the input layers, 4 more
   in the deep-filter pathway) and ahead (``conv_lookahead``, ``df_lookahead``: 2 frames). So
   each piece is run with some frames of context before and after it, and only the piece's own
@@ -30,8 +31,9 @@ independently through upstream's ``enhance()`` with 1, 5, 10 and 20 s of left co
 crossfade come within 23.5, 28.6, 29.0 and 34.9 dB of the whole-file output, at 1.1 to 3 times
 the compute; carrying the state gives 117 dB (float32 rounding) at under 2% extra compute.
 
-Upstream's zero padding at the start and end of the file is reproduced by starting the first
-piece at frame 0 and letting the last one end at the (padded) end of the stream. Resampling
+Upstream's zero padding at the start and end of the file is reproduced exactly: the first
+piece's frames before the start read as each layer's own zero padding, and the frames after
+the (padded) end are zeros. Resampling
 (inputs not at the model's 48 kHz) streams too: ``StreamResampler`` applies torchaudio's sinc
 kernel (upstream's ``df.io.resample`` "sinc_fast" settings) block by block with the kernel's
 context, so it equals resampling the whole signal. Channels are the model's batch dimension, as
@@ -44,10 +46,10 @@ Use
 ---
 ::
 
-    from df_mps.enhance import load_enhancer
+    from df_mps.api import Enhancer
     from df_mps.streaming import enhance_stream
 
-    enhancer = load_enhancer()                        # DeepFilterNet3
+    enhancer = Enhancer()                             # DeepFilterNet3
     enhance_stream(enhancer, None, "podcast.flac", "podcast_enhanced.flac", progress=True)
 
     # Or, with a model and DF state from df.enhance.init_df:
@@ -62,8 +64,9 @@ Use
     stream = StreamEnhancer(model, df_state, sample_rate=16000, channels=1)
     out = [stream.process(block) for block in blocks] + [stream.finish()]
 
-Each ``StreamEnhancer`` holds its own state, so streams on one model may interleave; they must
-not run in parallel threads, since a piece switches the model's recurrent modules while it runs.
+Each ``StreamEnhancer`` holds its own state, so streams on one model may interleave; steps on
+one model are serialised by a lock (a step switches the model's recurrent modules while it
+runs). For many files at once, ``df_mps.api.Enhancer.enhance_files`` batches them.
 """
 
 from __future__ import annotations
