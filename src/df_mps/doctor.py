@@ -154,7 +154,12 @@ def section_patches(device: str) -> List[str]:
         bindings = [f"{module}.{attr}" for p, module, attr in installed if p == name]
         what = []
         if patch.targets:
-            what.append(f"{len(bindings)} of {len(patch.targets)} binding(s) replaced")
+            replaced = {(module, attr) for p, module, attr in installed if p == name}
+            done = sum((t.module, t.attr) in replaced for t in patch.targets)
+            what.append(
+                f"{done} of {len(patch.targets)} target(s) patched, "
+                f"{len(bindings)} binding(s) replaced"
+            )
             # Targets in modules not imported yet are patched when they are imported.
             pending = sorted({t.module for t in patch.targets if t.module not in sys.modules})
             if pending and REGISTRY.active:

@@ -24,33 +24,6 @@ import numpy as np
 
 from ..registry import Patch, Target
 
-LOAD_ORIGIN = ("df.io", "load_audio")
-SAVE_ORIGIN = ("df.io", "save_audio")
-
-# Every module that binds the functions by name (`from df.io import load_audio, save_audio`, or
-# `from df.enhance import save_audio`); df.io first, since the others import it.
-# df.multiframe imports them inside functions, so it reads df.io's (patched) attribute at call time.
-LOAD_BINDINGS = (
-    "df.io",
-    "df.enhance",
-    "df.evaluation_utils",
-    "df.scripts.test_df",
-    "df.scripts.dnsmos",
-    "df.scripts.dnsmos_dns5",
-    "df.scripts.dnsmos_v2",
-)
-SAVE_BINDINGS = (
-    "df.io",
-    "df.enhance",
-    "df.evaluation_utils",
-    "df.scripts.test_df",
-    "df.scripts.export",
-    "df.scripts.dnsmos_dns5",
-    "df.scripts.test_dns_2020",
-    "df.scripts.test_noisy_dnsmos",
-    "df.scripts.test_voicebank_demand",
-)
-
 # File extension -> libsndfile major format, where the name differs from the format's.
 EXTENSION_FORMATS = {
     "wav": "WAV",
@@ -422,6 +395,11 @@ def save_audio_wrapper(wrapped, instance, args, kwargs):
 
 PATCH = Patch(
     name="audio_io",
-    targets=[Target(m, "load_audio", load_audio_wrapper, origin=LOAD_ORIGIN) for m in LOAD_BINDINGS]
-    + [Target(m, "save_audio", save_audio_wrapper, origin=SAVE_ORIGIN) for m in SAVE_BINDINGS],
+    # df.io defines both; the registry gives the wrappers to every module that bound them by name
+    # (df.enhance, df.evaluation_utils, several df.scripts). df.multiframe imports them inside
+    # functions, so it reads df.io's (patched) attribute at call time.
+    targets=[
+        Target("df.io", "load_audio", load_audio_wrapper),
+        Target("df.io", "save_audio", save_audio_wrapper),
+    ],
 )
