@@ -188,6 +188,9 @@ class Registry:
     def unpatch(self) -> None:
         """Put back every original object in every binding, and undo custom installs."""
         with self._lock:
+            # Modules no hook named (loaded from a path added later) may hold a wrapper they
+            # bound by name: find them so that they get the original back too.
+            self._bind_loaded()
             self.active = False
             for item in reversed(list(self._installed.values())):
                 if not item.created:
