@@ -105,7 +105,7 @@ def snapshot() -> dict:
 
 
 def _is_shim(value) -> bool:
-    # Read from __dict__: a getattr would ask module-level __getattr__s (torch.ops answers any name).
+    # From __dict__: a getattr would ask a module's __getattr__ (torch.ops answers any name).
     return bool(getattr(value, "__dict__", {}).get(SHIM_ATTR, False))
 
 

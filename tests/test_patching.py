@@ -3,6 +3,7 @@
 Import order matters, so each scenario runs in a fresh interpreter (``run_python``).
 """
 
+import os
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,78 @@ def test_warning_says_what_and_how_to_override():
     )
     assert proc.stderr.count("DF_MPS_FORWARD_METHOD='fastest'") == 1
     assert "uses 'auto'" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "version, supported",
+    [
+        ("0.5.6", True),
+        ("0.5.0", True),
+        ("0.5.7rc1", True),
+        ("0.5.6.post1", True),
+        ("0.5", True),
+        ("0.6.0", False),
+        ("0.4.9", False),
+        ("0.50.1", False),
+        ("1.0.0", False),
+        (None, False),
+        ("", False),
+    ],
+)
+def test_supported_deepfilternet_is_0_5_x(version, supported):
+    from df_mps.registry import SUPPORTED_DEEPFILTERNET, supports_deepfilternet
+
+    assert SUPPORTED_DEEPFILTERNET == "0.5.x"
+    assert supports_deepfilternet(version) is supported
+
+
+def _fake_deepfilternet(directory, version: str) -> dict:
+    """An environment in which importlib.metadata reports deepfilternet ``version`` (a dist-info
+    ahead of the real one on sys.path); the df package itself stays the installed 0.5.6."""
+    info = directory / f"deepfilternet-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: deepfilternet\nVersion: {version}\n"
+    )
+    return {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))
+    }
+
+
+VERSION_GATE = """
+import importlib.metadata, sys
+print("version", importlib.metadata.version("deepfilternet"))
+import df_mps
+from df_mps.registry import Patch, Target, REGISTRY
+def passthrough(wrapped, instance, args, kwargs):
+    return wrapped(*args, **kwargs)
+REGISTRY.add(Patch(name="ghost", targets=[
+    Target("df.multiframe", "NoSuchClass.forward", passthrough),
+    Target("df.multiframe", "DF.forward_of_another_release", passthrough),
+]))
+df_mps.patch()
+import df.enhance, df.multiframe, df.modules, df.utils
+assert REGISTRY.is_wrapper(df.utils.get_device) and df.modules.get_device is df.utils.get_device
+assert REGISTRY.is_wrapper(df.multiframe.DF.__dict__["forward"])
+assert not [key for key in REGISTRY.installed() if key[0] == "ghost"]
+df_mps.unpatch(); df_mps.patch()
+print("import ok")
+"""
+
+
+def test_outside_0_5_x_warns_once_naming_the_version_and_patches_what_resolves(tmp_path):
+    proc = run_python(VERSION_GATE, env=_fake_deepfilternet(tmp_path, "0.6.1"))
+    assert "version 0.6.1" in proc.stdout and "import ok" in proc.stdout
+    assert proc.stderr.count("the installed DeepFilterNet is deepfilternet 0.6.1") == 1
+    assert "supports deepfilternet 0.5.x" in proc.stderr
+    # A release other than 0.5.x may well lack a target: skipped without a warning of its own.
+    assert "is missing" not in proc.stderr
+
+
+def test_inside_0_5_x_no_version_warning_but_each_missing_target_warns(tmp_path):
+    proc = run_python(VERSION_GATE, env=_fake_deepfilternet(tmp_path, "0.5.9"))
+    assert "version 0.5.9" in proc.stdout and "import ok" in proc.stdout
+    assert "the installed DeepFilterNet is" not in proc.stderr
+    assert proc.stderr.count("NoSuchClass.forward is missing") == 1
+    assert proc.stderr.count("DF.forward_of_another_release is missing") == 1
+    assert "(deepfilternet 0.5.9)" in proc.stderr
