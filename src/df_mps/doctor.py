@@ -75,7 +75,13 @@ def section_platform() -> List[str]:
 
 
 def section_deepfilternet() -> List[str]:
-    lines = []
+    from .registry import SUPPORTED_DEEPFILTERNET, deepfilternet_version, supports_deepfilternet
+
+    version = deepfilternet_version()
+    supported = "yes" if supports_deepfilternet(version) else "NO: patches only what resolves"
+    lines = [
+        _line("supported", f"{supported} (df_mps supports deepfilternet {SUPPORTED_DEEPFILTERNET})")
+    ]
     for name in DF_MODULES:
         try:
             importlib.import_module(name)
