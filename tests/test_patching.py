@@ -233,6 +233,22 @@ print("ok")
     assert "ok" in proc.stdout and "cannot wrap" in proc.stderr
 
 
+def test_a_failing_binding_scan_is_logged_and_import_df_still_works():
+    proc = run_python(
+        """
+import df_mps.registry as registry
+def broken_scan(self, module):
+    raise RuntimeError("scan broke")
+registry.Registry._bind = broken_scan
+import df.enhance, df.utils
+assert registry.REGISTRY.is_wrapper(df.utils.get_device)  # the target itself is patched
+print("import ok")
+"""
+    )
+    assert "import ok" in proc.stdout
+    assert "df_mps: patching df.utils failed" in proc.stderr and "scan broke" in proc.stderr
+
+
 def test_mps_fallback_is_set_before_torch_on_macos_only():
     from df_mps import _set_mps_fallback
 

@@ -83,6 +83,9 @@ def deepfilternet_version() -> Optional[str]:
         return version(DISTRIBUTION)
     except PackageNotFoundError:
         return None
+    except Exception as exc:  # broken metadata: say so, never fail a patch on it
+        logger.trace(f"df_mps: reading {DISTRIBUTION}'s version failed ({exc!r})")
+        return None
 
 
 def supports_deepfilternet(version: Optional[str]) -> bool:
@@ -215,7 +218,20 @@ class Registry:
 
     # -- hook --------------------------------------------------------------------------------
     def _on_import(self, module) -> None:
-        # Runs inside someone's `import df...`: it must never raise.
+        # Runs inside someone's `import df...`: it must never raise. Each install is guarded on
+        # its own; this catches what is left (the version check, the binding scan).
+        try:
+            self._apply(module)
+        except Exception as exc:
+            name = getattr(module, "__name__", repr(module))
+            warn_once(
+                f"hook-failed-{name}",
+                f"df_mps: patching {name} failed ({exc!r}); DeepFilterNet keeps its own code "
+                "there. Report this with `python -m df_mps doctor`; set DF_MPS_DISABLE=1 to turn "
+                "df_mps off.",
+            )
+
+    def _apply(self, module) -> None:
         with self._lock:
             if not self.active:
                 return
