@@ -193,7 +193,10 @@ class Registry:
         with self._lock:
             # Modules no hook named (loaded from a path added later) may hold a wrapper they
             # bound by name: find them so that they get the original back too.
-            self._bind_loaded()
+            try:
+                self._bind_loaded()
+            except Exception as exc:  # never let cleanup break the caller
+                logger.warning(f"df_mps: looking for bindings to undo failed: {exc!r}")
             self.active = False
             for item in reversed(list(self._installed.values())):
                 if not item.created:
