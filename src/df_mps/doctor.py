@@ -79,7 +79,13 @@ def section_platform() -> List[str]:
 
 
 def section_deepfilternet() -> List[str]:
-    lines = []
+    from .registry import SUPPORTED_DEEPFILTERNET, deepfilternet_version, supports_deepfilternet
+
+    version = deepfilternet_version()
+    supported = "yes" if supports_deepfilternet(version) else "NO: patches only what resolves"
+    lines = [
+        _line("supported", f"{supported} (df_mps supports deepfilternet {SUPPORTED_DEEPFILTERNET})")
+    ]
     for name in DF_MODULES:
         try:
             importlib.import_module(name)
@@ -158,7 +164,12 @@ def section_patches(device: str) -> List[str]:
         bindings = [f"{module}.{attr}" for p, module, attr in installed if p == name]
         what = []
         if patch.targets:
-            what.append(f"{len(bindings)} of {len(patch.targets)} binding(s) replaced")
+            replaced = {(module, attr) for p, module, attr in installed if p == name}
+            done = sum((t.module, t.attr) in replaced for t in patch.targets)
+            what.append(
+                f"{done} of {len(patch.targets)} target(s) patched, "
+                f"{len(bindings)} binding(s) replaced"
+            )
             # Targets in modules not imported yet are patched when they are imported.
             pending = sorted({t.module for t in patch.targets if t.module not in sys.modules})
             if pending and REGISTRY.active:

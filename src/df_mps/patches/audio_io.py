@@ -33,33 +33,6 @@ from ..audio import (  # noqa: F401
 from ..registry import Patch, Target
 from ..util import one_line
 
-LOAD_ORIGIN = ("df.io", "load_audio")
-SAVE_ORIGIN = ("df.io", "save_audio")
-
-# Every module that binds the functions by name (`from df.io import load_audio, save_audio`, or
-# `from df.enhance import save_audio`); df.io first, since the others import it.
-# df.multiframe imports them inside functions, so it reads df.io's (patched) attribute at call time.
-LOAD_BINDINGS = (
-    "df.io",
-    "df.enhance",
-    "df.evaluation_utils",
-    "df.scripts.test_df",
-    "df.scripts.dnsmos",
-    "df.scripts.dnsmos_dns5",
-    "df.scripts.dnsmos_v2",
-)
-SAVE_BINDINGS = (
-    "df.io",
-    "df.enhance",
-    "df.evaluation_utils",
-    "df.scripts.test_df",
-    "df.scripts.export",
-    "df.scripts.dnsmos_dns5",
-    "df.scripts.test_dns_2020",
-    "df.scripts.test_noisy_dnsmos",
-    "df.scripts.test_voicebank_demand",
-)
-
 # What torchaudio's AudioMetaData reported as (bits_per_sample, encoding), by soundfile subtype:
 # linear PCM by PCM_BITS, and these.
 FLOAT_BITS = {"FLOAT": 32, "DOUBLE": 64}
@@ -220,6 +193,11 @@ def save_audio_wrapper(wrapped, instance, args, kwargs):
 
 PATCH = Patch(
     name="audio_io",
-    targets=[Target(m, "load_audio", load_audio_wrapper, origin=LOAD_ORIGIN) for m in LOAD_BINDINGS]
-    + [Target(m, "save_audio", save_audio_wrapper, origin=SAVE_ORIGIN) for m in SAVE_BINDINGS],
+    # df.io defines both; the registry gives the wrappers to every module that bound them by name
+    # (df.enhance, df.evaluation_utils, several df.scripts). df.multiframe imports them inside
+    # functions, so it reads df.io's (patched) attribute at call time.
+    targets=[
+        Target("df.io", "load_audio", load_audio_wrapper),
+        Target("df.io", "save_audio", save_audio_wrapper),
+    ],
 )

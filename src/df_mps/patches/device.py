@@ -1,29 +1,13 @@
 """``get_device`` in every module that bound it by name.
 
 Upstream's get_device never picks MPS, and raises when no config is loaded. df.utils defines it;
-ten more modules copy it with ``from ... import get_device``. All bindings share one wrapper.
+ten more modules copy it with ``from ... import get_device``; the registry finds them all,
+and they share one wrapper.
 """
 
 from __future__ import annotations
 
 from ..registry import Patch, Target
-
-ORIGIN = ("df.utils", "get_device")
-
-# df.utils first: the others import it, so its hook runs before theirs.
-BINDING_MODULES = (
-    "df.utils",
-    "df.modules",
-    "df.enhance",
-    "df.deepfilternet",
-    "df.deepfilternet2",
-    "df.deepfilternet3",
-    "df.deepfilternetmf",
-    "df.logger",
-    "df.loss",
-    "df.train",
-    "df.evaluation_utils",
-)
 
 
 def get_device_wrapper(wrapped, instance, args, kwargs):
@@ -34,5 +18,6 @@ def get_device_wrapper(wrapped, instance, args, kwargs):
 
 PATCH = Patch(
     name="device",
-    targets=[Target(m, "get_device", get_device_wrapper, origin=ORIGIN) for m in BINDING_MODULES],
+    # df.utils defines it; the registry gives the wrapper to every module that bound it by name.
+    targets=[Target("df.utils", "get_device", get_device_wrapper)],
 )

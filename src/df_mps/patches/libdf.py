@@ -22,23 +22,10 @@ import types
 from typing import Callable, Optional
 
 from .._log import logger, warn_once
-from ..registry import Patch
+from ..registry import Patch, loaded_modules
 
 SHIM_ATTR = "__df_mps_shim__"
 EXPORTS = ("DF", "erb", "erb_inv", "erb_norm", "unit_norm", "unit_norm_init")
-# DeepFilterNet modules that bind names from libdf at import time.
-DF_MODULES_USING_LIBDF = (
-    "df.checkpoint",
-    "df.deepfilternet",
-    "df.deepfilternet2",
-    "df.deepfilternet3",
-    "df.deepfilternetmf",
-    "df.enhance",
-    "df.evaluation_utils",
-    "df.loss",
-    "df.modules",
-    "df.train",
-)
 
 
 def make_module() -> types.ModuleType:
@@ -87,11 +74,9 @@ def _import_real() -> tuple:
 
 
 def _df_modules_bound_to(real: object) -> list:
+    """The loaded df modules that hold ``real`` or one of its names (bound at their import)."""
     bound = []
-    for name in DF_MODULES_USING_LIBDF:
-        module = sys.modules.get(name)
-        if module is None:
-            continue
+    for module in loaded_modules("df"):
         if (
             any(
                 getattr(module, export, None) is getattr(real, export, object())
@@ -99,8 +84,8 @@ def _df_modules_bound_to(real: object) -> list:
             )
             or getattr(module, "libdf", None) is real
         ):
-            bound.append(name)
-    return bound
+            bound.append(module.__name__)
+    return sorted(bound)
 
 
 def _install(previous: Optional[types.ModuleType]) -> Callable[[], None]:

@@ -8,8 +8,6 @@ import sys
 
 from ..registry import Patch, Target
 
-ORIGIN = ("df.stoi", "stoi")
-
 
 def _xy(x, y, fs_source):
     return x, y, fs_source
@@ -31,5 +29,5 @@ def stoi_wrapper(wrapped, instance, args, kwargs):
 
 PATCH = Patch(
     name="stoi",
-    targets=[Target(m, "stoi", stoi_wrapper, origin=ORIGIN) for m in ("df.stoi", "df.loss")],
+    targets=[Target("df.stoi", "stoi", stoi_wrapper)],
 )
