@@ -624,6 +624,39 @@ class DF:
             )
         return mem.to(like.device)
 
+    # -- the streaming state, to stack many streams into one call -------------------------
+    def stream_state(self, channels: int, nb_df: int, device: torch.device) -> Dict[str, Tensor]:
+        """The streaming memories of ``channels`` channels on ``device``: the carried ones, or
+        what a first call would start from (zeros; the norms' initial values). Stack several
+        DFs' states along dim 0, ``set_stream_state`` them on one DF, and one ``features`` or
+        ``synthesis`` call then serves all their streams; split the state back afterwards."""
+        hop_mem = (channels, self._fft_size - self._hop_size)
+
+        def carried(mem, make) -> Tensor:
+            if mem is None:
+                return make()
+            return mem.to(device)
+
+        return {
+            "analysis": carried(self._analysis_mem, lambda: torch.zeros(hop_mem, device=device)),
+            "synthesis": carried(self._synthesis_mem, lambda: torch.zeros(hop_mem, device=device)),
+            "erb_norm": carried(
+                self._erb_norm_state,
+                lambda: _prepare_state(None, mean_norm_init(len(self._erb)), (channels,), device),
+            ),
+            "unit_norm": carried(
+                self._unit_norm_state,
+                lambda: _prepare_state(None, unit_norm_init(nb_df), (channels,), device),
+            ),
+        }
+
+    def set_stream_state(self, state: Dict[str, Tensor]) -> None:
+        """Carry on from ``state`` (as ``stream_state`` returns it; keys left out are kept)."""
+        self._analysis_mem = state.get("analysis", self._analysis_mem)
+        self._synthesis_mem = state.get("synthesis", self._synthesis_mem)
+        self._erb_norm_state = state.get("erb_norm", self._erb_norm_state)
+        self._unit_norm_state = state.get("unit_norm", self._unit_norm_state)
+
     # -- analysis --------------------------------------------------------------------------
     def analysis(self, input: ArrayLike, reset: bool = True, *, as_real: Optional[bool] = None):
         """Time signal [..., T] -> spectrum [..., T // hop, F] (complex64).

@@ -48,7 +48,7 @@ import os
 import threading
 import time
 import types
-from typing import Callable, Deque, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -450,6 +450,7 @@ class _Active:
         self.pending_lanes: List[int] = []  # lanes still to run the current piece
         self.piece_out: List[Optional[object]] = [None] * self.channels
         self.reading: Optional[cf.Future] = None
+        self.unanalysed: Optional[tuple] = None  # (signal, last) read, not yet analysed
         self.writes: Deque[Callable[[], None]] = collections.deque()
         self.writing: Optional[cf.Future] = None
         self.write_lock = threading.Lock()
@@ -463,15 +464,16 @@ class _Active:
     # -- reading (I/O thread) --
     def read_block(self):
         """Read the next block and ``ingest`` it (I/O thread); analyse it there too where the
-        engine says so. Returns (samples or features, last, analysed)."""
+        engine says so. Returns (whole-hop signal or features, last, analysed)."""
         data = self.source.read(self.block)
         samples, last = self.ingest(data, last=data.shape[0] < self.block)
+        signal = self.whole_hops(samples)
         if self.engine.dsp_in_io:
             t0 = time.perf_counter()
-            features = self.analyse(samples)
+            features = self.features_of(signal)
             self.seconds += time.perf_counter() - t0
             return features, last, True
-        return samples, last, False
+        return signal, last, False
 
     def ingest(self, data: np.ndarray, last: bool):
         """Check and resample input samples [n, channels]; returns (samples at the model's
@@ -500,35 +502,38 @@ class _Active:
         self.seconds += time.perf_counter() - t0
         return y, last
 
-    def analyse(self, x):
-        """Features (on the model's device) for model-rate samples [C, n], or None."""
+    def whole_hops(self, x):
+        """The whole hops of the carried remainder and ``x`` [C, n] (CPU), or None; the rest
+        is carried to the next call."""
         import torch
 
         x = torch.cat([self.remainder, x.to(torch.float32)], dim=-1)
         hop = self.engine.df_spec.hop
         whole = (x.shape[-1] // hop) * hop
         self.remainder = x[..., whole:].clone()
-        if whole == 0:
+        return x[..., :whole] if whole else None
+
+    def features_of(self, signal):
+        """The model's features of a whole-hop signal [C, n], on the model's device."""
+        if signal is None:
             return None
-        device = self.engine.model.device
-        signal = x[..., :whole]
-        if device.type == "cuda":
-            signal = signal.pin_memory().to(device, non_blocking=True)
-        elif device.type != "cpu":
-            signal = signal.to(device)
-        return self.analysis.features(
-            signal, self.engine.nb_df, alpha=self.engine.alpha, reset=False
-        )
+        signal = _to_device(signal, self.engine.model.device)
+        engine = self.engine
+        return self.analysis.features(signal, engine.nb_df, alpha=engine.alpha, reset=False)
+
+    def analyse(self, x):
+        """Features (on the model's device) for model-rate samples [C, n], or None."""
+        return self.features_of(self.whole_hops(x))
 
     def take_block(self) -> None:
-        """Append a finished read's features (scheduling thread)."""
+        """A finished read: its features appended, or its signal left for ``analyse_many``
+        (scheduling thread)."""
         payload, last, analysed = self.reading.result()
         self.reading = None
-        if not analysed:
-            t0 = time.perf_counter()
-            payload = self.analyse(payload)
-            self.seconds += time.perf_counter() - t0
-        self.add_features(payload, last)
+        if analysed:
+            self.add_features(payload, last)
+        else:
+            self.unanalysed = (payload, last)
 
     def add_features(self, features, last: bool) -> None:
         import torch
@@ -546,7 +551,7 @@ class _Active:
     # -- scheduling (scheduling thread) --
     def needs_input(self) -> bool:
         """Keep about one piece beyond the next one analysed."""
-        if self.ended or self.reading is not None:
+        if self.ended or self.reading is not None or self.unanalysed is not None:
             return False
         engine = self.engine
         return self.frames - self.done < 2 * engine.piece_frames + engine.right
@@ -632,12 +637,8 @@ class _Active:
         if engine.dsp_in_io:
             self.queue_write(lambda spec=enhanced: self._synthesise(spec, final=final))
         else:
-            # Synthesis here, where the kernels are launched with the step's; the copy to the
-            # host is waited for in the writer thread.
-            t0 = time.perf_counter()
-            copy = _start_host_copy(self.synthesis.synthesis(enhanced, reset=False))
-            self.seconds += time.perf_counter() - t0
-            self.queue_write(lambda: self._deliver(_finish_host_copy(copy), final=final))
+            # Synthesised with the step's other jobs (``synthesise_many``), on this thread.
+            engine.to_synthesise.append((self, enhanced, final))
         if final:
             self.finish_queued = True
             self.queue_write(self._commit)
@@ -734,6 +735,95 @@ class _Active:
                 self.sink.abort()
 
 
+def _to_device(x, device):
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def analyse_many(engine: Engine, items: List[_Active]) -> None:
+    """Analyse the read signals of ``items`` in as few ``features`` calls as their lengths
+    allow: the jobs' DSP states stacked along the channel dim, one call, split back."""
+    import torch
+
+    groups: Dict[int, List[_Active]] = collections.defaultdict(list)
+    for item in items:
+        signal, last = item.unanalysed
+        if signal is None:
+            item.unanalysed = None
+            item.add_features(None, last)
+        else:
+            groups[signal.shape[-1]].append(item)
+    device = engine.model.device
+    for group in groups.values():
+        t0 = time.perf_counter()
+        signals = torch.cat([item.unanalysed[0] for item in group], dim=0)
+        dsp = _stacked(engine, group, "analysis")
+        features = dsp.features(
+            _to_device(signals, device), engine.nb_df, alpha=engine.alpha, reset=False
+        )
+        parts = _unstack(engine, group, dsp, "analysis")
+        share = (time.perf_counter() - t0) / len(group)
+        for item, lo, hi in parts:
+            _, last = item.unanalysed
+            item.unanalysed = None
+            item.add_features(tuple(f[lo:hi] for f in features), last)
+            item.seconds += share
+
+
+def synthesise_many(engine: Engine) -> None:
+    """Synthesise the pieces the last step finished, one ``synthesis`` call per length; the
+    copy to the host is waited for in each job's writer."""
+    import torch
+
+    groups: Dict[int, list] = collections.defaultdict(list)
+    for entry in engine.to_synthesise:
+        groups[entry[1].shape[1]].append(entry)
+    engine.to_synthesise = []
+    for group in groups.values():
+        t0 = time.perf_counter()
+        items = [item for item, _, _ in group]
+        dsp = _stacked(engine, items, "synthesis")
+        samples = dsp.synthesis(torch.cat([spec for _, spec, _ in group], dim=0), reset=False)
+        copy = _start_host_copy(samples)
+        parts = _unstack(engine, items, dsp, "synthesis")
+        share = (time.perf_counter() - t0) / len(group)
+        for (item, _, final), (_, lo, hi) in zip(group, parts):
+            item.seconds += share
+            item.queue_write(
+                lambda item=item, lo=lo, hi=hi, final=final, copy=copy: item._deliver(
+                    _finish_host_copy(copy)[lo:hi], final
+                )
+            )
+
+
+def _stacked(engine: Engine, items: List[_Active], which: str):
+    """A scratch DF carrying the stacked ``which`` ("analysis" or "synthesis") states."""
+    import torch
+
+    device = engine.model.device
+    states = [
+        getattr(item, which).stream_state(item.channels, engine.nb_df, device) for item in items
+    ]
+    dsp = engine.new_dsp()
+    dsp.set_stream_state({k: torch.cat([st[k] for st in states], dim=0) for k in states[0]})
+    return dsp
+
+
+def _unstack(engine: Engine, items: List[_Active], dsp, which: str):
+    """Hand each item its rows of the scratch DF's state; yields (item, first row, end)."""
+    state = dsp.stream_state(
+        sum(item.channels for item in items), engine.nb_df, engine.model.device
+    )
+    parts, lo = [], 0
+    for item in items:
+        hi = lo + item.channels
+        getattr(item, which).set_stream_state({k: v[lo:hi] for k, v in state.items()})
+        parts.append((item, lo, hi))
+        lo = hi
+    return parts
+
+
 def _start_host_copy(x):
     """Start copying ``x`` to the CPU: from CUDA into pinned memory, asynchronously."""
     import torch
@@ -828,6 +918,7 @@ class Engine:
         # step's thousands of launches).
         device_type = self.model.device.type
         self.dsp_in_io = (device_type == "cpu") if dsp_in_io is None else bool(dsp_in_io)
+        self.to_synthesise: list = []  # (job, enhanced piece, final) for synthesise_many
         self.timings = collections.Counter()  # seconds per phase of the step
         self.profile = os.environ.get("DF_MPS_ENGINE_PROFILE") == "1"
         self.pool: Optional[cf.ThreadPoolExecutor] = None
@@ -902,6 +993,9 @@ class Engine:
                             item.fail(exc)
                     if item.failed is None and item.needs_input():
                         item.reading = self.pool.submit(item.read_block)
+                unanalysed = [i for i in active if i.unanalysed is not None and i.failed is None]
+                if unanalysed:
+                    analyse_many(self, unanalysed)
                 rows = self._pick_rows(active)
                 if rows and (len(rows) >= self._wanted_rows(active) or not self._reading(active)):
                     self._step(rows, progress)
@@ -1026,6 +1120,8 @@ class Engine:
             item.lane_done(lane, enhanced[r : r + 1], new_states[r])
             if item.done != before:
                 audio += (item.done - before) * self.df_spec.hop / self.df_spec.sr
+        if self.to_synthesise:
+            synthesise_many(self)
         self._phase("after", t2)
         seconds = time.perf_counter() - t0
         self.steps += 1
