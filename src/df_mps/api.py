@@ -337,6 +337,9 @@ class Enhancer:
         if batch < 1:
             raise ValueError(f"batch must be >= 1, not {batch}")
         self.batch = batch
+        if self.device.type != "cpu":
+            # A GPU's first step pays for kernel plans and memory: here, with the model load.
+            self.engine().warm_up()
 
     @property
     def sample_rate(self) -> int:

@@ -48,6 +48,7 @@ import os
 import threading
 import time
 import types
+import weakref
 from typing import Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -177,7 +178,7 @@ def model_context(model) -> Tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _ieee_fp32(device):
+def exact_fp32(device):
     """cuDNN's convolutions and RNNs in full fp32 while a step runs.
 
     torch lets cuDNN use TF32 for fp32 convolutions and RNNs by default (10-bit mantissa), and
@@ -386,6 +387,26 @@ class BatchedModel:
             out.append((hs, hist))
         return out
 
+    def warm_up(self, rows: int, freq_bins: int, erb_bands: int, df_bins: int) -> None:
+        """One step on zeros for ``rows`` rows at the full piece and at the shortest last
+        piece: the device's first-use costs (kernel plans, allocator growth) are paid here,
+        once, not by the first files."""
+        import torch
+
+        for piece in (self.piece, _bucket(1, self.piece)):
+            window = self.left + piece + self.right
+            zeros = dict(device=self.device, dtype=self.dtype)
+            self.step(
+                torch.zeros((rows, 1, window, freq_bins, 2), **zeros),
+                torch.zeros((rows, 1, window, erb_bands), **zeros),
+                torch.zeros((rows, 1, window, df_bins, 2), **zeros),
+                [True] * rows,
+                [None] * rows,
+                piece,
+            )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
     def step(self, spec, erb_feat, spec_feat, fresh: Sequence[bool], states, piece=None):
         """spec [R, 1, W, F, 2], erb_feat [R, 1, W, E], spec_feat [R, 1, W, Fdf, 2] on the
         model's device, W = left + piece + right (``piece`` defaults to ``self.piece``; a
@@ -404,7 +425,7 @@ class BatchedModel:
                     valid[r, : self.left] = 0.0
             mask = valid
         h0, history = self._stack_states(states)
-        with self._lock, torch.no_grad(), _ieee_fp32(self.device):
+        with self._lock, torch.no_grad(), exact_fp32(self.device):
             with self._ctx.active(h0, history, mask, piece):
                 out = self.model(spec, erb_feat, spec_feat)
                 new_states = self._split_states(rows)
@@ -927,6 +948,15 @@ class Engine:
         self.step_seconds = 0.0
         self.rows_run = 0
 
+    def warm_up(self) -> None:
+        """Pay the device's first-use costs for this engine's batch (see BatchedModel)."""
+        key = (self.batch, self.piece_frames)
+        warmed = _WARMED.setdefault(self.model.model, set())
+        if key not in warmed:
+            spec = self.df_spec
+            self.model.warm_up(self.batch, spec.fft // 2 + 1, spec.nb, self.nb_df)
+            warmed.add(key)
+
     def new_dsp(self):
         from . import dsp
 
@@ -1129,6 +1159,9 @@ class Engine:
         self.step_seconds += seconds
         if progress is not None and audio:
             progress(audio)
+
+
+_WARMED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> warmed shapes
 
 
 def _bucket(frames: int, full: int) -> int:
