@@ -213,3 +213,27 @@ def test_a_file_wider_than_the_batch_takes_turns(dfn3_model_dir, audio_dir):
     one = Enhancer(dfn3_model_dir, batch=1, piece_seconds=0.5)
     for c in range(wide.shape[1]):
         assert np.abs(got[:, c] - one.enhance_array(wide[:, c], sr)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("dsp", ["step", "io"])
+def test_both_dsp_placements_equal_upstream(dfn3_model_dir, audio_dir, monkeypatch, dsp):
+    """On a GPU the DSP of all jobs runs stacked on the scheduling thread ("step"); on the CPU
+    per job in the I/O threads ("io"). Both, forced here on the CPU, give upstream's output."""
+    from df.enhance import enhance
+
+    monkeypatch.setenv("DF_MPS_ENGINE_DSP", dsp)
+    enhancer = Enhancer(dfn3_model_dir, batch=3, piece_seconds=0.5)
+    noisy, sr = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
+    signals = [noisy[: int(sr * s)] for s in (1.7, 1.0, 2.3, 0.4)]
+    signals.append(np.stack([noisy[:sr], noisy[sr : 2 * sr]], axis=1))
+    from df_mps.engine import ArraySink, ArraySource, Job
+
+    sinks = [ArraySink() for _ in signals]
+    jobs = [Job(open=lambda x=x, k=k: (ArraySource(x, sr), k)) for x, k in zip(signals, sinks)]
+    engine = enhancer.engine()
+    assert engine.dsp_in_io == (dsp == "io")
+    assert all(r.error is None for r in engine.run(jobs))
+    for x, sink in zip(signals, sinks):
+        x2 = x if x.ndim == 2 else x[:, None]
+        ref = enhance(enhancer.model, enhancer.df_state, torch.from_numpy(x2.T.copy()))
+        assert np.abs(sink.result(x2.shape[1]) - ref.numpy().T).max() <= 1e-4

@@ -655,14 +655,16 @@ class _Active:
             self.features = tuple(f[:, :, drop:] for f in self.features)
             self.base += drop
         final = self.ended and self.done >= self.frames
-        if engine.dsp_in_io:
-            self.queue_write(lambda spec=enhanced: self._synthesise(spec, final=final))
-        else:
-            # Synthesised with the step's other jobs (``synthesise_many``), on this thread.
-            engine.to_synthesise.append((self, enhanced, final))
         if final:
             self.finish_queued = True
-            self.queue_write(self._commit)
+        if engine.dsp_in_io:
+            self.queue_write(lambda spec=enhanced: self._synthesise(spec, final=final))
+            if final:
+                self.queue_write(self._commit)
+        else:
+            # Synthesised with the step's other jobs (``synthesise_many``, which queues the
+            # commit after the last write), on this thread.
+            engine.to_synthesise.append((self, enhanced, final))
 
     # -- writing (I/O thread, in order per job) --
     def queue_write(self, task: Callable[[], None]) -> None:
@@ -816,6 +818,8 @@ def synthesise_many(engine: Engine) -> None:
                     _finish_host_copy(copy)[lo:hi], final
                 )
             )
+            if final:
+                item.queue_write(item._commit)
 
 
 def _stacked(engine: Engine, items: List[_Active], which: str):
@@ -938,7 +942,10 @@ class Engine:
         # device's kernels (I/O threads launching kernels too contend for the GIL with the
         # step's thousands of launches).
         device_type = self.model.device.type
-        self.dsp_in_io = (device_type == "cpu") if dsp_in_io is None else bool(dsp_in_io)
+        if dsp_in_io is None:  # DF_MPS_ENGINE_DSP=io|step: either path on any device (tests)
+            choice = os.environ.get("DF_MPS_ENGINE_DSP", "")
+            dsp_in_io = choice == "io" if choice in ("io", "step") else device_type == "cpu"
+        self.dsp_in_io = bool(dsp_in_io)
         self.to_synthesise: list = []  # (job, enhanced piece, final) for synthesise_many
         self.timings = collections.Counter()  # seconds per phase of the step
         self.profile = os.environ.get("DF_MPS_ENGINE_PROFILE") == "1"
