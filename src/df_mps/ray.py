@@ -376,6 +376,18 @@ def _sizes(ray, device: Optional[str], workers: Optional[int], threads: Optional
     )
 
 
+def _stop_execution(dataset) -> None:
+    # On the way out (an interrupt too), before the cluster goes: Ray Data's executor thread
+    # would otherwise outlive ray.shutdown(), and Ray's core then ends the whole process, before
+    # the temporary files are swept. This is what Dataset.__del__ does, done now and waited for.
+    executor = getattr(dataset, "_current_executor", None)
+    if executor is not None:
+        try:
+            executor.shutdown(force=True)
+        except Exception as exc:
+            logger.debug(f"ray: stopping the dataset's execution: {_one_line(exc)}")
+
+
 def _quiet_ray_data_console() -> None:
     # Ray Data logs each dataset's start, plan and end at INFO on the console (its log file in
     # the session directory keeps them); the command has its own bar and summary.
@@ -461,6 +473,7 @@ def run_on_ray(
                 max_restarts=max_restarts,
                 max_task_retries=max_task_retries,
             )
+            stack.callback(_stop_execution, dataset)
             for row in dataset.iter_rows():
                 row = {name: kind(row[name]) for name, kind in COLUMNS.items()}
                 if report is not None:
@@ -468,6 +481,7 @@ def run_on_ray(
                     report.flush()
                 yield row
         finally:
+            stack.close()
             if started_here:
                 ray.shutdown()  # ends the actors, so none is still writing below
             for _, target in pairs:
