@@ -342,13 +342,19 @@ def _connect(ray, address: Optional[str], num_cpus: Optional[int]) -> bool:
 @dataclasses.dataclass
 class _Sizes:
     workers: int
-    gpus: int  # per actor: 1 or 0
+    gpus: float  # per actor: 0 (a CPU actor), 1, or a fraction to share a GPU
     cpus: int  # Ray CPUs per actor
     threads: int  # torch threads per actor
     device: Optional[str]  # for the engine; None lets df_mps choose (mps on a Mac, else cpu)
 
 
-def _sizes(ray, device: Optional[str], workers: Optional[int], threads: Optional[int]) -> _Sizes:
+def _sizes(
+    ray,
+    device: Optional[str],
+    workers: Optional[int],
+    threads: Optional[int],
+    gpus_per_worker: Optional[float] = None,
+) -> _Sizes:
     """How many actors, and what each asks of this cluster."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -357,19 +363,20 @@ def _sizes(ray, device: Optional[str], workers: Optional[int], threads: Optional
     if kind == "cuda" and not gpus:
         raise UserError("--device cuda: the Ray cluster has no GPUs")
     use_gpu = kind == "cuda" or (kind == "auto" and gpus > 0)
+    per_gpu = gpus_per_worker if gpus_per_worker else 1.0
     if workers is None:
-        workers = gpus if use_gpu else 1
+        workers = max(1, int(gpus / per_gpu)) if use_gpu else 1
     share = max(1, cpus // workers)
     if threads is None:
         threads = min(MAX_DEFAULT_THREADS, share)
-    if workers > (gpus if use_gpu else cpus):
+    if workers > (gpus / per_gpu if use_gpu else cpus):
         logger.warning(
             f"ray: {workers} actor(s) asked for, but the cluster has {cpus} CPU(s) and "
             f"{gpus} GPU(s): the rest start only when it grows"
         )
     return _Sizes(
         workers=workers,
-        gpus=1 if use_gpu else 0,
+        gpus=per_gpu if use_gpu else 0,
         cpus=min(threads, share),  # never more than the cluster has, or no actor starts
         threads=threads,
         device="cuda" if use_gpu else (None if kind == "auto" else device),
@@ -416,6 +423,7 @@ def run_on_ray(
     num_cpus: Optional[int] = None,
     max_restarts: int = DEFAULT_RETRIES,
     max_task_retries: int = DEFAULT_RETRIES,
+    gpus_per_worker: Optional[float] = None,
     progress_bars: bool = False,
     log_level: Optional[str] = "WARNING",
 ) -> Iterator[dict]:
@@ -429,7 +437,8 @@ def run_on_ray(
     threads (and Ray CPUs) per actor, default min(4, CPUs / workers). ``overwrite``: replace
     existing targets; otherwise a target that exists and is complete is a ``skipped`` row.
     ``report_path``: the rows as JSON lines, written as they come. ``max_restarts`` and
-    ``max_task_retries`` are Ray's actor retries. ``progress_bars``: Ray Data's own bars and
+    ``max_task_retries`` are Ray's actor retries. ``gpus_per_worker``: each GPU actor's share
+    (default 1; 0.5 puts two actors on each GPU). ``progress_bars``: Ray Data's own bars and
     log lines on the console; ``log_level``: the actors' loguru level.
     """
     pairs = [(str(s), str(d)) for s, d in jobs]
@@ -443,14 +452,16 @@ def run_on_ray(
         started_here = _connect(ray, address, num_cpus)
         try:
             options = dict(enhancer_options or {})
-            size = _sizes(ray, options.get("device"), workers, options.get("threads"))
+            size = _sizes(
+                ray, options.get("device"), workers, options.get("threads"), gpus_per_worker
+            )
             options.update(threads=size.threads, device=size.device)
             batch = files_per_batch or default_files_per_batch(len(pairs), size.workers)
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = progress_bars
             if not progress_bars:
                 _quiet_ray_data_console()
-            each = "1 GPU" if size.gpus else f"{size.cpus} CPU"
+            each = f"{size.gpus:g} GPU" if size.gpus else f"{size.cpus} CPU"
             logger.info(
                 f"ray: {len(pairs)} file(s) on {size.workers} actor(s) ({each} and "
                 f"{size.threads} torch thread(s) each), {batch} file(s) per batch"
