@@ -27,12 +27,25 @@ The corpus: ``--files`` files of ``--seconds`` s, cut from the shared noisy take
 gains, PCM_16, 48 kHz mono (``--mixed``: rates 48/44.1/16 kHz and mono/stereo in turn), in a
 temporary directory (``--workdir`` to keep it).
 
-On the H200 (no network: Ray travels as wheels; see docs/scale.md for the list):
+On the H200 (Python 3.12, no network): Ray travels as wheels, with the ones df-mps needs there
+(deepfilternet --no-deps, loguru, soundfile, appdirs). Ray's cp312 wheel (2.52.1: 72 MB, 2.60:
+79 MB) is over the device tool's 64 MiB, so it travels slimmed (36.5 MiB; the jar and the
+dashboard's web client left out); jsonschema and its needs are the only Ray requirements the
+image lacks (pandas, pyarrow, fsspec, msgpack, click, protobuf, pyyaml, requests are there):
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    W="--only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64"
+    python -m pip download --no-deps $W -d /tmp/raywhl ray==2.52.1
+    python benchmarks/bench_ray.py --slim-ray-wheel /tmp/raywhl/ray-2.52.1-cp312-*.whl .whl
+    python -m pip download --no-deps $W -d .whl jsonschema==4.26.0 \\
+        jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
+
+and there (one command: one GPU actor, then two actors sharing the GPU):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     PYTHONPATH=/tmp/site:$PWD/src python3 benchmarks/bench_ray.py --device cuda \\
         --model-dir .devcarry/models/DeepFilterNet3 --audio-dir .devcarry/audio \\
-        --files 128 --seconds 30 --threads 4 --json $OUT/h200_ray.json
+        --files 128 --seconds 30 --threads 4 --workers 1 2 --gpus-per-worker 1 0.5 \\
+        --json $OUT/h200_ray.json
 """
 
 from __future__ import annotations
