@@ -417,3 +417,56 @@ def test_skip_existing_in_the_plain_cli(corpus, dfn3_model_dir, tmp_path, capsys
     assert cli.main(cli_argv(two, out, dfn3_model_dir, "--skip-existing", "--overwrite")) == 0
     assert (a.stat().st_mtime_ns, sha(a)) == stamp
     assert cli.output_is_complete(two / "c16_mono.wav", c)
+
+
+# -- EnhanceFiles in this process (no cluster): the rows it makes ------------------------------
+@pytestmark_slow
+@warnings_filter
+def test_enhance_files_rows_without_a_cluster(corpus, plain_outputs, dfn3_model_dir, tmp_path):
+    from df_mps.ray import COLUMNS, EnhanceFiles
+
+    out = tmp_path / "out"
+    out.mkdir()
+    done = out / output_name("c16_mono.wav")
+    done.write_bytes((plain_outputs / output_name("c16_mono.wav")).read_bytes())
+    stamp = done.stat().st_mtime_ns
+    stale = out / f".{output_name('a48_mono.wav')}.dead1234{TEMP_SUFFIX}"
+    stale.write_bytes(b"left by a worker that died")
+    (tmp_path / "garbage.wav").write_bytes(b"RIFF not really")
+    batch = {
+        "src": np.array(
+            [
+                str(corpus / "a48_mono.wav"),
+                str(tmp_path / "garbage.wav"),
+                str(corpus / "c16_mono.wav"),
+            ]
+        ),
+        "dst": np.array(
+            [str(out / output_name("a48_mono.wav")), str(out / "garbage_out.wav"), str(done)]
+        ),
+    }
+    actor = EnhanceFiles({"model": str(dfn3_model_dir), "threads": 1}, log_level=None)
+    rows = actor(batch)
+    assert set(rows) == set(COLUMNS) and all(len(rows[name]) == 3 for name in COLUMNS)
+    assert list(rows["status"]) == ["ok", "error", "skipped"]  # in the batch's order
+    assert "not a readable audio file" in rows["error"][1]
+    assert rows["frames"][0] == sf.info(str(corpus / "a48_mono.wav")).frames
+    assert done.stat().st_mtime_ns == stamp and not stale.exists()
+    assert_equals_plain(out, plain_outputs, ["a48_mono.wav", "c16_mono.wav"])
+
+
+def test_an_engine_that_fails_gives_error_rows(monkeypatch, tmp_path):
+    import df_mps.ray as dray
+
+    class FailingEngine:
+        device = "cpu"
+
+        def enhance_files(self, jobs, *, overwrite=False):
+            raise RuntimeError("CUDA error: out of memory\nsecond line")
+            yield  # a generator, as the real engine
+
+    monkeypatch.setattr(dray, "make_engine", lambda options: FailingEngine())
+    actor = dray.EnhanceFiles({}, log_level=None)
+    rows = actor({"src": np.array(["a.wav", "b.wav"]), "dst": np.array(["x/a.wav", "x/b.wav"])})
+    assert list(rows["status"]) == ["error", "error"]
+    assert all("out of memory second line" in e and "\n" not in e for e in rows["error"])

@@ -211,7 +211,7 @@ class EnhanceFiles:
         todo: List[Tuple[str, str]] = []
         for source, target in pairs:
             if self.existing == "skip" and output_is_complete(source, target):
-                rows[(source, target)] = self._skipped(source, target)
+                rows[_key(source, target)] = self._skipped(source, target)
                 continue
             # A worker that died while writing this target left its temporary file behind; its
             # task is being retried here, so that file is stale.
@@ -219,12 +219,20 @@ class EnhanceFiles:
             todo.append((source, target))
         overwrite = self.existing == "overwrite"
         started = time.time()
-        for result in self.engine.enhance_files(todo, overwrite=overwrite):
-            finished = time.time()
-            key = (str(result.source), str(result.target))
-            rows[key] = self._row(result, started, finished)
-            started = finished
-        return _columns([rows[pair] for pair in pairs])
+        try:
+            # Results come as files finish, not in order (df_mps.api's batched engine).
+            for result in self.engine.enhance_files(todo, overwrite=overwrite):
+                finished = time.time()
+                rows[_key(result.source, result.target)] = self._row(result, started, finished)
+                started = finished
+        except Exception as exc:  # the engine itself failed: its unfinished files are errors
+            logger.opt(exception=exc).debug("traceback")
+            message = f"the engine failed: {type(exc).__name__}: {_one_line(exc)}"
+            for source, target in todo:
+                if _key(source, target) not in rows:
+                    error = FileError(Path(source), Path(target), f"'{source}': {message}")
+                    rows[_key(source, target)] = self._row(error, started, time.time())
+        return _columns([rows[_key(*pair)] for pair in pairs])
 
     def _base(self, source: str, target: str) -> dict:
         row = {name: kind() for name, kind in COLUMNS.items()}
@@ -235,17 +243,18 @@ class EnhanceFiles:
         import soundfile as sf
 
         row = self._base(source, target)
-        info = sf.info(target)
         now = time.time()
+        row.update(status="skipped", error="output exists and is complete", started=now)
+        row.update(finished=now)
+        try:
+            info = sf.info(target)
+        except (RuntimeError, OSError):  # checked complete a moment ago; the figures can go
+            return row
         row.update(
-            status="skipped",
-            error="output exists and is complete",
             audio_seconds=info.frames / info.samplerate,
             sample_rate=int(info.samplerate),
             channels=int(info.channels),
             frames=int(info.frames),
-            started=now,
-            finished=now,
         )
         return row
 
@@ -265,6 +274,10 @@ class EnhanceFiles:
             frames=result.frames,
         )
         return row
+
+
+def _key(source, target) -> Tuple[str, str]:
+    return (os.path.normpath(os.fspath(source)), os.path.normpath(os.fspath(target)))
 
 
 def _columns(rows: Sequence[dict]) -> Dict[str, np.ndarray]:
