@@ -268,15 +268,24 @@ def _descendants(pid: int) -> list:
     return found
 
 
-def _enhance_files_actors() -> list:
+def _writers_of_temp_files(directory: Path) -> list:
+    """This test's processes that hold a temporary output file in ``directory`` open: the
+    actor mid-file (not an idle actor left from an earlier dataset)."""
     pids = []
+    real_dir = os.path.realpath(directory)
     for pid in _descendants(os.getpid()):
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
-        if b"EnhanceFiles" in cmdline:
-            pids.append(pid)
+        for fd in fds:
+            try:
+                path = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if path.endswith(TEMP_SUFFIX) and os.path.dirname(path) == real_dir:
+                pids.append(pid)
+                break
     return pids
 
 
@@ -312,9 +321,9 @@ def test_a_killed_actor_is_replaced_and_its_files_redone(
         # exists), so its batch has a complete output and a partial one when it dies.
         finished = finished_outputs(out)
         if finished and temp_files(out):
-            actors = _enhance_files_actors()
-            if actors:
-                killed = actors[0]
+            writers = _writers_of_temp_files(out)
+            if writers:
+                killed = writers[0]
                 os.kill(killed, signal.SIGKILL)
                 break
         time.sleep(0.02)
