@@ -31,6 +31,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -481,22 +482,28 @@ def run_on_ray(
             )
             dataset = ray.data.from_items(
                 [{"src": s, "dst": d} for s, d in pairs], override_num_blocks=len(pairs)
-            ).map_batches(
-                EnhanceFiles,
-                fn_constructor_kwargs=dict(
-                    enhancer_options=options,
-                    forward_method=forward_method,
-                    existing="overwrite" if overwrite else "skip",
-                    log_level=log_level,
-                ),
-                batch_size=batch,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=size.workers),
-                num_gpus=size.gpus,
-                num_cpus=size.cpus,
-                max_restarts=max_restarts,
-                max_task_retries=max_task_retries,
             )
+            with warnings.catch_warnings():
+                # Ray 2.60-2.63 deprecate passing actor options (max_restarts, ...) through
+                # map_batches' **ray_remote_args, with no named replacement yet; the extra
+                # stops below 2.64, where Ray says they go.
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+                dataset = dataset.map_batches(
+                    EnhanceFiles,
+                    fn_constructor_kwargs=dict(
+                        enhancer_options=options,
+                        forward_method=forward_method,
+                        existing="overwrite" if overwrite else "skip",
+                        log_level=log_level,
+                    ),
+                    batch_size=batch,
+                    batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(size=size.workers),
+                    num_gpus=size.gpus,
+                    num_cpus=size.cpus,
+                    max_restarts=max_restarts,
+                    max_task_retries=max_task_retries,
+                )
             stack.callback(_stop_execution, dataset)
             for row in dataset.iter_rows():
                 row = {name: kind(row[name]) for name, kind in COLUMNS.items()}
