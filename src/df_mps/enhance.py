@@ -178,6 +178,7 @@ class Job:
     source: Path
     target: Optional[Path] = None
     error: Optional[str] = None
+    skipped: bool = False  # --skip-existing: the target exists and is complete
 
 
 def audio_extensions() -> frozenset:
@@ -258,11 +259,34 @@ def check_output_dir(output_dir: Path) -> None:
     discard(probe)
 
 
+def output_is_complete(source: PathLike, target: PathLike) -> bool:
+    """True when ``target`` is readable audio with ``source``'s rate, channels and frames, as
+    every output of this command is (writes are atomic: a partial output never has its name)."""
+    import soundfile as sf
+
+    try:
+        expected = sf.info(os.fspath(source))
+        with sf.SoundFile(os.fspath(target)) as out:
+            if (out.samplerate, out.channels, out.frames) != (
+                expected.samplerate,
+                expected.channels,
+                expected.frames,
+            ):
+                return False
+            if out.frames:  # the header's length is backed by data: the last frame reads
+                out.seek(out.frames - 1)
+                return len(out.read(1)) == 1
+            return True
+    except (RuntimeError, OSError, ValueError, TypeError):  # sf.LibsndfileError: RuntimeError
+        return False
+
+
 def plan_jobs(
     inputs: Sequence[Tuple[Path, Path]],
     output_dir: Path,
     suffix: Optional[str],
     overwrite: bool,
+    skip_existing: bool = False,
 ) -> List[Job]:
     """Pair each input with its output path, refusing any pairing that could lose a file."""
     jobs: List[Job] = []
@@ -308,8 +332,12 @@ def plan_jobs(
             job.error = f"'{source}': can't create '{target.parent}': '{blocker}' is a file"
         elif target.is_dir():
             job.error = f"'{source}': its output '{target}' is a directory"
+        elif skip_existing and target.exists() and output_is_complete(source, target):
+            job.skipped = True
         elif target.exists() and not overwrite:
             job.error = f"'{source}': output '{target}' exists (use --overwrite to replace it)"
+            if skip_existing:
+                job.error += "; it is not a complete output of this input"
     return jobs
 
 
@@ -514,6 +542,43 @@ def build_parser() -> argparse.ArgumentParser:
         const="debug",
         help="same as --log-level debug",
     )
+    from .ray import ray_address  # Ray itself is imported only when --ray runs
+
+    p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="skip files whose output exists and is complete (same rate, channels and length "
+        "as the input): re-running an interrupted run does only what is left",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        type=ray_address,
+        metavar="ADDRESS",
+        help="run the files as a Ray Data job (pip install 'df-mps[ray]'): no ADDRESS starts "
+        "a local cluster; auto, ray://HOST:PORT or HOST:PORT joins one",
+    )
+    p.add_argument(
+        "--ray-workers",
+        type=_threads,
+        metavar="N",
+        help="with --ray: number of actors, each with its own model (default: one per GPU, "
+        "else one)",
+    )
+    p.add_argument(
+        "--ray-batch",
+        type=_threads,
+        metavar="N",
+        help="with --ray: files per batch, the unit a dead worker's replacement redoes "
+        "(default: about four batches per actor, at most 16)",
+    )
+    p.add_argument(
+        "--report",
+        metavar="PATH",
+        help="with --ray: per-file results as JSON lines (default: "
+        "df-mps-report.jsonl in the output directory)",
+    )
     p.add_argument("-v", "--version", action=_Version)
     return p
 
@@ -614,14 +679,21 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(output_dir)
     model_dir = resolve_model(args.model_base_dir)
     suffix = output_suffix(args.model_base_dir, model_dir, args.pf) if args.suffix else None
-    jobs = plan_jobs(inputs, output_dir, suffix, args.overwrite)
+    jobs = plan_jobs(inputs, output_dir, suffix, args.overwrite, args.skip_existing)
+    if args.ray is not None:  # the same planned jobs, as a Ray Data job (df_mps.ray)
+        from .ray import run_cli as run_on_ray_cli
+
+        return run_on_ray_cli(jobs, args, output_dir)
 
     failed = 0
     for job in jobs:
         if job.error is not None:
             failed += 1
             _say(f"error: {job.error} (skipped)")
-    todo = [job for job in jobs if job.error is None]
+    if any(job.skipped for job in jobs):
+        n = sum(job.skipped for job in jobs)
+        _say(f"{n} file(s) skipped: their output exists and is complete")
+    todo = [job for job in jobs if job.error is None and not job.skipped]
     done: List[FileResult] = []
     if todo:
         enhancer = Enhancer(

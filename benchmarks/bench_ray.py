@@ -1,0 +1,327 @@
+"""Ray Data (df_mps.ray) against the plain command line's loop, on one corpus, in one run.
+
+    python benchmarks/bench_ray.py --device cuda --files 128 --seconds 30 --json h200_ray.json
+    python benchmarks/bench_ray.py --device cuda --workers 1 2 --gpus-per-worker 1 0.5 ...
+    python benchmarks/bench_ray.py --device cpu --files 8 --seconds 2 --threads 1   # a smoke run
+
+What is measured, in this order, in one process:
+
+- plain: what ``df-mps-enhance`` does per file (``load_enhancer`` once, then ``enhance_file``
+  for each file in turn, streaming, atomic writes), timed from the first file's decode to the
+  last file's encode. The model load is reported apart (``load_s``). It runs before Ray and
+  again after (``plain_after``), and Ray's ratio is to the faster of the two.
+- ray: ``df_mps.ray.run_on_ray`` on the same files into another directory, once per
+  ``--workers`` entry (paired with ``--gpus-per-worker``). Each row carries when its worker
+  started and finished the file, so the span is first decode to last encode, the same count
+  as the plain one. Ray's start-up (cluster, actor processes, model loads) is the time from the
+  call to the first file's start (``startup_s``); ``wall_s`` is the call's whole time.
+
+Throughput is audio seconds per wall second over that span; ``ratio_to_plain`` is Ray's over
+the plain loop's (issue 17's goal: >= 0.9 with one GPU actor). With several ``--workers``
+entries, ``scaling_efficiency`` is throughput(N) / (N x throughput of the first entry), which
+is only multi-GPU scaling where each actor has a GPU of its own (``--gpus-per-worker 1`` on a
+machine with N GPUs): actors sharing one GPU measure sharing, and the JSON says which.
+Every Ray output is compared with the plain one (``max_abs_diff``).
+
+The corpus: ``--files`` files of ``--seconds`` s, cut from the shared noisy takes at varying
+gains, PCM_16, 48 kHz mono (``--mixed``: rates 48/44.1/16 kHz and mono/stereo in turn), in a
+temporary directory (``--workdir`` to keep it).
+
+On the H200 (Python 3.12, no network): Ray travels as wheels, with the ones df-mps needs there
+(deepfilternet --no-deps, loguru, soundfile, appdirs). Ray's cp312 wheel (2.52.1: 72 MB, 2.60:
+79 MB) is over the device tool's 64 MiB, so it travels slimmed (36.5 MiB; the jar and the
+dashboard's web client left out); jsonschema and its needs are the only Ray requirements the
+image lacks (pandas, pyarrow, fsspec, msgpack, click, protobuf, pyyaml, requests are there):
+
+    W="--only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64"
+    python -m pip download --no-deps $W -d /tmp/raywhl ray==2.52.1
+    python benchmarks/bench_ray.py --slim-ray-wheel /tmp/raywhl/ray-2.52.1-cp312-*.whl .whl
+    python -m pip download --no-deps $W -d .whl jsonschema==4.26.0 \\
+        jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
+
+and there (one command: one GPU actor, then two actors sharing the GPU):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:$PWD/src python3 benchmarks/bench_ray.py --device cuda \\
+        --model-dir .devcarry/models/DeepFilterNet3 --audio-dir .devcarry/audio \\
+        --files 128 --seconds 30 --threads 4 --workers 1 2 --gpus-per-worker 1 0.5 \\
+        --json $OUT/h200_ray.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SHARED = Path(os.environ.get("DF_MPS_SHARED", REPO.parent / "shared"))
+MIXED = [(48000, 1), (44100, 2), (16000, 1), (48000, 2)]
+
+
+# Ray's wheel is larger than the device tool carries (64 MiB): these parts serve no Python job
+# (the Java worker's jar, the dashboard's web client, which runs with include_dashboard=False).
+SLIM_DROP = ("ray/jars/", "ray/dashboard/client/build/")
+
+
+def slim_ray_wheel(wheel: Path, out_dir: Path) -> Path:
+    """A copy of Ray's wheel without SLIM_DROP, its RECORD rewritten to match; same name."""
+    import zipfile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / wheel.name
+    if target.resolve() == wheel.resolve():
+        raise SystemExit("--slim-ray-wheel: the output directory holds the input wheel")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            if item.filename.startswith(SLIM_DROP):
+                continue
+            data = src.read(item)
+            if item.filename.endswith(".dist-info/RECORD"):
+                lines = data.decode().splitlines(keepends=True)
+                data = "".join(line for line in lines if not line.startswith(SLIM_DROP)).encode()
+            dst.writestr(item, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+    return target
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda, cpu, mps or auto (default cuda)")
+    p.add_argument("--files", type=int, default=128)
+    p.add_argument("--seconds", type=float, default=30.0, help="length of each file")
+    p.add_argument("--mixed", action="store_true", help="mixed rates and channels")
+    p.add_argument("--threads", type=int, default=4, help="torch threads, plain and per actor")
+    p.add_argument("--workers", type=int, nargs="+", default=[1], help="Ray actors, per run")
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        nargs="+",
+        default=None,
+        help="each run's GPU share per actor (default 1 on cuda); one value or one per --workers",
+    )
+    p.add_argument("--batch", type=int, default=None, help="files per Ray batch (default auto)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain loop (no ratio)")
+    p.add_argument("--model-dir", type=Path, default=DEFAULT_SHARED / "models" / "DeepFilterNet3")
+    p.add_argument("--audio-dir", type=Path, default=DEFAULT_SHARED / "audio")
+    p.add_argument("--workdir", type=Path, help="where the corpus and outputs go (kept)")
+    p.add_argument("--json", type=Path, help="write the results as JSON")
+    p.add_argument(
+        "--slim-ray-wheel",
+        nargs=2,
+        type=Path,
+        metavar=("WHEEL", "OUT_DIR"),
+        help="only write a copy of Ray's WHEEL without its Java jar and dashboard web client "
+        "into OUT_DIR (to fit the device tool's 64 MiB), then exit",
+    )
+    return p.parse_args(argv)
+
+
+def make_corpus(root: Path, files: int, seconds: float, audio_dir: Path, mixed: bool) -> list:
+    import numpy as np
+    import soundfile as sf
+    import torch
+    import torchaudio.functional as AF
+
+    white, sr = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
+    pink, _ = sf.read(str(audio_dir / "noisy_pink.wav"), dtype="float32")
+    take = np.concatenate([white, pink])
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    n = int(seconds * sr)
+    for i in range(files):
+        rate, channels = MIXED[i % len(MIXED)] if mixed else (sr, 1)
+        start = int(rng.integers(0, len(take)))
+        idx = (start + np.arange(n)) % len(take)  # wraps round the two takes
+        parts = [take[idx] * rng.uniform(0.3, 1.0) for _ in range(channels)]
+        x = torch.from_numpy(np.stack(parts).astype(np.float32))
+        if rate != sr:
+            x = AF.resample(x, sr, rate)
+        path = root / f"f{i:04d}_{rate}_{channels}ch.wav"
+        sf.write(str(path), np.clip(x.numpy().T, -1, 1), rate, subtype="PCM_16")
+        paths.append(path)
+    return paths
+
+
+def run_plain(inputs, out: Path, args) -> dict:
+    """The plain command line's per-file loop (df_mps.enhance), model load timed apart."""
+    import torch
+
+    import df_mps
+    from df_mps.enhance import enhance_file, load_enhancer
+
+    df_mps.patch(device=None if args.device == "auto" else args.device)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    enhancer = load_enhancer(args.model_dir)
+    load_s = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    audio = model = 0.0
+    start = time.perf_counter()
+    for src in inputs:
+        result = enhance_file(src, out / src.name, enhancer)
+        audio += result.audio_seconds
+        model += result.model_seconds
+    span = time.perf_counter() - start  # each file is on disk when enhance_file returns
+    device = str(next(enhancer.model.parameters()).device)
+    return dict(
+        load_s=load_s,
+        span_s=span,
+        audio_s=audio,
+        audio_s_per_s=audio / span,
+        rtf=model / audio,
+        device=device,
+        threads=args.threads,
+    )
+
+
+def run_ray(inputs, out: Path, args, workers: int, gpus_per_worker) -> dict:
+    from df_mps.ray import run_on_ray
+
+    out.mkdir(parents=True, exist_ok=True)
+    options = dict(model=str(args.model_dir), device=args.device, threads=args.threads)
+    t0 = time.time()
+    rows = list(
+        run_on_ray(
+            [(src, out / src.name) for src in inputs],
+            workers=workers,
+            enhancer_options=options,
+            files_per_batch=args.batch,
+            num_cpus=args.num_cpus,
+            gpus_per_worker=gpus_per_worker,
+        )
+    )
+    wall = time.time() - t0
+    status = {}
+    for row in rows:
+        status[row["status"]] = status.get(row["status"], 0) + 1
+    ok = [row for row in rows if row["status"] == "ok"]
+    first = min(row["started"] for row in ok)
+    last = max(row["finished"] for row in ok)
+    audio = sum(row["audio_seconds"] for row in ok)
+    return dict(
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        startup_s=first - t0,
+        span_s=last - first,
+        wall_s=wall,
+        audio_s=audio,
+        audio_s_per_s=audio / (last - first),
+        rtf=sum(row["model_seconds"] for row in ok) / audio,
+        status=status,
+        actors=sorted({row["worker"] for row in rows}),
+        devices=sorted({row["device"] for row in rows}),
+        errors=[row["error"] for row in rows if row["status"] == "error"][:5],
+    )
+
+
+def max_abs_diff(a_dir: Path, b_dir: Path, names) -> float:
+    import numpy as np
+    import soundfile as sf
+
+    worst = 0.0
+    for name in names:
+        a, _ = sf.read(str(a_dir / name), dtype="float32", always_2d=True)
+        b, _ = sf.read(str(b_dir / name), dtype="float32", always_2d=True)
+        if a.shape != b.shape:
+            return float("inf")
+        worst = max(worst, float(np.max(np.abs(a - b))) if a.size else 0.0)
+    return worst
+
+
+def environment(args) -> dict:
+    import numpy as np
+    import torch
+
+    info = dict(
+        python=platform.python_version(),
+        platform=platform.platform(),
+        cpus=os.cpu_count(),
+        torch=torch.__version__,
+        numpy=np.__version__,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    )
+    try:
+        import ray
+
+        info["ray"] = ray.__version__
+    except ImportError:
+        info["ray"] = None
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.slim_ray_wheel:
+        target = slim_ray_wheel(*args.slim_ray_wheel)
+        print(f"{target} ({target.stat().st_size / 2**20:.1f} MiB)")
+        return 0
+    shares = args.gpus_per_worker or [None]
+    if len(shares) not in (1, len(args.workers)):
+        print("--gpus-per-worker: give one value or one per --workers entry", file=sys.stderr)
+        return 2
+    shares = shares * len(args.workers) if len(shares) == 1 else shares
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="df-mps-bench-ray."))
+    try:
+        t0 = time.perf_counter()
+        inputs = make_corpus(root / "in", args.files, args.seconds, args.audio_dir, args.mixed)
+        print(
+            f"corpus: {len(inputs)} file(s) of {args.seconds:g} s in {root / 'in'} "
+            f"({time.perf_counter() - t0:.1f} s)",
+            file=sys.stderr,
+        )
+        names = [p.name for p in inputs]
+        result = dict(
+            environment=environment(args),
+            corpus=dict(files=len(inputs), seconds_each=args.seconds, mixed=args.mixed),
+            counted="first decode to last encode; model loads and Ray start-up apart",
+        )
+        if not args.no_plain:
+            result["plain"] = run_plain(inputs, root / "plain", args)
+            print(f"plain: {json.dumps(result['plain'])}", file=sys.stderr)
+        runs = []
+        for workers, share in zip(args.workers, shares):
+            out = root / f"ray_w{workers}_g{share}"
+            run = run_ray(inputs, out, args, workers, share)
+            if "plain" in result:
+                run["max_abs_diff_vs_plain"] = max_abs_diff(out, root / "plain", names)
+            print(f"ray: {json.dumps(run)}", file=sys.stderr)
+            runs.append(run)
+        if not args.no_plain:
+            # Again after Ray, so warm-up and drift show; Ray's ratio is to the faster of the two.
+            result["plain_after"] = run_plain(inputs, root / "plain_after", args)
+            print(f"plain again: {json.dumps(result['plain_after'])}", file=sys.stderr)
+            best = max(result["plain"]["audio_s_per_s"], result["plain_after"]["audio_s_per_s"])
+            for run in runs:
+                run["ratio_to_plain"] = run["audio_s_per_s"] / best
+        base = runs[0]
+        for run in runs:
+            scale = run["workers"] / base["workers"]
+            run["scaling_efficiency"] = run["audio_s_per_s"] / (scale * base["audio_s_per_s"])
+            gpus = len(result["environment"].get("gpus", []))
+            own_gpu = (run["gpus_per_worker"] or 1) >= 1 and run["workers"] <= gpus
+            run["one_gpu_per_actor"] = bool(args.device == "cuda" and own_gpu)
+        result["ray"] = runs
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(text + "\n")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,621 @@
+"""Corpora through Ray Data: one DeepFilterNet engine per actor, resumable and fault-tolerant.
+
+    pip install 'df-mps[ray]'
+    df-mps-enhance -i corpus/ -r -o clean/ --ray               # a local cluster, one actor per GPU
+    df-mps-enhance -i /shared/corpus -r -o /shared/clean --ray auto --skip-existing
+
+``EnhanceFiles`` is a callable class for ``ray.data.Dataset.map_batches``: each actor loads one
+engine on its device in ``__init__`` and turns batches of rows ``{"src", "dst"}`` into rows of
+results (``status`` ok / skipped / error, one-line ``error``, audio seconds, RTF, ...). One bad
+file is one ``error`` row, never a failed batch. Outputs are written by the library, which
+writes to a temporary file beside the target and renames it into place, so an output is either
+complete or absent.
+
+Fault tolerance is Ray's: the actors run with ``max_restarts`` and ``max_task_retries``, so the
+batch of an actor whose process dies is retried on its replacement. Files that the dead actor
+had finished are found complete and reported ``skipped``; the temporary file of the one it was
+writing is removed before that file is redone.
+
+``run_on_ray`` runs (source, target) pairs as such a dataset and yields the result rows as they
+finish; ``run_cli`` is what ``df-mps-enhance --ray`` calls. Ray itself is imported only when a
+run starts: ``import df_mps.ray`` works without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ._log import logger
+from .enhance import (
+    MAX_DEFAULT_THREADS,
+    PROG,
+    AudioFileError,
+    FileResult,
+    UserError,
+    enhance_file,
+    load_enhancer,
+    output_is_complete,
+)
+from .patches.audio_io import TEMP_SUFFIX
+from .streaming import DEFAULT_PIECE_SECONDS
+
+__all__ = [
+    "COLUMNS",
+    "DEFAULT_REPORT_NAME",
+    "EnhanceFiles",
+    "FileError",
+    "make_engine",
+    "ray_address",
+    "remove_stale_temp_files",
+    "run_cli",
+    "run_on_ray",
+]
+
+DEFAULT_REPORT_NAME = "df-mps-report.jsonl"
+MAX_FILES_PER_BATCH = 16
+# Enough for a worker that dies now and then (preemption, OOM kill); a file that kills every
+# worker it meets still ends the run instead of looping forever.
+DEFAULT_RETRIES = 4
+
+# The result row, column by column (what EnhanceFiles returns and the report holds).
+COLUMNS = {
+    "src": str,
+    "dst": str,
+    "status": str,  # ok, skipped or error
+    "error": str,  # one line; "" when ok
+    "audio_seconds": float,
+    "model_seconds": float,  # resampling + model, as the CLI's RTF counts it
+    "rtf": float,  # model_seconds / audio_seconds
+    "seconds": float,  # this file's wall time in the worker, decode to encode
+    "started": float,  # unix time: when the worker started this file
+    "finished": float,  # unix time: when its output was complete
+    "sample_rate": int,
+    "channels": int,
+    "frames": int,
+    "worker": str,  # host:pid of the actor
+    "device": str,
+}
+
+
+# -- the library, behind the interface of df_mps.api.Enhancer (issue 12) ------------------------
+@dataclasses.dataclass
+class FileError:
+    """A file that could not be enhanced (as ``df_mps.api.FileError``)."""
+
+    source: Path
+    target: Path
+    message: str  # one line
+
+
+class _FileByFileEngine:
+    """Today's library (``load_enhancer`` + ``enhance_file``) with ``Enhancer.enhance_files``'s
+    interface: yields a ``FileResult`` or a ``FileError`` per job, never raises for a file."""
+
+    def __init__(
+        self,
+        model=None,
+        *,
+        device=None,
+        post_filter: bool = False,
+        atten_lim_db: Optional[float] = None,
+        pad: bool = True,
+        epoch="best",
+        mask_only: bool = False,
+        piece_seconds: float = DEFAULT_PIECE_SECONDS,
+        threads: Optional[int] = None,
+        whole_file: bool = False,
+    ):
+        del device  # load_enhancer follows df_mps.patch(device=...), which EnhanceFiles sets
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.enhancer = load_enhancer(
+            model,
+            post_filter=post_filter,
+            epoch=epoch,
+            mask_only=mask_only,
+            pad=pad,
+            atten_lim_db=atten_lim_db,
+        )
+        self.piece_seconds = piece_seconds
+        self.whole_file = whole_file
+
+    @property
+    def device(self):
+        return next(self.enhancer.model.parameters()).device
+
+    def enhance_files(self, jobs, *, overwrite: bool = False) -> Iterator:
+        for source, target in jobs:
+            try:
+                yield enhance_file(
+                    source,
+                    target,
+                    self.enhancer,
+                    overwrite=overwrite,
+                    whole_file=self.whole_file,
+                    piece_seconds=self.piece_seconds,
+                )
+            except AudioFileError as exc:
+                yield FileError(Path(source), Path(target), _one_line(exc))
+            except Exception as exc:  # one bad file is one error row, whatever it raised
+                logger.opt(exception=exc).debug("traceback")
+                message = f"'{source}': {type(exc).__name__}: {_one_line(exc)}"
+                yield FileError(Path(source), Path(target), message)
+
+
+def make_engine(options: dict):
+    """The engine an actor runs. With ``df_mps.api`` on main this is ``Enhancer(**options)``
+    (``whole_file`` aside, which that API does not take)."""
+    return _FileByFileEngine(**options)
+
+
+# -- the actor ---------------------------------------------------------------------------------
+class EnhanceFiles:
+    """A callable class for ``Dataset.map_batches(EnhanceFiles, batch_format="numpy", ...)``.
+
+    ``enhancer_options``: keywords of ``df_mps.api.Enhancer`` (model, device, post_filter,
+    atten_lim_db, pad, epoch, mask_only, piece_seconds, threads), plus ``whole_file``.
+    ``forward_method``: df_mps's route (auto, real, complex), set before the model loads.
+    ``existing``: what to do with a target that exists: "skip" it when it is a complete output
+    of its source (else the file is an error row: its target exists), or "overwrite" it.
+    ``log_level``: the actor process's loguru level (None leaves its logging alone).
+
+    Batches are numpy (Ray Data's default): the rows are two short strings, so numpy arrays
+    are all that is needed, and no pandas frame is built and torn down per batch.
+    """
+
+    def __init__(
+        self,
+        enhancer_options: Optional[dict] = None,
+        *,
+        forward_method: Optional[str] = None,
+        existing: str = "skip",
+        log_level: Optional[str] = "WARNING",
+    ):
+        if existing not in ("skip", "overwrite"):
+            raise ValueError(f"existing must be 'skip' or 'overwrite', not {existing!r}")
+        if log_level is not None:
+            # This process is the actor's own: its log lines reach the driver's terminal, where
+            # the per-file lines come from the driver instead.
+            logger.remove()
+            if log_level.lower() != "none":
+                logger.add(sys.stderr, level=log_level.upper())
+        options = dict(enhancer_options or {})
+        import df_mps
+        from df_mps import settings
+
+        if not settings.get().disabled:
+            device = options.get("device")
+            df_mps.patch(device=None if device == "auto" else device, forward_method=forward_method)
+        self.engine = make_engine(options)
+        self.existing = existing
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.device = str(self.engine.device)
+        logger.debug(f"EnhanceFiles actor {self.worker} ready on {self.device}")
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        pairs = [(str(s), str(d)) for s, d in zip(batch["src"], batch["dst"])]
+        rows: Dict[Tuple[str, str], dict] = {}
+        todo: List[Tuple[str, str]] = []
+        for source, target in pairs:
+            if self.existing == "skip" and output_is_complete(source, target):
+                rows[_key(source, target)] = self._skipped(source, target)
+                continue
+            # A worker that died while writing this target left its temporary file behind; its
+            # task is being retried here, so that file is stale.
+            remove_stale_temp_files(target)
+            todo.append((source, target))
+        overwrite = self.existing == "overwrite"
+        started = time.time()
+        try:
+            # Results come as files finish, not in order (df_mps.api's batched engine).
+            for result in self.engine.enhance_files(todo, overwrite=overwrite):
+                finished = time.time()
+                rows[_key(result.source, result.target)] = self._row(result, started, finished)
+                started = finished
+        except Exception as exc:  # the engine itself failed: its unfinished files are errors
+            logger.opt(exception=exc).debug("traceback")
+            message = f"the engine failed: {type(exc).__name__}: {_one_line(exc)}"
+            for source, target in todo:
+                if _key(source, target) not in rows:
+                    error = FileError(Path(source), Path(target), f"'{source}': {message}")
+                    rows[_key(source, target)] = self._row(error, started, time.time())
+        return _columns([rows[_key(*pair)] for pair in pairs])
+
+    def _base(self, source: str, target: str) -> dict:
+        row = {name: kind() for name, kind in COLUMNS.items()}
+        row.update(src=source, dst=target, worker=self.worker, device=self.device)
+        return row
+
+    def _skipped(self, source: str, target: str) -> dict:
+        import soundfile as sf
+
+        row = self._base(source, target)
+        now = time.time()
+        row.update(status="skipped", error="output exists and is complete", started=now)
+        row.update(finished=now)
+        try:
+            info = sf.info(target)
+        except (RuntimeError, OSError):  # checked complete a moment ago; the figures can go
+            return row
+        row.update(
+            audio_seconds=info.frames / info.samplerate,
+            sample_rate=int(info.samplerate),
+            channels=int(info.channels),
+            frames=int(info.frames),
+        )
+        return row
+
+    def _row(self, result: Union[FileResult, FileError], started: float, finished: float):
+        row = self._base(str(result.source), str(result.target))
+        row.update(started=started, finished=finished, seconds=finished - started)
+        if isinstance(result, FileError):
+            row.update(status="error", error=result.message)
+            return row
+        row.update(
+            status="ok",
+            audio_seconds=result.audio_seconds,
+            model_seconds=result.model_seconds,
+            rtf=result.rtf,
+            sample_rate=result.sample_rate,
+            channels=result.channels,
+            frames=result.frames,
+        )
+        return row
+
+
+def _key(source, target) -> Tuple[str, str]:
+    return (os.path.normpath(os.fspath(source)), os.path.normpath(os.fspath(target)))
+
+
+def _columns(rows: Sequence[dict]) -> Dict[str, np.ndarray]:
+    out = {}
+    for name, kind in COLUMNS.items():
+        values = [row[name] for row in rows]
+        dtype = {str: np.str_, float: np.float64, int: np.int64}[kind]
+        out[name] = np.array(values, dtype=dtype)
+    return out
+
+
+def remove_stale_temp_files(target) -> int:
+    """Remove the library's temporary files for ``target`` (``.NAME.*`` + TEMP_SUFFIX beside
+    it). Only for targets no live process is writing: a worker's retried task, or a run that
+    has ended. Returns how many were removed."""
+    target = Path(target)
+    prefix = "." + target.name + "."
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        if name.startswith(prefix) and name.endswith(TEMP_SUFFIX):
+            try:
+                os.unlink(target.parent / name)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+# -- the driver --------------------------------------------------------------------------------
+def ray_address(value: str) -> str:
+    """argparse type of ``--ray [ADDRESS]``: local, auto, ray://HOST:PORT or HOST:PORT.
+
+    Refusing anything else keeps ``--ray noisy.wav`` from taking a file for an address.
+    """
+    text = value.strip()
+    host, sep, port = text.rpartition(":")
+    if text in ("local", "auto") or text.startswith("ray://") or (sep and host and port.isdigit()):
+        return text
+    import argparse
+
+    raise argparse.ArgumentTypeError(
+        f"invalid ADDRESS {value!r}: use local, auto, ray://HOST:PORT or HOST:PORT "
+        "(put --ray after the files, or write --ray=local)"
+    )
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise UserError(
+            f"--ray needs Ray Data ({_one_line(exc)}): pip install 'df-mps[ray]'"
+        ) from None
+    return ray
+
+
+def _connect(ray, address: Optional[str], num_cpus: Optional[int]) -> bool:
+    """Start or join a cluster; True when this call started it (and must shut it down)."""
+    if ray.is_initialized():  # a caller (a notebook, a test) already chose the cluster
+        return False
+    kwargs = dict(include_dashboard=False, logging_level="WARNING", configure_logging=True)
+    if address in (None, "local"):
+        # "local": a new cluster on this machine, never one that `ray start` left running.
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
+    return True
+
+
+@dataclasses.dataclass
+class _Sizes:
+    workers: int
+    gpus: float  # per actor: 0 (a CPU actor), 1, or a fraction to share a GPU
+    cpus: int  # Ray CPUs per actor
+    threads: int  # torch threads per actor
+    device: Optional[str]  # for the engine; None lets df_mps choose (mps on a Mac, else cpu)
+
+
+def _sizes(
+    ray,
+    device: Optional[str],
+    workers: Optional[int],
+    threads: Optional[int],
+    gpus_per_worker: Optional[float] = None,
+) -> _Sizes:
+    """How many actors, and what each asks of this cluster."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = max(1, int(resources.get("CPU", 1)))
+    kind = (device or "auto").split(":")[0]
+    if kind == "cuda" and not gpus:
+        raise UserError("--device cuda: the Ray cluster has no GPUs")
+    use_gpu = kind == "cuda" or (kind == "auto" and gpus > 0)
+    per_gpu = gpus_per_worker if gpus_per_worker else 1.0
+    if workers is None:
+        workers = max(1, int(gpus / per_gpu)) if use_gpu else 1
+    share = max(1, cpus // workers)
+    if threads is None:
+        threads = min(MAX_DEFAULT_THREADS, share)
+    if workers > (gpus / per_gpu if use_gpu else cpus):
+        logger.warning(
+            f"ray: {workers} actor(s) asked for, but the cluster has {cpus} CPU(s) and "
+            f"{gpus} GPU(s): the rest start only when it grows"
+        )
+    return _Sizes(
+        workers=workers,
+        gpus=per_gpu if use_gpu else 0,
+        cpus=min(threads, share),  # never more than the cluster has, or no actor starts
+        threads=threads,
+        device="cuda" if use_gpu else (None if kind == "auto" else device),
+    )
+
+
+def _stop_execution(dataset) -> None:
+    # On the way out (an interrupt too), before the cluster goes: Ray Data's executor thread
+    # would otherwise outlive ray.shutdown(), and Ray's core then ends the whole process, before
+    # the temporary files are swept. This is what Dataset.__del__ does, done now and waited for.
+    executor = getattr(dataset, "_current_executor", None)
+    if executor is not None:
+        try:
+            executor.shutdown(force=True)
+        except Exception as exc:
+            logger.debug(f"ray: stopping the dataset's execution: {_one_line(exc)}")
+
+
+def _quiet_ray_data_console() -> None:
+    # Ray Data logs each dataset's start, plan and end at INFO on the console (its log file in
+    # the session directory keeps them); the command has its own bar and summary.
+    import logging
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
+def default_files_per_batch(files: int, workers: int) -> int:
+    """About four batches per worker, so work spreads and a retry redoes little; at most 16."""
+    return max(1, min(MAX_FILES_PER_BATCH, math.ceil(files / (4 * workers))))
+
+
+def run_on_ray(
+    jobs: Iterable[Tuple[Union[str, os.PathLike], Union[str, os.PathLike]]],
+    *,
+    address: Optional[str] = None,
+    workers: Optional[int] = None,
+    enhancer_options: Optional[dict] = None,
+    forward_method: Optional[str] = None,
+    overwrite: bool = False,
+    report_path: Union[str, os.PathLike, None] = None,
+    files_per_batch: Optional[int] = None,
+    num_cpus: Optional[int] = None,
+    max_restarts: int = DEFAULT_RETRIES,
+    max_task_retries: int = DEFAULT_RETRIES,
+    gpus_per_worker: Optional[float] = None,
+    progress_bars: bool = False,
+    log_level: Optional[str] = "WARNING",
+) -> Iterator[dict]:
+    """Enhance (source, target) pairs with a pool of ``EnhanceFiles`` actors; yields one result
+    row (a dict, see ``COLUMNS``) per job as it finishes, not in input order.
+
+    ``address``: None or "local" starts a local cluster (``num_cpus`` CPUs, default all) and
+    shuts it down at the end; "auto", "ray://HOST:PORT" or "HOST:PORT" joins a cluster. If Ray
+    is already initialised in this process, that cluster is used and left running.
+    ``workers``: actors (default one per GPU, else one). ``enhancer_options["threads"]``: torch
+    threads (and Ray CPUs) per actor, default min(4, CPUs / workers). ``overwrite``: replace
+    existing targets; otherwise a target that exists and is complete is a ``skipped`` row.
+    ``report_path``: the rows as JSON lines, written as they come. ``max_restarts`` and
+    ``max_task_retries`` are Ray's actor retries. ``gpus_per_worker``: each GPU actor's share
+    (default 1; 0.5 puts two actors on each GPU). ``progress_bars``: Ray Data's own bars and
+    log lines on the console; ``log_level``: the actors' loguru level.
+    """
+    pairs = [(str(s), str(d)) for s, d in jobs]
+    with contextlib.ExitStack() as stack:
+        report = None
+        if report_path is not None:
+            report = stack.enter_context(open(report_path, "w", encoding="utf-8"))
+        if not pairs:
+            return
+        ray = _import_ray()
+        started_here = _connect(ray, address, num_cpus)
+        try:
+            options = dict(enhancer_options or {})
+            size = _sizes(
+                ray, options.get("device"), workers, options.get("threads"), gpus_per_worker
+            )
+            options.update(threads=size.threads, device=size.device)
+            batch = files_per_batch or default_files_per_batch(len(pairs), size.workers)
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = progress_bars
+            if not progress_bars:
+                _quiet_ray_data_console()
+            each = f"{size.gpus:g} GPU" if size.gpus else f"{size.cpus} CPU"
+            logger.info(
+                f"ray: {len(pairs)} file(s) on {size.workers} actor(s) ({each} and "
+                f"{size.threads} torch thread(s) each), {batch} file(s) per batch"
+            )
+            dataset = ray.data.from_items(
+                [{"src": s, "dst": d} for s, d in pairs], override_num_blocks=len(pairs)
+            )
+            with warnings.catch_warnings():
+                # Ray 2.60-2.63 deprecate passing actor options (max_restarts, ...) through
+                # map_batches' **ray_remote_args, with no named replacement yet; the extra
+                # stops below 2.64, where Ray says they go.
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+                dataset = dataset.map_batches(
+                    EnhanceFiles,
+                    fn_constructor_kwargs=dict(
+                        enhancer_options=options,
+                        forward_method=forward_method,
+                        existing="overwrite" if overwrite else "skip",
+                        log_level=log_level,
+                    ),
+                    batch_size=batch,
+                    batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(size=size.workers),
+                    num_gpus=size.gpus,
+                    num_cpus=size.cpus,
+                    max_restarts=max_restarts,
+                    max_task_retries=max_task_retries,
+                )
+            stack.callback(_stop_execution, dataset)
+            for row in dataset.iter_rows():
+                row = {name: kind(row[name]) for name, kind in COLUMNS.items()}
+                if report is not None:
+                    report.write(json.dumps(row) + "\n")
+                    report.flush()
+                yield row
+        finally:
+            stack.close()
+            if started_here:
+                ray.shutdown()  # ends the actors, so none is still writing below
+            for _, target in pairs:
+                remove_stale_temp_files(target)
+
+
+# -- the command line's --ray ----------------------------------------------------------------
+def run_cli(jobs, args, output_dir: Path) -> int:
+    """``df-mps-enhance --ray``: the planned jobs (``df_mps.enhance.plan_jobs``) on Ray.
+
+    Planned errors and ``--skip-existing`` skips become report rows too, so the report has one
+    row per planned file. Returns the exit status: 1 when any file failed.
+    """
+    from tqdm import tqdm
+
+    report_path = Path(args.report) if args.report else output_dir / DEFAULT_REPORT_NAME
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    planned: List[dict] = []
+    todo = []
+    for job in jobs:
+        row = {name: kind() for name, kind in COLUMNS.items()}
+        row.update(src=str(job.source), dst=str(job.target or ""))
+        if job.error is not None:
+            row.update(status="error", error=job.error)
+            _say(f"error: {job.error} (skipped)")
+            planned.append(row)
+        elif getattr(job, "skipped", False):
+            row.update(status="skipped", error="output exists and is complete")
+            planned.append(row)
+        else:
+            todo.append((job.source, job.target))
+    skipped = sum(row["status"] == "skipped" for row in planned)
+    if skipped:
+        _say(f"{skipped} file(s) skipped: their output exists and is complete")
+    options = dict(
+        model=args.model_base_dir,
+        device=args.device,
+        post_filter=args.pf,
+        atten_lim_db=args.atten_lim,
+        pad=args.compensate_delay,
+        epoch=args.epoch,
+        mask_only=args.no_df_stage,
+        piece_seconds=args.piece_seconds,
+        threads=args.threads,
+        whole_file=args.whole_file,
+    )
+    counts = {"ok": 0, "skipped": skipped, "error": len(planned) - skipped}
+    audio = model = 0.0
+    t0 = time.perf_counter()
+    with open(report_path, "w", encoding="utf-8") as report:
+        for row in planned:
+            report.write(json.dumps(row) + "\n")
+        report.flush()
+        rows = contextlib.closing(  # closed on an interrupt too: the cluster ends, temps go
+            run_on_ray(
+                todo,
+                address=args.ray,
+                workers=args.ray_workers,
+                enhancer_options=options,
+                forward_method=args.forward_method,
+                overwrite=args.overwrite,
+                files_per_batch=args.ray_batch,
+                log_level="WARNING"
+                if args.log_level in ("trace", "debug", "info")
+                else args.log_level,
+            )
+        )
+        bar = tqdm(total=len(todo), unit="file", disable=None, file=sys.stderr, dynamic_ncols=True)
+        with rows as results, bar:
+            for row in results:
+                report.write(json.dumps(row) + "\n")
+                report.flush()
+                bar.update(1)
+                counts[row["status"]] += 1
+                if row["status"] == "error":
+                    _say(f"error: {row['error']} (skipped)")
+                elif row["status"] == "ok":
+                    audio += row["audio_seconds"]
+                    model += row["model_seconds"]
+                    bar.set_postfix_str(f"RTF {row['rtf']:.3f}")
+                    logger.info(
+                        f"enhanced '{row['src']}' -> '{row['dst']}' "
+                        f"({row['audio_seconds']:.2f} s audio, RTF {row['rtf']:.3f}, "
+                        f"on {row['worker']})"
+                    )
+    wall = time.perf_counter() - t0
+    text = f"enhanced {counts['ok']} of {len(jobs)} file(s) on Ray in {wall:.1f} s"
+    if audio:
+        text += f", RTF {model / audio:.3f}"
+    if counts["skipped"]:
+        text += f"; {counts['skipped']} skipped (complete)"
+    if counts["error"]:
+        text += f"; {counts['error']} failed"
+    _say(text + f"; report: {report_path}")
+    return 1 if counts["error"] else 0
+
+
+def _say(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"{PROG}: {message}", file=sys.stderr)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
