@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -151,7 +152,17 @@ def child(args) -> None:
     argv += ["--log-level", "warning"]
     if args.threads:
         argv += ["--threads", str(args.threads)]
-    rc = cli.main(argv)
+    trace = os.environ.get("BENCH_TORCH_PROFILE")  # a path: torch.profiler's top ops there
+    if trace:
+        import torch.profiler as tp
+
+        with tp.profile(activities=[tp.ProfilerActivity.CPU, tp.ProfilerActivity.CUDA]) as prof:
+            rc = cli.main(argv)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        table += prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20)
+        Path(trace).write_text(table)
+    else:
+        rc = cli.main(argv)
     t_end = time.perf_counter()
     import soundfile as sf
 

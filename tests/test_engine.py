@@ -215,13 +215,15 @@ def test_a_file_wider_than_the_batch_takes_turns(dfn3_model_dir, audio_dir):
         assert np.abs(got[:, c] - one.enhance_array(wide[:, c], sr)).max() <= 1e-5
 
 
-@pytest.mark.parametrize("dsp", ["step", "io"])
-def test_both_dsp_placements_equal_upstream(dfn3_model_dir, audio_dir, monkeypatch, dsp):
-    """On a GPU the DSP of all jobs runs stacked on the scheduling thread ("step"); on the CPU
-    per job in the I/O threads ("io"). Both, forced here on the CPU, give upstream's output."""
+@pytest.mark.parametrize("dsp, fixed", [("step", "1"), ("io", "0")], ids=["gpu-way", "cpu-way"])
+def test_both_dsp_placements_equal_upstream(dfn3_model_dir, audio_dir, monkeypatch, dsp, fixed):
+    """On a GPU the DSP of all jobs runs stacked on the scheduling thread ("step") and every
+    step has one shape (idle rows on zeros); on the CPU the DSP runs per job in the I/O threads
+    ("io") and steps shrink. Both, forced here on the CPU, give upstream's output."""
     from df.enhance import enhance
 
     monkeypatch.setenv("DF_MPS_ENGINE_DSP", dsp)
+    monkeypatch.setenv("DF_MPS_ENGINE_FIXED", fixed)
     enhancer = Enhancer(dfn3_model_dir, batch=3, piece_seconds=0.5)
     noisy, sr = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
     signals = [noisy[: int(sr * s)] for s in (1.7, 1.0, 2.3, 0.4)]
@@ -231,7 +233,7 @@ def test_both_dsp_placements_equal_upstream(dfn3_model_dir, audio_dir, monkeypat
     sinks = [ArraySink() for _ in signals]
     jobs = [Job(open=lambda x=x, k=k: (ArraySource(x, sr), k)) for x, k in zip(signals, sinks)]
     engine = enhancer.engine()
-    assert engine.dsp_in_io == (dsp == "io")
+    assert engine.dsp_in_io == (dsp == "io") and engine.fixed_shape == (fixed == "1")
     assert all(r.error is None for r in engine.run(jobs))
     for x, sink in zip(signals, sinks):
         x2 = x if x.ndim == 2 else x[:, None]

@@ -387,13 +387,15 @@ class BatchedModel:
             out.append((hs, hist))
         return out
 
-    def warm_up(self, rows: int, freq_bins: int, erb_bands: int, df_bins: int) -> None:
+    def warm_up(
+        self, rows: int, freq_bins: int, erb_bands: int, df_bins: int, fixed_shape: bool = True
+    ) -> None:
         """One step on zeros for ``rows`` rows at the full piece and at the shortest last
         piece: the device's first-use costs (kernel plans, allocator growth) are paid here,
         once, not by the first files."""
         import torch
 
-        for piece in (self.piece, _bucket(1, self.piece)):
+        for piece in (self.piece,) if fixed_shape else (self.piece, _bucket(1, self.piece)):
             window = self.left + piece + self.right
             zeros = dict(device=self.device, dtype=self.dtype)
             self.step(
@@ -947,6 +949,10 @@ class Engine:
             dsp_in_io = choice == "io" if choice in ("io", "step") else device_type == "cpu"
         self.dsp_in_io = bool(dsp_in_io)
         self.to_synthesise: list = []  # (job, enhanced piece, final) for synthesise_many
+        # Off the CPU every step has one shape (see _step); DF_MPS_ENGINE_FIXED=0|1 overrides.
+        fixed = os.environ.get("DF_MPS_ENGINE_FIXED", "")
+        self.fixed_shape = fixed == "1" if fixed in ("0", "1") else device_type != "cpu"
+        self._idle: Dict[tuple, list] = {}
         self.timings = collections.Counter()  # seconds per phase of the step
         self.profile = os.environ.get("DF_MPS_ENGINE_PROFILE") == "1"
         self.pool: Optional[cf.ThreadPoolExecutor] = None
@@ -955,13 +961,22 @@ class Engine:
         self.step_seconds = 0.0
         self.rows_run = 0
 
+    def _idle_rows(self, rows: int, piece: int, like):
+        """Zero windows for ``rows`` idle rows (kept: the same tensors every step)."""
+        key = (rows, piece)
+        if key not in self._idle:
+            self._idle[key] = [part.new_zeros((rows, *part.shape[1:])) for part in like]
+        return self._idle[key]
+
     def warm_up(self) -> None:
         """Pay the device's first-use costs for this engine's batch (see BatchedModel)."""
         key = (self.batch, self.piece_frames)
         warmed = _WARMED.setdefault(self.model.model, set())
         if key not in warmed:
             spec = self.df_spec
-            self.model.warm_up(self.batch, spec.fft // 2 + 1, spec.nb, self.nb_df)
+            self.model.warm_up(
+                self.batch, spec.fft // 2 + 1, spec.nb, self.nb_df, fixed_shape=self.fixed_shape
+            )
             warmed.add(key)
 
     def new_dsp(self):
@@ -1131,13 +1146,25 @@ class Engine:
         import torch
 
         t0 = time.perf_counter()
-        # One shape per step: the full piece, unless every row is on its stream's last,
-        # shorter piece (a small set of lengths, so that few shapes are ever compiled).
-        piece = _bucket(max(item.piece_frames() for item, _ in rows), self.piece_frames)
+        if self.fixed_shape:
+            # One shape, ever: every step runs ``batch`` rows of a full piece, idle rows on
+            # zeros. A GPU builds kernel plans (cuDNN, MPSGraph) per input shape, at up to
+            # 150 ms of CPU a convolution on an H200: a new shape costs seconds, an idle row
+            # almost nothing.
+            piece = self.piece_frames
+        else:
+            # The CPU pays per frame and row: the full piece, unless every row is on its
+            # stream's last, shorter piece (a few bucketed lengths).
+            piece = _bucket(max(item.piece_frames() for item, _ in rows), self.piece_frames)
         windows = [item.window(lane, piece) for item, lane in rows]
-        spec, erb_feat, spec_feat = (torch.cat(parts, dim=0) for parts in zip(*windows))
         fresh = [item.fresh() for item, _ in rows]
         states = [item.states[lane] for item, lane in rows]
+        idle = self.batch - len(rows) if self.fixed_shape else 0
+        if idle > 0:
+            windows.append(self._idle_rows(idle, piece, windows[0]))
+            fresh += [True] * idle
+            states += [None] * idle
+        spec, erb_feat, spec_feat = (torch.cat(parts, dim=0) for parts in zip(*windows))
         t1 = self._phase("windows", t0)
         enhanced, _lsnr, new_states = self.model.step(
             spec.to(self.model.device, self.model.dtype),

@@ -157,9 +157,14 @@ class _FileByFileEngine:
 
 
 def make_engine(options: dict):
-    """The engine an actor runs. With ``df_mps.api`` on main this is ``Enhancer(**options)``
-    (``whole_file`` aside, which that API does not take)."""
-    return _FileByFileEngine(**options)
+    """The engine an actor runs: ``df_mps.api.Enhancer`` (its batched engine); with
+    ``whole_file``, upstream's whole-file call file by file."""
+    options = dict(options)
+    if options.pop("whole_file", False):
+        return _FileByFileEngine(**options, whole_file=True)
+    from .api import Enhancer
+
+    return Enhancer(**options)
 
 
 # -- the actor ---------------------------------------------------------------------------------
@@ -419,9 +424,11 @@ def _quiet_ray_data_console() -> None:
             handler.setLevel(logging.WARNING)
 
 
-def default_files_per_batch(files: int, workers: int) -> int:
-    """About four batches per worker, so work spreads and a retry redoes little; at most 16."""
-    return max(1, min(MAX_FILES_PER_BATCH, math.ceil(files / (4 * workers))))
+def default_files_per_batch(files: int, workers: int, rows: int = 1) -> int:
+    """About four batches per worker, so work spreads and a retry redoes little, at most 16;
+    but at least the engine's ``rows`` (its batch), so that its lanes are full."""
+    spread = max(1, min(MAX_FILES_PER_BATCH, math.ceil(files / (4 * workers))))
+    return max(spread, min(rows, math.ceil(files / workers)))
 
 
 def run_on_ray(
@@ -470,7 +477,12 @@ def run_on_ray(
                 ray, options.get("device"), workers, options.get("threads"), gpus_per_worker
             )
             options.update(threads=size.threads, device=size.device)
-            batch = files_per_batch or default_files_per_batch(len(pairs), size.workers)
+            from .engine import default_batch
+
+            rows = options.get("batch")
+            if not isinstance(rows, int):
+                rows = default_batch(str(size.device or "cpu").split(":")[0])
+            batch = files_per_batch or default_files_per_batch(len(pairs), size.workers, rows)
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = progress_bars
             if not progress_bars:
