@@ -26,7 +26,7 @@ import pytest
 import soundfile as sf
 
 from df_mps import enhance as cli
-from df_mps.patches.audio_io import TEMP_SUFFIX
+from df_mps.audio import TEMP_SUFFIX
 
 REPO = Path(__file__).resolve().parents[1]
 SUFFIX = "DeepFilterNet3"
@@ -64,13 +64,14 @@ def test_importing_df_mps_ray_does_not_import_ray(python_child):
 
 
 def test_remove_stale_temp_files_removes_only_that_targets(tmp_path):
+    from df_mps.audio import discard, new_temp
     from df_mps.ray import remove_stale_temp_files
 
     target = tmp_path / "x_DeepFilterNet3.wav"
-    stale = tmp_path / f".x_DeepFilterNet3.wav.abc123{TEMP_SUFFIX}"
-    other = tmp_path / f".y_DeepFilterNet3.wav.abc123{TEMP_SUFFIX}"
-    for path in (stale, other, target):
-        path.write_bytes(b"x")
+    stale = Path(new_temp(target))  # as a dead worker left it
+    other = Path(new_temp(tmp_path / "y_DeepFilterNet3.wav"))
+    target.write_bytes(b"x")
+    assert discard and stale.exists()
     assert remove_stale_temp_files(target) == 1
     assert not stale.exists() and other.exists() and target.exists()
 
@@ -439,7 +440,9 @@ def test_enhance_files_rows_without_a_cluster(corpus, plain_outputs, dfn3_model_
     done = out / output_name("c16_mono.wav")
     done.write_bytes((plain_outputs / output_name("c16_mono.wav")).read_bytes())
     stamp = done.stat().st_mtime_ns
-    stale = out / f".{output_name('a48_mono.wav')}.dead1234{TEMP_SUFFIX}"
+    from df_mps.audio import new_temp
+
+    stale = Path(new_temp(out / output_name("a48_mono.wav")))  # as a worker that died left it
     stale.write_bytes(b"left by a worker that died")
     (tmp_path / "garbage.wav").write_bytes(b"RIFF not really")
     batch = {

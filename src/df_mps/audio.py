@@ -80,7 +80,7 @@ FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
 
 # Every temporary file or directory the writer makes is named ".<pid>-<6 hex>" + TEMP_SUFFIX.
 TEMP_SUFFIX = ".df-mps-tmp"
-_TEMP_NAME = re.compile(r"\.(\d+)-[0-9a-f]{6}" + re.escape(TEMP_SUFFIX))
+_TEMP_NAME = re.compile(r"\.(\d+)-[0-9a-f]{6}(?:-([0-9a-f]{8}))?" + re.escape(TEMP_SUFFIX))
 # A temporary older than this is left from a dead process even where its PID lives again.
 STALE_TEMP_SECONDS = 3600.0
 
@@ -243,14 +243,39 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and name.endswith(TEMP_SUFFIX)
 
 
+def temp_tag(target: PathLike) -> str:
+    """8 hex digits of the target's name: ties a temporary to its target at a fixed length
+    (a name of the target's own length could pass the filesystem's limit)."""
+    import hashlib
+
+    return hashlib.sha1(os.fsencode(os.path.basename(os.fspath(target)))).hexdigest()[:8]
+
+
+def temps_of(target: PathLike) -> List[str]:
+    """The writer's temporaries for ``target`` (any process's) in its directory."""
+    parent = os.path.dirname(os.path.abspath(os.fspath(target)))
+    tag = temp_tag(target)
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        match = _TEMP_NAME.fullmatch(name)
+        if match is not None and match.group(2) == tag:
+            found.append(os.path.join(parent, name))
+    return found
+
+
 def new_temp(target: PathLike, *, directory: bool = False) -> str:
     """Create an empty temporary file (or directory) in ``target``'s directory; its path.
 
     The mode is the kernel's: 0o666 (0o777 for a directory) less the umask of this moment.
     """
     parent = os.path.dirname(os.path.abspath(os.fspath(target)))
+    tag = temp_tag(target)
     while True:
-        tmp = os.path.join(parent, f".{os.getpid()}-{secrets.token_hex(3)}{TEMP_SUFFIX}")
+        tmp = os.path.join(parent, f".{os.getpid()}-{secrets.token_hex(3)}-{tag}{TEMP_SUFFIX}")
         try:
             if directory:
                 os.mkdir(tmp)

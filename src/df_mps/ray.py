@@ -38,18 +38,10 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from ._log import logger
-from .enhance import (
-    MAX_DEFAULT_THREADS,
-    PROG,
-    AudioFileError,
-    FileResult,
-    UserError,
-    enhance_file,
-    load_enhancer,
-    output_is_complete,
-)
-from .patches.audio_io import TEMP_SUFFIX
-from .streaming import DEFAULT_PIECE_SECONDS
+from .api import FileError, FileResult, UserError, load_enhancer
+from .audio import AudioFileError, discard, temps_of
+from .engine import DEFAULT_PIECE_SECONDS
+from .enhance import MAX_DEFAULT_THREADS, PROG, enhance_file, output_is_complete
 
 __all__ = [
     "COLUMNS",
@@ -89,14 +81,7 @@ COLUMNS = {
 }
 
 
-# -- the library, behind the interface of df_mps.api.Enhancer (issue 12) ------------------------
-@dataclasses.dataclass
-class FileError:
-    """A file that could not be enhanced (as ``df_mps.api.FileError``)."""
-
-    source: Path
-    target: Path
-    message: str  # one line
+# -- the library: df_mps.api.Enhancer, or upstream's whole-file call file by file ----------------
 
 
 class _FileByFileEngine:
@@ -296,23 +281,13 @@ def _columns(rows: Sequence[dict]) -> Dict[str, np.ndarray]:
 
 
 def remove_stale_temp_files(target) -> int:
-    """Remove the library's temporary files for ``target`` (``.NAME.*`` + TEMP_SUFFIX beside
-    it). Only for targets no live process is writing: a worker's retried task, or a run that
-    has ended. Returns how many were removed."""
-    target = Path(target)
-    prefix = "." + target.name + "."
-    try:
-        names = os.listdir(target.parent)
-    except OSError:
-        return 0
+    """Remove the library's temporary files for ``target`` (tagged with its name, beside it).
+    Only for targets no live process is writing: a worker's retried task, or a run that has
+    ended. Returns how many were removed."""
     removed = 0
-    for name in names:
-        if name.startswith(prefix) and name.endswith(TEMP_SUFFIX):
-            try:
-                os.unlink(target.parent / name)
-                removed += 1
-            except FileNotFoundError:
-                pass
+    for path in temps_of(target):
+        discard(path)
+        removed += 1
     return removed
 
 
