@@ -55,7 +55,7 @@ import math
 import os
 import sys
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -179,7 +179,6 @@ class _ConvBlock:
 
 def _dense_weight(conv):
     """The convolution's weight with its groups spelled out (zeros off the groups), float64."""
-    import torch
     from torch import nn
 
     w = conv.weight.detach().double()
@@ -207,11 +206,7 @@ def _dense_weight(conv):
 
 class _Linear:
     """A ``GroupedLinearEinsum``, ``nn.Linear`` or their ``Sequential`` with an activation, as
-    one matrix product (block-diagonal for the grouped ones) and the activation."""
-
-    # A grouped layer becomes block-diagonal (one matmul instead of an einsum) while that
-    # matrix stays this small; beyond it the extra memory traffic costs more than the call.
-    DENSE_LIMIT = 1 << 19
+    one matrix product (a batched one over the groups) and the activation."""
 
     def __init__(self, layer):
         import torch
@@ -222,14 +217,14 @@ class _Linear:
         self.groups = None
         self.bias = None
         if isinstance(first, nn.Linear):
-            self.weight = first.weight.detach().t().contiguous()
+            self.weight = first.weight.detach()  # [out, in], as F.linear takes it
             if first.bias is not None:
-                self.bias = first.bias.detach().clone()
+                self.bias = first.bias.detach()
         elif type(first).__name__ == "GroupedLinearEinsum":
             w = first.weight.detach()  # [G, I, H]
             g, i, h = w.shape
-            if g == 1 or g * i * g * h <= self.DENSE_LIMIT:
-                self.weight = torch.block_diag(*w.unbind(0)).contiguous()
+            if g == 1:
+                self.weight = w[0].t().contiguous()
             else:
                 self.weight = w.contiguous()
                 self.groups = (g, i, h)
@@ -251,13 +246,10 @@ class _Linear:
 
     def __call__(self, x):
         import torch
+        import torch.nn.functional as F
 
         if self.groups is None:
-            if self.bias is not None:
-                y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
-                y = y.view(*x.shape[:-1], -1)
-            else:
-                y = torch.matmul(x, self.weight)
+            y = F.linear(x, self.weight, self.bias)
         else:
             g, i, h = self.groups
             lead = x.shape[:-1]
@@ -272,11 +264,17 @@ class _Linear:
 
 
 class _GRU:
-    """A ``SqueezedGRU_S`` that keeps its hidden state from call to call."""
+    """A ``SqueezedGRU_S`` that keeps its hidden state from call to call. A single frame goes
+    through ``torch.gru_cell`` layer by layer (no sequence machinery); several frames through
+    the module's ``nn.GRU``."""
 
     def __init__(self, module):
         self.linear_in = _Linear(module.linear_in)
         self.gru = module.gru
+        if not self.gru.batch_first or self.gru.bidirectional or self.gru.proj_size:
+            raise ValueError(f"unsupported GRU {self.gru}")
+        self.layers = int(self.gru.num_layers)
+        self.hidden = int(self.gru.hidden_size)
         self.linear_out = None
         if type(module.linear_out).__name__ != "Identity":
             self.linear_out = _Linear(module.linear_out)
@@ -287,13 +285,35 @@ class _GRU:
                 if type(module.gru_skip).__name__ != "Identity"
                 else (lambda x: x)
             )
-        if not self.gru.batch_first:
-            raise ValueError("expected a batch-first GRU")
+        self._cell_weights()
         self.state = None
 
+    def _cell_weights(self) -> None:
+        g = self.gru
+        self.cells = []
+        for k in range(self.layers):
+            bias_ih = getattr(g, f"bias_ih_l{k}") if g.bias else None
+            bias_hh = getattr(g, f"bias_hh_l{k}") if g.bias else None
+            self.cells.append(
+                (getattr(g, f"weight_ih_l{k}"), getattr(g, f"weight_hh_l{k}"), bias_ih, bias_hh)
+            )
+
     def __call__(self, x):
+        import torch
+
         y = self.linear_in(x)
-        y, self.state = self.gru(y, self.state)
+        if self.state is None:
+            self.state = y.new_zeros((self.layers, y.shape[0], self.hidden))
+        if y.shape[1] == 1:
+            h = y[:, 0]
+            states = []
+            for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.cells):
+                h = torch.gru_cell(h, self.state[k], w_ih, w_hh, b_ih, b_hh)
+                states.append(h)
+            self.state = torch.stack(states) if self.layers > 1 else h.unsqueeze(0)
+            y = h.unsqueeze(1)
+        else:
+            y, self.state = self.gru(y, self.state)
         if self.linear_out is not None:
             y = self.linear_out(y)
         if self.skip is not None:
@@ -306,6 +326,7 @@ class _GRU:
             self.linear_out.to(device)
         if isinstance(self.skip, _Linear):
             self.skip.to(device)
+        self._cell_weights()
         self.state = None
 
 
@@ -754,8 +775,11 @@ class RealtimeEnhancer:
         w_in = _resampler_width(self.sample_rate, self.model_rate)
         w_out = _resampler_width(self.model_rate, self.sample_rate)
         g = math.gcd(self.sample_rate, self.model_rate)
-        period = (self.sample_rate // g) * hop  # input samples per whole number of hops
-        n = np.arange(0, 4 * period + 4 * (w_in + w_out) * self.sample_rate // g + 1, dtype=np.int64)
+        # Input samples per whole number of hops: after that the counts repeat (the model
+        # rate gets n1 * hop samples more, the output o1 * hop), so a second of warm-up and
+        # two periods cover every case.
+        period = (self.sample_rate // g) * hop
+        n = np.arange(0, self.sample_rate + 2 * period + 1, dtype=np.int64)
         m = _resampled_count(n, self.sample_rate, self.model_rate, w_in)
         ready = np.maximum(0, (m // hop) * hop - model_delay)
         out = _resampled_count(ready, self.model_rate, self.sample_rate, w_out)
@@ -803,17 +827,15 @@ class RealtimeEnhancer:
     def _finish(self) -> None:
         import torch
 
-        if True:
-            parts = []
-            if not self._to_model.identity:
-                rest = self._to_model.finish()
-                if rest is not None and rest.shape[-1]:
-                    y = self._model.process(rest.to(self.device))
-                    if y is not None:
-                        parts.append(y)
-            y = self._model.finish()
-            parts.append(y)
-            self._emit(torch.cat(parts, dim=-1), final=True)
+        parts = []
+        if not self._to_model.identity:
+            rest = self._to_model.finish()
+            if rest is not None and rest.shape[-1]:
+                y = self._model.process(rest.to(self.device))
+                if y is not None:
+                    parts.append(y)
+        parts.append(self._model.finish())
+        self._emit(torch.cat(parts, dim=-1), final=True)
 
     # -- internals ---------------------------------------------------------------------------
     def _check(self, chunk) -> np.ndarray:
@@ -824,11 +846,15 @@ class RealtimeEnhancer:
         want = 3 if self.streams else 2
         if a.ndim == want - 1 and self.channels == 1:
             a = a[..., None]
-        if a.ndim != want or a.shape[-1] != self.channels or (
-            self.streams and a.shape[0] != self.streams
+        if (
+            a.ndim != want
+            or a.shape[-1] != self.channels
+            or (self.streams and a.shape[0] != self.streams)
         ):
-            layout = f"[{self.streams}, frames, {self.channels}]" if self.streams else (
-                f"[frames, {self.channels}]"
+            layout = (
+                f"[{self.streams}, frames, {self.channels}]"
+                if self.streams
+                else (f"[frames, {self.channels}]")
             )
             raise ValueError(f"expected a chunk {layout}, got shape {tuple(a.shape)}")
         if not np.isfinite(a).all():
@@ -893,3 +919,148 @@ class RealtimeEnhancer:
             lsnr = torch.cat(parts, dim=1)[..., 0].to("cpu").numpy()  # [S*C, T]
             arr = lsnr.reshape(s, self.channels, -1).transpose(0, 2, 1)
         return np.ascontiguousarray(arr if self.streams else arr[0])
+
+
+# -- the command line ---------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Enhance raw PCM from stdin to stdout in real time with DeepFilterNet "
+            "(same rate, channels and format out; delayed by the model's latency, "
+            "no other buffering)."
+        ),
+        epilog=(
+            "example: ffmpeg -i call.mp3 -f f32le -ac 1 -ar 48000 - | "
+            f"{PROG} --rate 48000 | ffplay -f f32le -ar 48000 -"
+        ),
+    )
+    parser.add_argument("--rate", type=_positive_int, default=48000, help="sample rate (48000)")
+    parser.add_argument("--channels", type=_positive_int, default=1, help="channels (1)")
+    parser.add_argument(
+        "--format", choices=sorted(FORMATS), default="f32le", help="sample format (f32le)"
+    )
+    parser.add_argument(
+        "-m", "--model", default=None, help="model directory or name (DeepFilterNet3)"
+    )
+    parser.add_argument("--pf", action="store_true", help="upstream's post-filter")
+    parser.add_argument(
+        "--atten-lim", type=float, default=None, help="attenuation limit in dB (none)"
+    )
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu)")
+    parser.add_argument("--threads", type=_positive_int, default=1, help="torch threads (1)")
+    parser.add_argument(
+        "--block",
+        type=_positive_int,
+        default=None,
+        help="most frames read at once (default: one hop, 10 ms)",
+    )
+    return parser
+
+
+def _say(message: str) -> None:
+    try:
+        sys.stderr.write(f"{PROG}: {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _to_float(raw: bytes, fmt: str, channels: int) -> np.ndarray:
+    data = np.frombuffer(raw, dtype=FORMATS[fmt]).reshape(-1, channels)
+    if fmt == "s16le":
+        return data.astype(np.float32) / np.float32(32768.0)
+    return data.astype(np.float32)
+
+
+def _from_float(samples: np.ndarray, fmt: str) -> bytes:
+    if fmt == "s16le":
+        scaled = np.clip(np.rint(samples * np.float32(32768.0)), -32768, 32767)
+        return scaled.astype(FORMATS[fmt]).tobytes()
+    return samples.astype(FORMATS[fmt]).tobytes()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except BrokenPipeError:
+        # The reader went away (``| head``, a closed player): end quietly. Point stdout at
+        # devnull so that the interpreter's final flush doesn't complain again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .enhance import UserError, load_enhancer
+
+    torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        _say(f"device {args.device!r} is not available here")
+        return 1
+    try:
+        enhancer = load_enhancer(args.model)
+        stream = RealtimeEnhancer(
+            enhancer,
+            sample_rate=args.rate,
+            channels=args.channels,
+            device=args.device,
+            atten_lim_db=args.atten_lim,
+            post_filter=True if args.pf else None,
+        )
+    except (UserError, ValueError, RuntimeError) as exc:
+        _say(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return 1
+    frame_bytes = FORMATS[args.format].itemsize * args.channels
+    block = args.block or max(1, stream.hop * args.rate // stream.model_rate)
+    source = sys.stdin.buffer
+    sink = sys.stdout.buffer
+    fd = source.fileno()
+    pending = b""
+    frames_done = 0
+    while True:
+        raw = os.read(fd, block * frame_bytes - len(pending))  # what is there, up to a block
+        if not raw:
+            break
+        raw = pending + raw
+        whole = len(raw) - len(raw) % frame_bytes
+        pending = raw[whole:]
+        if not whole:
+            continue
+        samples = _to_float(raw[:whole], args.format, args.channels)
+        try:
+            out = stream.process(samples)
+        except ValueError as exc:
+            bad = int(np.argmin(np.isfinite(samples).all(axis=1)))
+            _say(f"{exc} (input frame {frames_done + bad}); stopped")
+            return 1
+        frames_done += samples.shape[0]
+        sink.write(_from_float(out, args.format))
+        sink.flush()
+    if pending:
+        _say(f"ignored {len(pending)} trailing byte(s): not a whole {args.format} frame")
+    sink.write(_from_float(stream.flush(), args.format))
+    sink.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
