@@ -62,6 +62,7 @@ import numpy as np
 __all__ = ["PulsedDfNet", "RealtimeEnhancer", "main"]
 
 PROG = "df-mps-stream"
+LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "none")
 FORMATS = {"f32le": np.dtype("<f4"), "s16le": np.dtype("<i2")}
 
 
@@ -960,6 +961,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="where the model runs (cpu)")
     parser.add_argument("--threads", type=_positive_int, default=1, help="torch threads (1)")
     parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="warning",
+        help="log messages on stderr from this level on (warning)",
+    )
+    parser.add_argument(
         "--block",
         type=_positive_int,
         default=None,
@@ -973,6 +980,24 @@ def _say(message: str) -> None:
         sys.stderr.write(f"{PROG}: {message}\n")
         sys.stderr.flush()
     except (OSError, ValueError):
+        pass
+
+
+def _setup_logging(level: str) -> None:
+    """One loguru handler on stderr at ``level`` (stdout carries the audio). Like any
+    program's entry point, this replaces loguru's handlers for the whole process."""
+    from ._log import logger
+
+    logger.remove()
+    if level != "none":
+        logger.add(
+            sys.stderr, level=level.upper(), format="{time:HH:mm:ss} | {level: <8} | {message}"
+        )
+    try:  # upstream's init_logger would add its own handler again
+        import df.logger as df_logger
+
+        df_logger._logger_initialized = True
+    except (ImportError, AttributeError):
         pass
 
 
@@ -1012,6 +1037,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from .enhance import UserError, load_enhancer
 
+    _setup_logging(args.log_level)
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         _say(f"device {args.device!r} is not available here")
