@@ -141,13 +141,14 @@ class _ConvBlock:
         self.padding = conv.padding if self.transposed else (0, conv.padding[1])
         self.output_padding = conv.output_padding if self.transposed else None
         self.dilation = conv.dilation
+        # A kernel over time only (DFN3's deep-filter pathway, 5 x 1) runs as one matrix
+        # product over the unfolded frames: oneDNN's convolution for it costs several times
+        # more per hop.
+        kt, kf = self.weight.shape[2], self.weight.shape[3]
+        self.time_only = not self.transposed and kt > 1 and kf == 1 and tuple(self.stride) == (1, 1)
+        if self.time_only:
+            self.matrix = self.weight[..., 0].reshape(self.weight.shape[0], -1).t().contiguous()
         self.state = None
-
-    def reset(self, batch: int, channels_like, frequencies: int) -> None:
-        if self.past:
-            self.state = channels_like.new_zeros(
-                (batch, channels_like.shape[1], self.past, frequencies)
-            )
 
     def __call__(self, x):
         import torch
@@ -158,7 +159,14 @@ class _ConvBlock:
                 self.state = x.new_zeros((x.shape[0], x.shape[1], self.past, x.shape[3]))
             x = torch.cat((self.state, x), dim=2)
             self.state = x[:, :, x.shape[2] - self.past :]
-        if self.transposed:
+        if self.time_only:
+            b, c, _, f = x.shape
+            kt = self.weight.shape[2]
+            cols = x.unfold(2, kt, 1)  # [B, C, T, F, kt]
+            t = cols.shape[2]
+            cols = cols.permute(0, 2, 3, 1, 4).reshape(b * t * f, c * kt)
+            y = torch.addmm(self.bias, cols, self.matrix).view(b, t, f, -1).permute(0, 3, 1, 2)
+        elif self.transposed:
             y = F.conv_transpose2d(
                 x,
                 self.weight,
@@ -172,10 +180,6 @@ class _ConvBlock:
         else:
             y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         return self.activation(y) if self.activation is not None else y
-
-    def to(self, device) -> None:
-        self.weight, self.bias = self.weight.to(device), self.bias.to(device)
-        self.state = None
 
 
 def _dense_weight(conv):
@@ -258,11 +262,6 @@ class _Linear:
             y = torch.bmm(xs, self.weight).transpose(0, 1).reshape(*lead, g * h)
         return self.activation(y) if self.activation is not None else y
 
-    def to(self, device) -> None:
-        self.weight = self.weight.to(device)
-        if self.bias is not None:
-            self.bias = self.bias.to(device)
-
 
 class _GRU:
     """A ``SqueezedGRU_S`` that keeps its hidden state from call to call. A single frame goes
@@ -321,15 +320,6 @@ class _GRU:
             y = y + self.skip(x)
         return y
 
-    def to(self, device) -> None:
-        self.linear_in.to(device)
-        if self.linear_out is not None:
-            self.linear_out.to(device)
-        if isinstance(self.skip, _Linear):
-            self.skip.to(device)
-        self._cell_weights()
-        self.state = None
-
 
 class PulsedDfNet:
     """DeepFilterNet3's ``DfNet`` run frame by frame with carried state, on the model's weights.
@@ -379,6 +369,7 @@ class PulsedDfNet:
         # The spectrum frames the deep filter needs before the newest model frame.
         self.spec_past = self.lookahead + self.df_order - 1 - self.df_lookahead
         self.device = next(model.parameters()).device
+        self._choose_routes()
 
         with torch.no_grad():
             self.erb_conv = [_ConvBlock(getattr(enc, f"erb_conv{i}")) for i in range(4)]
@@ -488,10 +479,19 @@ class PulsedDfNet:
                 c = c + self.df_skip(emb)
             cp = self.df_convp(c0).permute(0, 2, 3, 1)
             coefs = self.df_out(c).view(b, t, self.nb_df, self.df_out_ch) + cp
-            # [B, T, F, O*2] -> [B, O, T, F, 2], as df.deepfilternet3.DfOutputReshapeMF
-            coefs = coefs.view(b, t, self.nb_df, -1, 2).permute(0, 3, 1, 2, 4)
-            spec_e = self._deep_filter(window, coefs, t)
-            spec_e[..., self.nb_df :, :] = spec_m[..., self.nb_df :, :]
+            coefs = coefs.view(b, t, self.nb_df, -1, 2)  # [B, T, F, O, 2]
+            if self.complex_df:
+                # upstream's deep filter (df.multiframe.DF: complex, sum over the O taps of
+                # the frames t - 2 ... t + 2), on the window that holds those frames
+                low = torch.view_as_complex(window[:, 0, :, : self.nb_df])  # [B, W, F]
+                taps = low[:, : t + self.df_order - 1].unfold(1, self.df_order, 1)
+                filtered = (taps * torch.view_as_complex(coefs)).sum(-1)  # [B, T, F]
+                spec_e = spec_m
+                spec_e[:, 0, :, : self.nb_df] = torch.view_as_real(filtered)
+            else:
+                # [B, T, F, O, 2] -> [B, O, T, F, 2], as df.deepfilternet3.DfOutputReshapeMF
+                spec_e = self._deep_filter(window, coefs.permute(0, 3, 1, 2, 4), t)
+                spec_e[..., self.nb_df :, :] = spec_m[..., self.nb_df :, :]
         else:
             spec_e = spec_m
         if self.post_filter:
@@ -499,6 +499,13 @@ class PulsedDfNet:
 
             spec_e = post_filter_real(spec_e, spec, self.post_filter_beta)
         return spec_e, lsnr
+
+    def _choose_routes(self) -> None:
+        """Where df_mps lets the deep filter use complex math (upstream's route), it runs here
+        directly; elsewhere through ``model.df_op`` (df_mps's real-valued kernel)."""
+        from .routing import Route, route
+
+        self.complex_df = route("deep_filter", self.device) is Route.UPSTREAM
 
     def _deep_filter(self, window, coefs, t: int):
         """``model.df_op`` on the frames the new model frames need. df_op pads the time axis
@@ -514,15 +521,6 @@ class PulsedDfNet:
         padded[:, :, before : before + t] = coefs
         out = self.model.df_op(window.clone(), padded)
         return out[:, :, before : before + t]
-
-    def to(self, device) -> None:
-        for conv in self._convs:
-            conv.to(device)
-        for layer in (self.df_fc_emb, self.lsnr_fc, self.df_out, *self._grus):
-            layer.to(device)
-        if isinstance(self.df_skip, _Linear):
-            self.df_skip.to(device)
-        self.device = device
 
 
 # -- the stream at the model's rate -------------------------------------------------------------
