@@ -760,7 +760,7 @@ class RealtimeEnhancer:
             StreamResampler(self.model_rate, self.sample_rate),
         )
         self.latency_samples = self._latency()
-        self.lsnr = np.zeros((0, self.channels), np.float32)
+        self._lsnr_parts, self._lsnr_value = [], None
         self.reset()
 
     # -- the fixed delay ---------------------------------------------------------------------
@@ -805,7 +805,7 @@ class RealtimeEnhancer:
 
             with torch.inference_mode():
                 self._run(x)
-        self.lsnr = self._lsnr()
+        self._lsnr_parts, self._lsnr_value = self._model.lsnr, None
         return self._deliver(self._fifo.pop(frames), np.ndim(chunk))
 
     def flush(self) -> np.ndarray:
@@ -818,9 +818,9 @@ class RealtimeEnhancer:
             with torch.inference_mode():
                 self._finish()
         out = self._fifo.pop(self.latency_samples)
-        lsnr = self._lsnr()
+        parts = self._model.lsnr
         self.reset()
-        self.lsnr = lsnr
+        self._lsnr_parts, self._lsnr_value = parts, None
         return self._deliver(out, 3 if self.streams else 2)
 
     def _finish(self) -> None:
@@ -907,10 +907,18 @@ class RealtimeEnhancer:
                 out = out[:, 0]
         return np.ascontiguousarray(out)
 
+    @property
+    def lsnr(self) -> np.ndarray:
+        """The model's local SNR (dB) of each frame the last call completed, [frames,
+        channels] ([streams, frames, channels] with ``streams``)."""
+        if self._lsnr_value is None:
+            self._lsnr_value = self._lsnr()
+        return self._lsnr_value
+
     def _lsnr(self) -> np.ndarray:
         import torch
 
-        parts = self._model.lsnr
+        parts = self._lsnr_parts
         s = self.streams or 1
         if not parts:
             arr = np.zeros((s, 0, self.channels), np.float32)
