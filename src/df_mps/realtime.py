@@ -740,6 +740,8 @@ class RealtimeEnhancer:
         if atten_lim_db is None:
             atten_lim_db = getattr(enhancer, "atten_lim_db", None)
         self.device = torch.device(device if device is not None else "cpu")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         net = enhancer.model
         if next(net.parameters()).device != self.device:
             net = copy.deepcopy(net).to(self.device)
