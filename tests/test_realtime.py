@@ -337,3 +337,17 @@ def test_cli_closed_pipe_and_usage_errors(dfn3_model_dir, tmp_path):
     proc = run_stream(["-m", str(tmp_path / "missing")], b"")
     assert proc.returncode == 1 and b"Traceback" not in proc.stderr
     assert len(proc.stderr.decode().strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("rate", [48000, 16000])
+def test_short_streams_and_empty_chunks(enhancer, speech, rate):
+    rt = RealtimeEnhancer(enhancer, sample_rate=rate)
+    audio = at_rate(speech, rate, 1)[:, 0]
+    for n in (1, 479, 481, 2500):  # shorter than a hop, around one, a few
+        x = audio[:n]
+        ref = offline(enhancer, x[:, None], rate)[:, 0]
+        parts = [rt.process(x[: n // 2]), rt.process(x[:0]), rt.process(x[n // 2 :])]
+        tail = rt.flush()
+        assert tail.shape == (rt.latency_samples,)  # 1-D in, 1-D out, flush() too
+        out = np.concatenate(parts + [tail])[rt.latency_samples :]
+        np.testing.assert_allclose(out, ref, atol=TOL, rtol=0, err_msg=f"{n} samples")

@@ -794,11 +794,13 @@ class RealtimeEnhancer:
         self._fifo = _Fifo(self._rows, self.latency_samples)
         self._frames_in = 0
         self._produced = 0
+        self._ndim = 3 if self.streams else 2
 
     # -- audio -----------------------------------------------------------------------------
     def process(self, chunk) -> np.ndarray:
         """Enhance the next chunk; returns as many frames, ``latency_samples`` behind."""
         x = self._check(chunk)
+        self._ndim = np.ndim(chunk)  # flush() answers in the same layout
         frames = x.shape[1]
         self._frames_in += frames
         self._model.lsnr = []
@@ -820,10 +822,10 @@ class RealtimeEnhancer:
             with torch.inference_mode():
                 self._finish()
         out = self._fifo.pop(self.latency_samples)
-        parts = self._model.lsnr
+        parts, ndim = self._model.lsnr, self._ndim
         self.reset()
         self._lsnr_parts, self._lsnr_value = parts, None
-        return self._deliver(out, 3 if self.streams else 2)
+        return self._deliver(out, ndim)
 
     def _finish(self) -> None:
         import torch
