@@ -535,6 +535,97 @@ class PulsedDfNet:
 
 
 # -- the stream at the model's rate -------------------------------------------------------------
+# Rows (streams x channels) up to which the CPU takes libdf's features, a loop over rows.
+LIBDF_MAX_ROWS = 8
+
+
+def _is_libdf(df_state) -> bool:
+    """Whether ``df_state`` is DeepFilterLib's own DF (not df_mps.dsp's stand-in)."""
+    from . import dsp
+
+    try:
+        import libdf
+    except ImportError:
+        return False
+    native = getattr(libdf, "DF", None)
+    return (
+        isinstance(native, type)
+        and native is not dsp.DF
+        and isinstance(df_state, native)
+        and hasattr(libdf, "erb")
+        and getattr(libdf.erb, "__module__", None) != dsp.__name__
+    )
+
+
+class _LibdfFeatures:
+    """The model's input features for a few rows on the CPU through DeepFilterLib (libdf, the
+    Rust DSP that upstream's ``enhance()`` itself uses): the STFT analysis and ERB bands of one
+    libdf ``DF`` per row (a libdf DF carries one stream's state), the two exponential
+    normalisations carried here in float32 as libdf computes them. Per hop this costs a
+    fraction of ``df_mps.dsp.DF.features``' torch ops. (Synthesis stays with df_mps.dsp:
+    libdf's streaming synthesis is not usable from Python, measured.)"""
+
+    def __init__(self, df_state, rows: int):
+        import libdf
+
+        from . import dsp
+
+        self._libdf = libdf
+        self.rows = rows
+        self.sr, self.fft_size, self.hop = (
+            int(df_state.sr()),
+            int(df_state.fft_size()),
+            int(df_state.hop_size()),
+        )
+        self.widths = np.asarray(df_state.erb_widths())
+        self.make = lambda: libdf.DF(
+            self.sr, self.fft_size, self.hop, len(self.widths), self._min_nb(libdf)
+        )
+        self.erb_init = dsp.mean_norm_init(len(self.widths))
+        self._dsp = dsp
+        self.reset()
+
+    def _min_nb(self, libdf) -> int:
+        for min_nb in range(1, 9):
+            probe = libdf.DF(self.sr, self.fft_size, self.hop, len(self.widths), min_nb)
+            if np.array_equal(probe.erb_widths(), self.widths):
+                return min_nb
+        raise ValueError("no libdf DF has the model's ERB bands")
+
+    def reset(self) -> None:
+        self.dfs = [self.make() for _ in range(self.rows)]
+        self.erb_state = np.repeat(self.erb_init, self.rows, axis=0)
+        self.unit_state = None
+
+    def features(self, x, nb_df: int, alpha: float, reset: bool = False):
+        import torch
+
+        xs = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+        spec = np.concatenate(
+            [df.analysis(xs[r : r + 1], reset=False) for r, df in enumerate(self.dfs)]
+        )
+        a = np.float32(alpha)
+        one_minus = np.float32(1) - a
+        erb_db = self._libdf.erb(spec, self.widths)  # [rows, T, E] dB
+        erb_feat = np.empty_like(erb_db)
+        low = spec[..., :nb_df]
+        mag = np.abs(low)
+        if self.unit_state is None:
+            self.unit_state = np.repeat(self._dsp.unit_norm_init(nb_df), self.rows, axis=0)
+        norms = np.empty_like(mag)
+        es, us = self.erb_state, self.unit_state
+        for t in range(spec.shape[1]):  # s = x (1 - a) + s a, as libdf, frame by frame
+            es = erb_db[:, t] * one_minus + es * a
+            erb_feat[:, t] = (erb_db[:, t] - es) / np.float32(40)
+            us = mag[:, t] * one_minus + us * a
+            norms[:, t] = np.sqrt(us)
+        self.erb_state, self.unit_state = es, us
+        spec_feat = low / norms
+        spec_t = torch.view_as_real(torch.from_numpy(spec)).unsqueeze(1)
+        feat_t = torch.view_as_real(torch.from_numpy(np.ascontiguousarray(spec_feat)))
+        return spec_t, torch.from_numpy(erb_feat).unsqueeze(1), feat_t.unsqueeze(1)
+
+
 class _ModelRateStream:
     """Samples at the model's rate in ([B, n] tensors), enhanced samples out, in upstream's
     output timeline (its delay compensation applied): STFT, features, pulsed model, synthesis."""
@@ -564,6 +655,9 @@ class _ModelRateStream:
         else:
             raise ValueError("the model's ERB bands are not df_mps.dsp's for any min_nb_freqs")
         self.alpha = get_norm_alpha(False)
+        self.libdf = None
+        if device.type == "cpu" and batch <= LIBDF_MAX_ROWS and _is_libdf(df_state):
+            self.libdf = _LibdfFeatures(df_state, batch)
         self.lim = None
         if atten_lim_db is not None and abs(atten_lim_db) > 0:
             self.lim = 10 ** (-abs(atten_lim_db) / 20)
@@ -573,6 +667,8 @@ class _ModelRateStream:
         import torch
 
         self.dsp.reset()
+        if self.libdf is not None:
+            self.libdf.reset()
         self.pulsed.reset(self.batch)
         self.remainder = torch.zeros((self.batch, 0), device=self.device)
         self.samples_in = 0
@@ -595,7 +691,8 @@ class _ModelRateStream:
             self.remainder = self.remainder[:, :0]
         if whole == 0:
             return None
-        spec, erb_feat, spec_feat = self.dsp.features(x, self.pulsed.nb_df, self.alpha, False)
+        features = self.libdf.features if self.libdf is not None else self.dsp.features
+        spec, erb_feat, spec_feat = features(x, self.pulsed.nb_df, self.alpha, False)
         return self._synthesise(*self.pulsed.step(spec, erb_feat, spec_feat), spec)
 
     def finish(self):
