@@ -351,3 +351,20 @@ def test_short_streams_and_empty_chunks(enhancer, speech, rate):
         assert tail.shape == (rt.latency_samples,)  # 1-D in, 1-D out, flush() too
         out = np.concatenate(parts + [tail])[rt.latency_samples :]
         np.testing.assert_allclose(out, ref, atol=TOL, rtol=0, err_msg=f"{n} samples")
+
+
+@pytest.mark.parametrize("rate, channels, post_filter", [(48000, 2, True), (16000, 1, False)])
+def test_torch_dsp_path_equals_offline_enhance(
+    enhancer, speech, monkeypatch, rate, channels, post_filter
+):
+    # Many rows (and Python >= 3.12, where DeepFilterLib is absent) take df_mps.dsp's STFT
+    # and features instead of libdf's: the same result.
+    from df_mps import realtime
+
+    monkeypatch.setattr(realtime, "LIBDF_MAX_ROWS", 0)
+    audio = at_rate(speech, rate, channels)
+    ref = offline(enhancer, audio, rate, post_filter)
+    rt = RealtimeEnhancer(enhancer, sample_rate=rate, channels=channels, post_filter=post_filter)
+    assert rt._model.libdf is None
+    out = stream_through(rt, audio, random_chunks(audio.shape[0], 5, 2 * rate))
+    np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
