@@ -161,6 +161,16 @@ class _ConvBlock:
         self.time_only = not self.transposed and kt > 1 and kf == 1 and tuple(self.stride) == (1, 1)
         if self.time_only:
             self.matrix = self.weight[..., 0].reshape(self.weight.shape[0], -1).t().contiguous()
+        # A 1 x 1 convolution is a matrix product over the channels, on the input as it lies.
+        self.pointwise = (
+            not self.transposed
+            and (kt, kf) == (1, 1)
+            and tuple(self.stride) == (1, 1)
+            and tuple(self.padding) == (0, 0)
+        )
+        if self.pointwise:
+            self.matrix = self.weight[:, :, 0, 0].contiguous()  # [O, C]
+            self.column_bias = self.bias[:, None].contiguous()
         self.state = None
 
     def __call__(self, x):
@@ -179,6 +189,10 @@ class _ConvBlock:
             t = cols.shape[2]
             cols = cols.permute(0, 2, 3, 1, 4).reshape(b * t * f, c * kt)
             y = torch.addmm(self.bias, cols, self.matrix).view(b, t, f, -1).permute(0, 3, 1, 2)
+        elif self.pointwise and x.is_contiguous():
+            b, c, t, f = x.shape
+            y = torch.matmul(self.matrix, x.view(b, c, t * f)).add_(self.column_bias)
+            y = y.view(b, -1, t, f)
         elif self.transposed:
             y = F.conv_transpose2d(
                 x,
