@@ -589,8 +589,9 @@ class _LibdfFeatures:
     Rust DSP that upstream's ``enhance()`` itself uses): the STFT analysis and ERB bands of one
     libdf ``DF`` per row (a libdf DF carries one stream's state), the two exponential
     normalisations carried here in float32 as libdf computes them. Per hop this costs a
-    fraction of ``df_mps.dsp.DF.features``' torch ops. (Synthesis stays with df_mps.dsp:
-    libdf's streaming synthesis is not usable from Python, measured.)"""
+    fraction of ``df_mps.dsp.DF.features``' torch ops. (Not libdf's synthesis: called hop by
+    hop with reset=False it did not reproduce its whole-signal synthesis in a check here; the
+    stream's own overlap-add does that part.)"""
 
     def __init__(self, df_state, rows: int):
         import libdf
@@ -605,9 +606,8 @@ class _LibdfFeatures:
             int(df_state.hop_size()),
         )
         self.widths = np.asarray(df_state.erb_widths())
-        self.make = lambda: libdf.DF(
-            self.sr, self.fft_size, self.hop, len(self.widths), self._min_nb(libdf)
-        )
+        min_nb = self._min_nb(libdf)
+        self.make = lambda: libdf.DF(self.sr, self.fft_size, self.hop, len(self.widths), min_nb)
         self.erb_init = dsp.mean_norm_init(len(self.widths))
         self._dsp = dsp
         self.reset()
