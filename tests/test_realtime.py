@@ -1,0 +1,370 @@
+"""df_mps.realtime: the pulsed model, hop by hop, equals upstream's offline enhance().
+
+The reference everywhere is upstream's whole-signal ``df.enhance.enhance`` (through
+``df_mps.enhance.Enhancer``, which resamples with ``df.io.resample`` at other rates) on the real
+DeepFilterNet3 weights, computed once per case on 1-2 s of speech.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from df_mps import enhance as cli
+from df_mps.realtime import PulsedDfNet, RealtimeEnhancer
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:.*resampling method name is being deprecated"),
+]
+SR = 48000
+TOL = 1e-4  # the contract; measured: 3e-7
+
+
+@pytest.fixture(scope="module")
+def enhancer(dfn3_model_dir):
+    return cli.load_enhancer(dfn3_model_dir)
+
+
+@pytest.fixture(scope="module")
+def speech(audio_dir):
+    white, _ = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
+    pink, _ = sf.read(str(audio_dir / "noisy_pink.wav"), dtype="float32")
+    # 1.5 s of each, from the middle of the takes (speech, not the lead-in)
+    return white[2 * SR : 2 * SR + 3 * SR // 2], pink[3 * SR : 3 * SR + 3 * SR // 2]
+
+
+def at_rate(speech, rate: int, channels: int) -> np.ndarray:
+    """[T, C] float32 at ``rate`` (df.io.resample, as a caller's own audio would be)."""
+    from df.io import resample
+
+    x = torch.from_numpy(np.stack(speech[:channels]))
+    if rate != SR:
+        x = resample(x, SR, rate)
+    return np.ascontiguousarray(x.numpy().T)
+
+
+def offline(enhancer, audio: np.ndarray, rate: int, post_filter=False, atten_lim_db=None):
+    """Upstream's enhance() of the whole signal, [T, C] -> [T, C]."""
+    model = enhancer.model
+    ref = cli.Enhancer(model, enhancer.df_state, "", atten_lim_db=atten_lim_db)
+    saved = model.post_filter
+    model.post_filter = post_filter
+    try:
+        return ref(torch.from_numpy(np.ascontiguousarray(audio.T)), rate).numpy().T
+    finally:
+        model.post_filter = saved
+
+
+def random_chunks(total: int, seed: int, largest: int):
+    """Chunk lengths from 1 sample to ``largest``, log-uniform, seeded, covering ``total``."""
+    rng = np.random.default_rng(seed)
+    sizes, done = [], 0
+    while done < total:
+        n = int(np.exp(rng.uniform(0, np.log(largest))))
+        sizes.append(n)
+        done += n
+    return sizes
+
+
+def stream_through(rt: RealtimeEnhancer, audio: np.ndarray, sizes) -> np.ndarray:
+    outs, i = [], 0
+    for n in sizes:
+        chunk = audio[i : i + n]
+        out = rt.process(chunk)
+        assert out.shape == chunk.shape  # as many frames back as given
+        outs.append(out)
+        i += n
+    tail = rt.flush()
+    assert tail.shape[0] == rt.latency_samples
+    return np.concatenate(outs + [tail])[rt.latency_samples :]
+
+
+# -- the pulsed model, layer-exact -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def live_model(enhancer):
+    """DFN3 with every pathway active: the trained weights silence the deep-filter pathway
+    convolution (df_convp's ReLU gives zeros); shifted batch-norm biases wake it, so the
+    carried frames of every convolution are exercised."""
+    model = copy.deepcopy(enhancer.model).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.bias.copy_(0.5 + 0.1 * torch.randn(module.bias.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("post_filter", [False, True])
+def test_pulsed_model_equals_the_models_forward(enhancer, live_model, speech, post_filter):
+    from df.enhance import df_features
+
+    audio = torch.from_numpy(np.stack(speech))  # two channels: the batch
+    spec, erb_feat, spec_feat = df_features(audio, enhancer.df_state, 96, device="cpu")
+    live_model.post_filter = post_filter
+    try:
+        with torch.no_grad():
+            ref, _, lsnr_ref, _ = live_model(spec.clone(), erb_feat, spec_feat)
+    finally:
+        live_model.post_filter = False
+    hook_out = []
+    hook = live_model.df_dec.df_convp.register_forward_hook(lambda m, a, o: hook_out.append(o))
+    with torch.no_grad():
+        live_model(spec.clone(), erb_feat, spec_feat)
+    hook.remove()
+    assert hook_out[0].abs().max() > 0.1  # the pathway the trained weights silence is live
+
+    pulsed = PulsedDfNet(live_model, post_filter=post_filter)
+    pulsed.reset(2)
+    frames, outs, lsnrs, i = spec.shape[2], [], [], 0
+    rng = np.random.default_rng(1)
+    with torch.inference_mode():
+        while i < frames:
+            n = int(rng.integers(1, 8))  # single hops and several at once
+            out, lsnr = pulsed.step(
+                spec[:, :, i : i + n], erb_feat[:, :, i : i + n], spec_feat[:, :, i : i + n]
+            )
+            if out is not None:
+                outs.append(out)
+                lsnrs.append(lsnr)
+            i += n
+        out, lsnr = pulsed.finish()
+    outs.append(out)
+    lsnrs.append(lsnr)
+    got = torch.cat(outs, dim=2)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(lsnrs, dim=1), lsnr_ref, atol=1e-4, rtol=1e-5)
+
+
+# -- the stream against offline enhance() --------------------------------------------------------
+CASES = [
+    # rate, channels, post_filter, atten_lim_db
+    (48000, 1, False, None),
+    (48000, 2, True, None),
+    (48000, 1, False, 12.0),
+    (16000, 1, False, None),
+    (16000, 2, True, 6.0),
+    (44100, 1, True, None),
+    (44100, 2, False, 20.0),
+]
+
+
+@pytest.mark.parametrize("rate, channels, post_filter, atten_lim_db", CASES)
+def test_any_chunking_equals_offline_enhance(
+    enhancer, speech, rate, channels, post_filter, atten_lim_db
+):
+    audio = at_rate(speech, rate, channels)
+    ref = offline(enhancer, audio, rate, post_filter, atten_lim_db)
+    rt = RealtimeEnhancer(
+        enhancer,
+        sample_rate=rate,
+        channels=channels,
+        post_filter=post_filter,
+        atten_lim_db=atten_lim_db,
+    )
+    for seed in (0, 1):  # two random chunkings, 1 sample to 2 s; flush() starts a new stream
+        out = stream_through(rt, audio, random_chunks(audio.shape[0], seed, 2 * rate))
+        assert out.shape == ref.shape
+        np.testing.assert_allclose(out, ref, atol=TOL, rtol=0, err_msg=f"seed {seed}")
+
+
+def test_tiny_chunks_and_one_hop_chunks(enhancer, speech):
+    audio = at_rate(speech, SR, 1)[: SR // 3]
+    ref = offline(enhancer, audio, SR)
+    rt = RealtimeEnhancer(enhancer)
+    rng = np.random.default_rng(2)
+    tiny = [int(n) for n in rng.integers(1, 40, size=audio.shape[0])]
+    np.testing.assert_allclose(stream_through(rt, audio, tiny), ref, atol=TOL, rtol=0)
+    hops = [480] * (audio.shape[0] // 480 + 1)
+    np.testing.assert_allclose(stream_through(rt, audio, hops), ref, atol=TOL, rtol=0)
+
+
+def test_one_dimensional_mono_comes_back_one_dimensional(enhancer, speech):
+    rt = RealtimeEnhancer(enhancer)
+    audio = at_rate(speech, SR, 1)[:4800, 0]
+    out = rt.process(audio)
+    assert out.shape == (4800,) and out.dtype == np.float32
+    assert not out[: rt.latency_samples].any()  # the delay: silence first
+
+
+def test_latency(enhancer):
+    # 48 kHz: STFT 480 + lookahead 2 x 480 + up to one hop of a chunk = 1920 (40 ms)
+    assert RealtimeEnhancer(enhancer).latency_samples == 1920
+    for rate in (16000, 44100, 8000):
+        latency = RealtimeEnhancer(enhancer, sample_rate=rate).latency_samples
+        assert 0.040 <= latency / rate < 0.046, rate  # plus the resamplers' few samples
+
+
+def test_lsnr_per_hop(enhancer, speech):
+    from df.enhance import df_features
+
+    audio = at_rate(speech, SR, 1)[: SR // 2]
+    rt = RealtimeEnhancer(enhancer)
+    values = []
+    for i in range(0, audio.shape[0], 480):
+        rt.process(audio[i : i + 480])
+        assert rt.lsnr.shape[1] == 1 and rt.lsnr.shape[0] <= 1
+        values.append(rt.lsnr)
+    rt.flush()
+    values.append(rt.lsnr)
+    got = np.concatenate(values)[:, 0]
+    padded = torch.nn.functional.pad(torch.from_numpy(audio.T), (0, 960))
+    spec, erb_feat, spec_feat = df_features(padded, enhancer.df_state, 96, device="cpu")
+    with torch.no_grad():
+        lsnr = enhancer.model.eval()(spec.clone(), erb_feat, spec_feat)[2][0, :, 0].numpy()
+    assert got.shape == lsnr.shape
+    np.testing.assert_allclose(got, lsnr, atol=1e-3)
+
+
+def test_many_streams_in_one_batch_equal_each_alone(enhancer, speech):
+    white, pink = at_rate(speech, SR, 2)[:SR, 0], at_rate(speech, SR, 2)[:SR, 1]
+    streams = np.stack([np.stack([white, pink], 1), np.stack([pink * 0.5, white], 1)])
+    multi = RealtimeEnhancer(enhancer, channels=2, streams=2)
+    outs = [multi.process(streams[:, i : i + 1000]) for i in range(0, SR, 1000)]
+    assert outs[0].shape == (2, 1000, 2)
+    got = np.concatenate(outs + [multi.flush()], axis=1)[:, multi.latency_samples :]
+    assert multi.lsnr.shape[0] == 2
+    for s in range(2):
+        ref = offline(enhancer, streams[s], SR)
+        np.testing.assert_allclose(got[s], ref, atol=TOL, rtol=0, err_msg=f"stream {s}")
+
+
+def test_bad_input_is_refused_and_the_state_stays_valid(enhancer, speech):
+    audio = at_rate(speech, SR, 2)[: SR // 2]
+    ref = offline(enhancer, audio, SR)
+    rt = RealtimeEnhancer(enhancer, channels=2)
+    outs = [rt.process(audio[:7000])]
+    bad = audio[7000:9000].copy()
+    bad[5, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf") as exc:
+        rt.process(bad)
+    assert "\n" not in str(exc.value)
+    bad[5, 1] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rt.process(bad)
+    with pytest.raises(ValueError, match=r"expected float32 samples, got dtype int16"):
+        rt.process((audio[7000:9000] * 1000).astype(np.int16))
+    with pytest.raises(ValueError, match=r"expected a chunk \[frames, 2\], got shape \(2000, 1\)"):
+        rt.process(audio[7000:9000, :1])
+    with pytest.raises(ValueError, match="expected a chunk"):
+        rt.process(audio[7000:9000, 0])  # 1-D is for mono streams only
+    outs.append(rt.process(audio[7000:]))
+    got = np.concatenate(outs + [rt.flush()])[rt.latency_samples :]
+    np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match="sample_rate"):
+        RealtimeEnhancer(enhancer, sample_rate=0)
+    with pytest.raises(ValueError, match="channels"):
+        RealtimeEnhancer(enhancer, channels=0)
+
+
+def test_reset_starts_a_new_stream(enhancer, speech):
+    audio = at_rate(speech, 16000, 1)[:8000]
+    rt = RealtimeEnhancer(enhancer, sample_rate=16000)
+    first = np.concatenate([rt.process(audio[:3000]), rt.process(audio[3000:])])
+    rt.reset()
+    again = np.concatenate([rt.process(audio[:5000]), rt.process(audio[5000:])])
+    np.testing.assert_allclose(first, again, atol=1e-6, rtol=0)  # other chunks: rounding only
+
+
+def test_model_directory_and_default_model(dfn3_model_dir, enhancer, speech):
+    audio = at_rate(speech, SR, 1)[:4800]
+    by_dir = RealtimeEnhancer(str(dfn3_model_dir)).process(audio)
+    by_enhancer = RealtimeEnhancer(enhancer).process(audio)
+    np.testing.assert_array_equal(by_dir, by_enhancer)
+
+
+# -- the command line ----------------------------------------------------------------------------
+def run_stream(args, data: bytes, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "df_mps.realtime", *args],
+        input=data,
+        capture_output=True,
+        env=env,
+        timeout=300,
+        **kwargs,
+    )
+
+
+@pytest.mark.subprocess
+def test_cli_round_trips_pcm_like_the_library(dfn3_model_dir, enhancer, speech):
+    audio = at_rate(speech, 16000, 2)[:12000]
+    rt = RealtimeEnhancer(enhancer, sample_rate=16000, channels=2)
+    expected = np.concatenate([rt.process(audio), rt.flush()])
+    args = ["--rate", "16000", "--channels", "2", "-m", str(dfn3_model_dir)]
+    proc = run_stream(args, audio.astype("<f4").tobytes())
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = np.frombuffer(proc.stdout, "<f4").reshape(-1, 2)
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)  # other chunks: rounding
+
+    pcm = np.clip(np.rint(audio * 32768), -32768, 32767).astype("<i2")
+    proc = run_stream([*args, "--format", "s16le"], pcm.tobytes())
+    assert proc.returncode == 0, proc.stderr.decode()
+    out16 = np.frombuffer(proc.stdout, "<i2").reshape(-1, 2)
+    rt.reset()
+    lib = rt.process(pcm.astype(np.float32) / 32768)
+    lib = np.concatenate([lib, rt.flush()])
+    expected16 = np.clip(np.rint(lib * 32768), -32768, 32767).astype("<i2")
+    assert np.abs(out16.astype(int) - expected16).max() <= 1
+
+
+@pytest.mark.subprocess
+def test_cli_closed_pipe_and_usage_errors(dfn3_model_dir, tmp_path):
+    # A reader that goes away: exit 0, nothing on stderr.
+    noise = (np.random.default_rng(0).standard_normal(48000 * 2) * 0.1).astype("<f4")
+    script = (
+        f"{sys.executable} -m df_mps.realtime -m {dfn3_model_dir} --block 4800 "
+        f"< {tmp_path / 'in.raw'} | head -c 1000 > /dev/null; echo ${{PIPESTATUS[0]}}"
+    )
+    (tmp_path / "in.raw").write_bytes(noise.tobytes())
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == "0", proc.stderr
+    assert "Traceback" not in proc.stderr and "Error" not in proc.stderr
+
+    for bad in (["--format", "u8"], ["--rate", "0"]):
+        proc = run_stream(bad, b"")
+        assert proc.returncode == 2, bad
+        assert b"Traceback" not in proc.stderr
+    proc = run_stream(["-m", str(tmp_path / "missing")], b"")
+    assert proc.returncode == 1 and b"Traceback" not in proc.stderr
+    assert len(proc.stderr.decode().strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("rate", [48000, 16000])
+def test_short_streams_and_empty_chunks(enhancer, speech, rate):
+    rt = RealtimeEnhancer(enhancer, sample_rate=rate)
+    audio = at_rate(speech, rate, 1)[:, 0]
+    for n in (1, 479, 481, 2500):  # shorter than a hop, around one, a few
+        x = audio[:n]
+        ref = offline(enhancer, x[:, None], rate)[:, 0]
+        parts = [rt.process(x[: n // 2]), rt.process(x[:0]), rt.process(x[n // 2 :])]
+        tail = rt.flush()
+        assert tail.shape == (rt.latency_samples,)  # 1-D in, 1-D out, flush() too
+        out = np.concatenate(parts + [tail])[rt.latency_samples :]
+        np.testing.assert_allclose(out, ref, atol=TOL, rtol=0, err_msg=f"{n} samples")
+
+
+@pytest.mark.parametrize("rate, channels, post_filter", [(48000, 2, True), (16000, 1, False)])
+def test_torch_dsp_path_equals_offline_enhance(
+    enhancer, speech, monkeypatch, rate, channels, post_filter
+):
+    # Many rows (and Python >= 3.12, where DeepFilterLib is absent) take df_mps.dsp's STFT
+    # and features instead of libdf's: the same result.
+    from df_mps import realtime
+
+    monkeypatch.setattr(realtime, "LIBDF_MAX_ROWS", 0)
+    audio = at_rate(speech, rate, channels)
+    ref = offline(enhancer, audio, rate, post_filter)
+    rt = RealtimeEnhancer(enhancer, sample_rate=rate, channels=channels, post_filter=post_filter)
+    assert rt._model.libdf is None
+    out = stream_through(rt, audio, random_chunks(audio.shape[0], 5, 2 * rate))
+    np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
