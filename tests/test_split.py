@@ -2,7 +2,11 @@
 
 Speech made for the test: ../shared's clean.wav tiled (reversed, rolled, at other gains) to
 40 s, plus the noise of noisy_white.wav (noisy_white - clean) rolled against it, so the clean
-reference is known. The split output must score within 0.2 dB SI-SDR against clean of the exact
+reference is known. White noise only: with noisy_pink's noise the split output moves by
+-0.9 to +0.3 dB (as the exact output does when the recording starts 1-5 s earlier; see
+benchmarks/bench_split.py and docs/troubleshooting.md), so 0.2 dB is not a bound there.
+
+The split output must score within 0.2 dB SI-SDR against clean of the exact
 (unsplit) output, keep the input's length, rate, channels and sample format, and leave no
 temporary file after success, a bad file or an interruption.
 """
@@ -45,16 +49,28 @@ def test_segments_cover_the_file_and_linear_fades_sum_to_one():
 
 
 # -- with DFN3 ----------------------------------------------------------------------------------
-def _speech_with_known_clean(audio_dir: Path, seconds: float):
-    """(noisy, clean, rate): clean.wav varied and tiled, plus noisy_white's noise."""
+def _speech_with_known_clean(audio_dir: Path, seconds: float, seed: int = 0):
+    """(noisy, clean, rate): clean.wav's 10 s, each copy reversed or not, rolled and at a gain
+    drawn from ``seed``, plus the noise of noisy_white.wav (noisy minus clean), each copy
+    rolled by another draw, so that neither repeats in step with the segments (as
+    benchmarks/bench_split.py makes it)."""
     clean, sr = sf.read(str(audio_dir / "clean.wav"), dtype="float32")
     noisy, _ = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
-    noise = noisy - clean
-    variants = [clean, clean[::-1] * 0.7, np.roll(clean, 3 * sr) * 1.2, clean * 0.5]
+    noise_take = noisy - clean
+    rng = np.random.default_rng(seed)
     n = int(seconds * sr)
-    speech = np.tile(np.concatenate(variants), -(-n // (len(variants) * len(clean))))[:n]
-    noise = np.tile(np.roll(noise, 2 * sr), -(-n // len(noise)))[:n]
-    return speech + noise, speech, sr
+    copies = -(-n // len(clean)) + 1
+    speech = np.concatenate(
+        [
+            np.roll(clean[:: rng.choice([1, -1])], int(rng.integers(len(clean))))
+            * np.float32(rng.uniform(0.5, 1.2))
+            for _ in range(copies)
+        ]
+    )
+    start = int(rng.integers(len(clean)))
+    speech = speech[start : start + n]
+    noises = [np.roll(noise_take, int(rng.integers(len(noise_take)))) for _ in range(copies)]
+    return speech + np.concatenate(noises)[:n], speech, sr
 
 
 def _si_sdr(estimate: np.ndarray, reference: np.ndarray) -> float:
@@ -196,6 +212,18 @@ def test_interrupt_removes_every_temp_file(enhancer, audio_dir, tmp_path, monkey
         list(enhancer.enhance_files([job], split_long=options, progress=progress))
     assert seen and any(".part" in name for name in seen[-1]), seen  # temp files existed
     assert os.listdir(out) == []
+
+
+def test_an_existing_output_is_one_error_and_untouched(enhancer, audio_dir, tmp_path):
+    noisy, _, sr = _speech_with_known_clean(audio_dir, 6.0)
+    path, target = tmp_path / "long.wav", tmp_path / "out" / "long.wav"
+    sf.write(str(path), noisy, sr, "FLOAT")
+    target.parent.mkdir()
+    target.write_bytes(b"keep me")
+    results = list(enhancer.enhance_files([(path, target)], split_long=SMALL))
+    assert [type(r) for r in results] == [FileError]
+    assert results[0].message == f"'{target}': output exists (use --overwrite to replace it)"
+    assert os.listdir(target.parent) == ["long.wav"] and target.read_bytes() == b"keep me"
 
 
 def test_cli_split_long_flag(dfn3_model_dir, audio_dir, tmp_path, capsys):
