@@ -123,8 +123,12 @@ def test_stereo_at_44k_keeps_length_rate_channels_and_format(enhancer, audio_dir
     path = tmp_path / "stereo.flac"
     sf.write(str(path), x, 44100, "PCM_16")
     (exact,) = enhancer.enhance_files([(path, tmp_path / "out" / "exact.flac")])
-    (parted,) = enhancer.enhance_files([(path, tmp_path / "out" / "split.flac")], split_long=SMALL)
+    seconds = []
+    (parted,) = enhancer.enhance_files(
+        [(path, tmp_path / "out" / "split.flac")], split_long=SMALL, progress=seconds.append
+    )
     assert isinstance(parted, FileResult), parted
+    assert abs(sum(seconds) - 8.0) < 0.1  # the file's seconds, not its segments' warm-ups
     a_info, b_info = sf.info(str(path)), sf.info(str(parted.target))
     assert (b_info.frames, b_info.samplerate, b_info.channels, b_info.subtype) == (
         a_info.frames,
