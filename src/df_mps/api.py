@@ -385,15 +385,29 @@ class Enhancer:
         overwrite: bool = False,
         progress: Optional[Callable[[float], None]] = None,
         piece_seconds: Optional[float] = None,
+        split_long=False,
     ) -> Iterator[Union[FileResult, FileError]]:
         """Enhance (source, target) pairs; yields a ``FileResult`` or a ``FileError`` per file
         as each finishes (completion order, not input order). A bad file never stops the
         others; an interruption removes every temporary file. ``progress`` is called with
-        seconds of audio done."""
+        seconds of audio done.
 
-        engine_jobs = (file_job(Path(s), Path(t), overwrite) for s, t in jobs)
+        ``split_long`` (True or a ``df_mps.split.SplitOptions``): a file that would set the
+        wall time alone is cut into segments that run on several lanes and are crossfaded
+        back together. Not equal to upstream's output (see ``df_mps.split``); the pairs are
+        listed and probed up front."""
+
         engine = self.engine(piece_seconds=piece_seconds)
-        for result in engine.run(engine_jobs, progress=progress):
+        if split_long:
+            from .split import SplitOptions, SplitPlan
+
+            options = split_long if isinstance(split_long, SplitOptions) else None
+            plan = SplitPlan(jobs, batch=engine.batch, overwrite=overwrite, options=options)
+            results = plan.results(engine.run(plan.jobs, progress=plan.progress(progress)))
+        else:
+            engine_jobs = (file_job(Path(s), Path(t), overwrite) for s, t in jobs)
+            results = engine.run(engine_jobs, progress=progress)
+        for result in results:
             source, target, sink_box = result.job.tag
             if result.error is not None:
                 yield FileError(source, target, result.error)

@@ -501,6 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
         + " (default auto). Outputs don't depend on it",
     )
     p.add_argument(
+        "--split-long",
+        action="store_true",
+        help="spread a file that would set the wall time alone across several lanes, in "
+        "segments with 5 s of warm-up and a 0.5 s crossfade. Faster where lanes would idle; "
+        "NOT equal to upstream's output (see docs/troubleshooting.md)",
+    )
+    p.add_argument(
         "--whole-file",
         action="store_true",
         help="read each file whole and run it at once, as upstream (memory grows with the "
@@ -670,6 +677,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("no input: give FILEs or -i/--noisy-dir DIR")
     if args.recursive and args.noisy_dir is None:
         raise UserError("-r/--recursive needs -i/--noisy-dir")
+    if args.split_long and args.whole_file:
+        raise UserError("--split-long and --whole-file exclude each other")
 
     _configure_df_mps(args.device, args.forward_method)
     _configure_threads(args.threads)
@@ -707,7 +716,9 @@ def run(args: argparse.Namespace) -> int:
             piece_seconds=args.piece_seconds,
         )
         logger.debug(f"batch {enhancer.batch} on {enhancer.device}")
-        for result in _run_jobs(todo, enhancer, args.overwrite, whole_file=args.whole_file):
+        for result in _run_jobs(
+            todo, enhancer, args.overwrite, whole_file=args.whole_file, split_long=args.split_long
+        ):
             if isinstance(result, FileResult):
                 done.append(result)
             else:
@@ -717,7 +728,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_jobs(
-    jobs: Sequence[Job], enhancer: Enhancer, overwrite: bool, *, whole_file: bool = False
+    jobs: Sequence[Job],
+    enhancer: Enhancer,
+    overwrite: bool,
+    *,
+    whole_file: bool = False,
+    split_long: bool = False,
 ) -> Iterable:
     """Results (``FileResult`` or ``FileError``) as files finish, with one progress bar in
     seconds of audio over all of them and a line per file."""
@@ -744,7 +760,9 @@ def _run_jobs(
             results = _whole_files(jobs, enhancer, overwrite)
         else:
             pairs = [(job.source, job.target) for job in jobs]
-            results = enhancer.enhance_files(pairs, overwrite=overwrite, progress=advance)
+            results = enhancer.enhance_files(
+                pairs, overwrite=overwrite, progress=advance, split_long=split_long
+            )
         for result in results:
             if isinstance(result, FileError):
                 _say(f"error: {result.message} (skipped)")
