@@ -607,6 +607,203 @@ def cpu_batch(data: dict) -> Rendered:
     ), []
 
 
+# -- the batched engine (benchmarks/bench_engine.py) ------------------------------------------
+ENGINE_COLUMNS: List[Column] = [
+    ("batch", "requested_batch", "g"),
+    ("repeat", "repeat", "g"),
+    ("audio s", "audio_s", "x"),
+    ("first decode to last encode, s", "process_s", "x"),
+    ("audio-s/s", "audio_s_per_s", "x"),
+    ("wall / first batch", "wall_ratio_to_first", "ratio"),
+    ("in steps, s", "step_s", "x"),
+    ("steps", "steps", "g"),
+    ("rows per step", "rows_per_step", "x"),
+    ("start-up s", "startup_s", "x"),
+    ("model load s", "model_load_s", "x"),
+    ("peak RSS MiB", "peak_rss_mib", "mb"),
+]
+
+
+def engine_ratio(rows: List[dict], batch: str) -> Optional[float]:
+    """The median over repeats of ``batch``'s wall time over the first batch's."""
+    import statistics
+
+    ratios = [r["wall_ratio_to_first"] for r in rows if str(r["requested_batch"]) == batch]
+    return statistics.median(ratios) if ratios else None
+
+
+def engine_section(data: dict, what: str) -> Rendered:
+    meta = data["meta"]
+    rows = data["rows"]
+    head = (
+        f"{what} `{meta.get('corpus', '')}`, device `{meta.get('device')}`, "
+        f"{meta.get('threads')} torch thread(s); each run is a fresh CLI process, timed from "
+        "its first decode to its last encode (start-up and model load apart).\n\n"
+    )
+    return head + rows_table(rows, ENGINE_COLUMNS) + "\n\n" + provenance(meta), []
+
+
+@section(
+    "cpu_engine",
+    "cpu_engine.json",
+    "## The batched engine: many files through one model\n\n### CPU: batch 4 against batch 1",
+    script="bench_engine.py",
+    args=("--mode", "corpus", "--files", "16", "--seconds", "60", "--batch", "1,4")
+    + ("--threads", "1", "--repeats", "2"),
+    quick=("--mode", "corpus", "--files", "4", "--seconds", "10", "--batch", "1,4"),
+    help="the CLI on 16 files of 60 s at --batch 1 and 4, interleaved (CPU, 1 thread)",
+)
+def cpu_engine(data: dict) -> Rendered:
+    text, _ = engine_section(data, "The command line on")
+    ratio = engine_ratio(data["rows"], "4")
+    glance = []
+    if ratio is not None:
+        glance.append(
+            f"- CPU, 1 thread, {data['meta'].get('corpus')}: `--batch 4` takes "
+            f"{fmt(ratio, 'ratio')} of `--batch 1`'s wall time (median of interleaved runs)."
+        )
+    return text, glance
+
+
+@section(
+    "cpu_engine_mixed",
+    "cpu_engine_mixed.json",
+    "### CPU: a corpus of mixed lengths, rates and channels",
+    script="bench_engine.py",
+    args=("--mode", "mixed", "--batch", "1,4", "--threads", "1", "--repeats", "2"),
+    quick=("--mode", "mixed", "--batch", "1,4", "--threads", "1"),
+    help="the CLI on 16 files of 0.3-60 s at 16/44.1/48 kHz, mono and stereo",
+)
+def cpu_engine_mixed(data: dict) -> Rendered:
+    text, _ = engine_section(data, "The command line on")
+    note = (
+        "\n\nLanes run each file whole (without `--split-long`), so where one file is most of "
+        "the audio it sets the wall time: the gain shrinks as the length mix gets more uneven."
+    )
+    return text + note, []
+
+
+@section(
+    "cpu_engine_memory",
+    "cpu_engine_memory.json",
+    "### CPU: memory with a 30-minute file among 20 others",
+    script="bench_engine.py",
+    args=("--mode", "memory", "--batch", "4", "--threads", "1"),
+    quick=("--mode", "memory", "--long-minutes", "2", "--others", "4", "--batch", "4"),
+    help="peak RSS of the CLI at --batch 4 with one 30-minute file among 20 of 10-60 s",
+)
+def cpu_engine_memory(data: dict) -> Rendered:
+    text, _ = engine_section(data, "The command line on")
+    peak = max(r["peak_rss_mib"] for r in data["rows"])
+    glance = [f"- CPU, `--batch 4`, {data['meta'].get('corpus')}: peak RSS {fmt(peak, 'mb')} MiB."]
+    return text, glance
+
+
+@section("h200_engine", "h200_engine.json", "### CUDA (NVIDIA H200)")
+def h200_engine(data: dict) -> Rendered:
+    text, _ = engine_section(data, "The command line on")
+    best = max(data["rows"], key=lambda r: r["audio_s_per_s"])
+    glance = [
+        f"- CUDA (H200), the CLI on {data['meta'].get('corpus')}: "
+        f"{fmt(best['audio_s_per_s'], 'x')} audio-s/s at `--batch {best['requested_batch']}`, "
+        "first decode to last encode."
+    ]
+    return text, glance
+
+
+# -- real time (benchmarks/bench_realtime.py) --------------------------------------------------
+@section(
+    "realtime",
+    "cpu_realtime.json",
+    "## Real time: hop by hop\n\n### CPU: df-mps against the Rust runtime",
+    script="bench_realtime.py",
+    args=("cpu", "--seconds", "10", "--repeats", "7"),
+    quick=("cpu", "--seconds", "3", "--repeats", "2"),
+    help="RealtimeEnhancer per 480-sample hop and per 4 hops, against libDF's df_process_frame",
+)
+def realtime(data: dict) -> Rendered:
+    rows = []
+    for f in data["files"]:
+        r = f["results"]
+        rows.append(
+            [
+                Path(f["audio"]).name,
+                fmt(r["rust_hop"]["ms_per_hop"], "ms"),
+                fmt(r["df_mps_hop"]["ms_per_hop"], "ms"),
+                fmt(r["df_mps_hop"]["ratio_to_rust"], "ratio"),
+                fmt(r["df_mps_4hops"]["ms_per_hop"], "ms"),
+                fmt(r["df_mps_4hops"]["ratio_to_rust"], "ratio"),
+                f"{100 * f['frames_rust_skips_decoders']:.0f}%",
+            ]
+        )
+    body = table(
+        [
+            "audio",
+            "Rust ms/hop",
+            "df-mps ms/hop (1 hop a call)",
+            "ratio",
+            "df-mps ms/hop (4 hops a call)",
+            "ratio",
+            "frames Rust skips its decoders",
+        ],
+        rows,
+    )
+    text = (
+        f"One stream, {data['torch_threads']} torch thread, median of {data['repeats']} "
+        "interleaved repeats; ratios are to the Rust runtime in the same run. The Rust runtime "
+        "skips its decoders on frames below -10 dB local SNR; df-mps computes every frame, as "
+        f"upstream does.\n\n{body}\n\nMeasured by `{data['command']}` on {data['date']}; load "
+        f"average at start {data['load_average_at_start']:.1f}."
+    )
+    worst = max(float(f["results"]["df_mps_hop"]["ratio_to_rust"]) for f in data["files"])
+    glance = [f"- Real time, CPU, one 10 ms hop a call: up to {worst:.2f}x the Rust runtime's."]
+    return text, glance
+
+
+@section("h200_realtime", "h200_realtime_streams.json", "### CUDA (NVIDIA H200): many streams")
+def h200_realtime(data: dict) -> Rendered:
+    columns: List[Column] = [
+        ("streams", "streams", "g"),
+        ("median ms per hop step", "median_ms", "ms"),
+        ("p99 ms", "p99_ms", "ms"),
+    ]
+    text = (
+        f"`RealtimeEnhancer(streams=N)` on `{data.get('device_name')}`: one 10 ms hop for all N "
+        "streams in one batched forward; real time means a step under 10 ms.\n\n"
+        + rows_table(data["rows"], columns)
+        + f"\n\nLargest N in real time: {data['largest_real_time_streams_median']} (median), "
+        f"{data['largest_real_time_streams_p99']} (p99)."
+    )
+    glance = [
+        f"- Real time on the H200: {data['largest_real_time_streams_median']} streams keep one "
+        "hop step under 10 ms (median)."
+    ]
+    return text, glance
+
+
+# -- --split-long (benchmarks/bench_split.py) ---------------------------------------------------
+@section("split", "split.json", "## `--split-long`: one long file over several lanes")
+def split(data: dict) -> Rendered:
+    import statistics
+
+    groups: Dict[tuple, List[float]] = {}
+    for r in data["rows"]:
+        if "delta_db" in r and r["mode"] not in ("exact", "exact, lead-in"):
+            key = (r["noise"], r["mode"], r.get("warmup_s"), r.get("fade_s"))
+            groups.setdefault(key, []).append(r["delta_db"])
+    rows = [
+        [noise, mode, fmt(w, "s"), fmt(f, "s"), f"{statistics.mean(d):+.2f}", f"{min(d):+.2f}"]
+        for (noise, mode, w, f), d in sorted(groups.items(), key=lambda kv: str(kv[0]))
+    ]
+    body = table(["noise", "mode", "warm-up s", "fade s", "mean delta dB", "worst dB"], rows)
+    text = (
+        "SI-SDR against clean of the split output minus the exact output's, on made speech of "
+        "60 s (see `bench_split.py`). Not bit-equal to upstream, so opt-in.\n\n"
+        f"{body}\n\n{provenance(data['meta'])}"
+    )
+    return text, []
+
+
 # -- plots ------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Figure:
@@ -641,11 +838,25 @@ def grouped_lines(data: Optional[dict], name: str, key: str) -> List[dict]:
     return list(groups.values())
 
 
+def engine_lines(data: Optional[dict], name: str) -> List[dict]:
+    """(batch, best audio-s/s over repeats) of an engine run."""
+    best: Dict[int, float] = {}
+    for r in (data or {}).get("rows", []):
+        batch = int(r["requested_batch"])
+        best[batch] = max(best.get(batch, 0.0), r["audio_s_per_s"])
+    if not best:
+        return []
+    batches = sorted(best)
+    return [{"label": name, "x": batches, "y": [best[b] for b in batches]}]
+
+
 def throughput_lines() -> List[dict]:
     cpu = measured("cpu_batch")
     threads = cpu["meta"]["threads"] if cpu else None
     return (
-        compute_lines(measured("h200_compute"), "H200 (DFN3 forward only)")
+        engine_lines(measured("h200_engine"), "H200 (CLI, batched engine, end to end)")
+        + engine_lines(measured("cpu_engine"), "CPU, 1 thread (CLI, batched engine)")
+        + compute_lines(measured("h200_compute"), "H200 (DFN3 forward only)")
         + grouped_lines(measured("h200_dsp"), "H200 (DSP only, no model)", "implementation")
         + grouped_lines(measured("h200_pipeline"), "H200 (end to end)", "pipeline")
         + compute_lines(cpu, f"CPU, {threads} thread (DFN3 forward only)")
@@ -731,7 +942,11 @@ FIGURES = [
 MPS_EXPECTATIONS = """\
 > **UNMEASURED.** Nobody on this project has run df-mps on Apple hardware yet (the tests marked
 > `mps` exist for that). What follows is what we expect from how DeepFilterNet and the MPS
-> backend work, not a measurement. Please send the output of
+> backend work, not a measurement. Estimated figures, from the kernel counts of `doctor --audit` times
+> published per-dispatch costs, are in
+> [mps.md](mps.md#speed-on-mps-estimates-from-the-audit). The batched engine's `--batch auto`
+> is 16 on MPS: a choice (each GRU step costs ~10 dispatches whatever the batch, so rows share
+> it; 16 rows of 10 s fit a 16 GB Mac), not a measurement. Please send the output of
 > `python benchmarks/run_all.py --only compute,runtime` from a Mac.
 
 - **Real-time, frame by frame (10 ms hops): expect the GPU to lose to the CPU.** A DFN3 step on

@@ -53,12 +53,20 @@ def at_rate(speech, rate: int, channels: int) -> np.ndarray:
 
 def offline(enhancer, audio: np.ndarray, rate: int, post_filter=False, atten_lim_db=None):
     """Upstream's enhance() of the whole signal, [T, C] -> [T, C]."""
+    from df.enhance import enhance
+    from df.io import resample
+
     model = enhancer.model
-    ref = cli.Enhancer(model, enhancer.df_state, "", atten_lim_db=atten_lim_db)
     saved = model.post_filter
     model.post_filter = post_filter
     try:
-        return ref(torch.from_numpy(np.ascontiguousarray(audio.T)), rate).numpy().T
+        x = torch.from_numpy(np.ascontiguousarray(audio.T))
+        x = resample(x, rate, SR) if rate != SR else x
+        y = enhance(model, enhancer.df_state, x, atten_lim_db=atten_lim_db)
+        y = resample(y, SR, rate) if rate != SR else y
+        length = audio.shape[0]  # resampling there and back can be a sample off
+        y = torch.nn.functional.pad(y[..., :length], (0, max(0, length - y.shape[-1])))
+        return y.numpy().T
     finally:
         model.post_filter = saved
 
