@@ -244,16 +244,18 @@ def test_both_dsp_placements_equal_upstream(dfn3_model_dir, audio_dir, monkeypat
 def test_memory_does_not_grow_with_the_channel_count(
     dfn3_model_dir, audio_dir, tmp_path, python_child
 ):
-    """#13 item 11: a 32-channel file runs as 32 lanes taking turns in rows of --batch, so its
-    peak memory stays near a mono file's (at 3 s pieces the old whole-channel run took 1.61 GB
-    for 32 channels against 0.72 GB for one)."""
+    """#13 item 11: a 32-channel file runs as 32 lanes taking turns in rows of --batch, so the
+    model's memory is that of --batch rows whatever the channel count. At 3 s pieces the old
+    whole-channel run took 1.61 GB for 32 channels against 0.72 GB for one (+29 MB a channel).
+    What still grows is the job's audio and features around the piece all its channels are on
+    (measured: +135 MB for 28 more channels at 1 s pieces, +280 MB at 3 s)."""
     noisy, sr = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
     x = noisy[: 6 * sr]
-    sf.write(str(tmp_path / "mono.wav"), x, sr, "PCM_16")
     wide = np.stack([np.roll(x, 97 * c) * (0.5 + c / 64) for c in range(32)], axis=1)
+    sf.write(str(tmp_path / "four.wav"), wide[:, :4], sr, "PCM_16")
     sf.write(str(tmp_path / "wide.wav"), wide, sr, "PCM_16")
     peaks = {}
-    for name in ("mono", "wide"):
+    for name in ("four", "wide"):
         out = python_child(
             f"""
             import sys
@@ -269,4 +271,4 @@ def test_memory_does_not_grow_with_the_channel_count(
         peaks[name] = int(out.split("PEAK")[1].strip()) / 1024  # MiB
     info = sf.info(str(tmp_path / "out" / "wide_DeepFilterNet3.wav"))
     assert (info.channels, info.frames) == (32, wide.shape[0])
-    assert peaks["wide"] - peaks["mono"] < 400, peaks
+    assert peaks["wide"] - peaks["four"] < 420, peaks  # 8x the channels: under 15 MB each

@@ -305,7 +305,7 @@ class Enhancer:
         epoch: Union[str, int, None] = "best",
         mask_only: bool = False,
         batch: Union[int, str] = "auto",
-        piece_seconds: float = DEFAULT_PIECE_SECONDS,
+        piece_seconds: Union[float, str] = "auto",
         threads: Optional[int] = None,
         precision: str = "fp32",
     ):
@@ -319,7 +319,7 @@ class Enhancer:
             df_mps.patch(device=device)
         if precision != "fp32":
             raise ValueError(f"precision {precision!r}: only fp32 is supported so far")
-        if not piece_seconds > 0:
+        if piece_seconds != "auto" and not float(piece_seconds) > 0:
             raise ValueError(f"piece_seconds must be positive, not {piece_seconds}")
         self.model_dir, self.model, self.df_state = load_model(
             model, post_filter=post_filter, epoch=epoch, mask_only=mask_only
@@ -329,7 +329,6 @@ class Enhancer:
         self.atten_lim_db = atten_lim_db
         self.post_filter = post_filter
         self.precision = precision
-        self.piece_seconds = float(piece_seconds)
         self.device = next(self.model.parameters()).device
         if batch == "auto":
             batch = _engine_module.default_batch(self.device.type)
@@ -337,6 +336,9 @@ class Enhancer:
         if batch < 1:
             raise ValueError(f"batch must be >= 1, not {batch}")
         self.batch = batch
+        if piece_seconds == "auto":
+            piece_seconds = _engine_module.default_piece_seconds(self.device.type, batch)
+        self.piece_seconds = float(piece_seconds)
         if self.device.type != "cpu":
             # A GPU's first step pays for kernel plans and memory: here, with the model load.
             self.engine().warm_up()
@@ -367,7 +369,7 @@ class Enhancer:
     def engine(self, batch: Optional[int] = None, piece_seconds: Optional[float] = None) -> Engine:
         """A fresh engine over this model (its own scheduling state; the model is shared)."""
         hop = int(self.df_state.hop_size())
-        piece = piece_seconds or self.piece_seconds
+        piece = self.piece_seconds if piece_seconds in (None, "auto") else float(piece_seconds)
         return Engine(
             self.model,
             self.df_state,

@@ -72,6 +72,16 @@ def default_batch(device_type: str) -> int:
     return DEFAULT_BATCH.get(device_type, DEFAULT_BATCH["cpu"])
 
 
+def default_piece_seconds(device_type: str, batch: int) -> float:
+    """10 s pieces, except on the CPU, where rows x piece stays about 10 s of frames: the
+    step's intermediates then stay in the caches. Measured at 1 thread (bench_engine.py
+    --mode step): batch 4 of 2.5 s pieces ran 1.5x the audio-s/s of batch 1 of 10 s, batch 4
+    of 10 s pieces no faster than batch 1."""
+    if device_type != "cpu":
+        return DEFAULT_PIECE_SECONDS
+    return max(1.0, DEFAULT_PIECE_SECONDS / max(1, batch))
+
+
 # -- what a job is --------------------------------------------------------------------------
 class JobError(Exception):
     """A job that can't be enhanced; the message is one line for the user."""
@@ -542,7 +552,35 @@ class _Active:
             return None
         signal = _to_device(signal, self.engine.model.device)
         engine = self.engine
-        return self.analysis.features(signal, engine.nb_df, alpha=engine.alpha, reset=False)
+        return self._by_groups(
+            self.analysis,
+            signal,
+            lambda dsp, x: dsp.features(x, engine.nb_df, alpha=engine.alpha, reset=False),
+        )
+
+    def _by_groups(self, df, x, run):
+        """``run(df, x)``, in groups of ``batch`` channels where the job is wider than the
+        batch: the DSP's intermediates then stay those of ``batch`` channels, whatever the
+        channel count (each group on a scratch DF holding its rows of ``df``'s state)."""
+        import torch
+
+        engine = self.engine
+        group = engine.batch
+        if self.channels <= group:
+            return run(df, x)
+        device = engine.model.device
+        state = df.stream_state(self.channels, engine.nb_df, device)
+        outputs, states = [], []
+        for lo in range(0, self.channels, group):
+            scratch = engine.new_dsp()
+            scratch.set_stream_state({k: v[lo : lo + group] for k, v in state.items()})
+            outputs.append(run(scratch, x[lo : lo + group]))
+            rows = min(group, self.channels - lo)
+            states.append(scratch.stream_state(rows, engine.nb_df, device))
+        df.set_stream_state({k: torch.cat([st[k] for st in states]) for k in state})
+        if isinstance(outputs[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*outputs))
+        return torch.cat(outputs)
 
     def analyse(self, x):
         """Features (on the model's device) for model-rate samples [C, n], or None."""
@@ -573,11 +611,14 @@ class _Active:
 
     # -- scheduling (scheduling thread) --
     def needs_input(self) -> bool:
-        """Keep about one piece beyond the next one analysed."""
+        """Keep about one piece beyond the next one analysed, so the device never waits for a
+        read; a job wider than the batch keeps just the next one (its features, a few MB a
+        channel, would otherwise grow with the channel count)."""
         if self.ended or self.reading is not None or self.unanalysed is not None:
             return False
         engine = self.engine
-        return self.frames - self.done < 2 * engine.piece_frames + engine.right
+        ahead = engine.piece_frames if self.channels <= engine.batch else 0
+        return self.frames - self.done < engine.piece_frames + engine.right + ahead
 
     def piece_ready(self) -> bool:
         engine = self.engine
@@ -696,7 +737,10 @@ class _Active:
 
     def _synthesise(self, spec, final: bool) -> None:
         t0 = time.perf_counter()
-        samples = _finish_host_copy(_start_host_copy(self.synthesis.synthesis(spec, reset=False)))
+        samples = self._by_groups(
+            self.synthesis, spec, lambda dsp, x: dsp.synthesis(x, reset=False)
+        )
+        samples = _finish_host_copy(_start_host_copy(samples))
         self._deliver(samples, final)
         self.seconds += time.perf_counter() - t0
 

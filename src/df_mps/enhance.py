@@ -365,7 +365,9 @@ def _epoch(value: str) -> Union[int, str]:
         ) from None
 
 
-def _piece_seconds(value: str) -> float:
+def _piece_seconds(value: str):
+    if value.lower() == "auto":
+        return "auto"
     try:
         seconds = float(value)
     except ValueError:
@@ -485,10 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--piece-seconds",
         type=_piece_seconds,
-        default=DEFAULT_PIECE_SECONDS,
+        default="auto",
         metavar="S",
         help="the model runs on pieces of S seconds whose state carries over exactly, so any "
-        f"length fits in bounded memory (default {DEFAULT_PIECE_SECONDS:g})",
+        f"length fits in bounded memory (default auto: {DEFAULT_PIECE_SECONDS:g} s, on the CPU "
+        f"{DEFAULT_PIECE_SECONDS:g} s / batch; outputs don't depend on it)",
     )
     p.add_argument(
         "--batch",
