@@ -26,7 +26,7 @@ import numpy as np
 
 from . import engine as _engine_module
 from .audio import AudioFileError, AudioFileWriter, read_audio, same_file
-from .engine import DEFAULT_PIECE_SECONDS, ArraySink, ArraySource, Engine, Job, Sink, Source
+from .engine import ArraySink, ArraySource, Engine, Job, Sink, Source
 from .models import DEFAULT_MODEL, PRETRAINED_MODELS
 from .util import PathLike, one_line, quiet_resample_rename
 
