@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
-# The H200 runs behind docs/performance.md and the issue notes (device tool, not CI).
-# Expects: .whl/ (deepfilternet 0.5.6, wrapt, loguru, soundfile, tqdm, appdirs wheels for
-# cp312), .devcarry/ (models/DeepFilterNet3, audio/*.wav, features_white.pt made here by
-# `python benchmarks/bench_compute.py --save-features .devcarry/features_white.pt`), and $OUT.
+# The H200 runs behind docs/performance.md and the issue notes (device tool, not CI), in parts:
+#   bash benchmarks/h200_session.sh engine   # batched engine, real-time streams, Ray
+#   bash benchmarks/h200_session.sh gpu      # precision and CUDA graphs, the test suite
+# Expects: .whl/ (cp312 wheels: deepfilternet 0.5.6, loguru, soundfile, cffi, pycparser,
+# appdirs, platformdirs, soxr), .whlray/ (a slimmed ray wheel and its missing deps, for the
+# engine part: `python benchmarks/bench_ray.py --slim-ray-wheel WHEEL DIR`), .devcarry/
+# (models/DeepFilterNet3, audio/*.wav), and $OUT. The machine has Python 3.12, torch 2.11
+# CUDA, no DeepFilterLib (df_mps.dsp stands in).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+part=${1:-engine}
+wheels=(.whl/*.whl)
+[ "$part" = engine ] && [ -d .whlray ] && wheels+=(.whlray/*.whl)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${wheels[@]}" || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 DF_MPS_SHARED=$PWD/.devcarry
 M=.devcarry/models/DeepFilterNet3
-A=.devcarry/audio
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import sys, torch, torchaudio; print(sys.version.split()[0], torch.__version__, torchaudio.__version__)"
-DF_MPS_DEVICE=cuda python3 -m df_mps doctor > "$OUT/doctor.txt" 2>&1; tail -25 "$OUT/doctor.txt"
-python3 benchmarks/bench_compute.py --device cuda --batch 1 32 --threads 4 --repeats 20 \
-  --features .devcarry/features_white.pt --model-dir $M --json "$OUT/h200_compute.json" 2>&1 | grep -v "| INFO"
-python3 benchmarks/h200_dsp_pipeline.py --model-dir $M --audio $A/noisy_white.wav $A/noisy_pink.wav \
-  --batch 1,8,32,128 --repeat 5 --json "$OUT/h200_pipeline.json" 2>&1 | grep -v "| INFO"
-python3 benchmarks/bench_dsp.py --device cuda --batch 1,32,128 --json "$OUT/h200_dsp.json"
-python3 -m df_mps.enhance --device cuda --log-level warning -m $M $A/noisy_white.wav -o "$OUT/"
-DF_MPS_FORWARD_METHOD=real python3 -m df_mps.enhance --device cuda --log-level warning --no-suffix \
-  -m $M $A/noisy_white.wav -o "$OUT/real/"
-ls -la "$OUT" "$OUT/real"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__)"
+if [ "$part" = engine ]; then
+  (cd benchmarks && timeout 240 python3 bench_engine.py --mode corpus --device cuda --files 64 \
+    --seconds 30 --batch 64,128,16,1 --threads 4 --json "$OUT/h200_engine.json" 2>&1 | grep -v INFO | cut -c1-160)
+  timeout 150 python3 benchmarks/bench_realtime.py gpu --device cuda --streams 1 \
+    --json "$OUT/h200_realtime_streams.json" 2>&1 | grep -v INFO | tail -20
+  timeout 300 python3 benchmarks/bench_ray.py --device cuda --model-dir $M --audio-dir .devcarry/audio \
+    --files 64 --seconds 30 --threads 4 --workers 1 2 --gpus-per-worker 1 0.5 \
+    --json "$OUT/h200_ray.json" > "$OUT/bench_ray.log" 2>&1; tail -15 "$OUT/bench_ray.log"
+elif [ "$part" = gpu ]; then
+  timeout 300 python3 benchmarks/bench_gpu.py --json "$OUT/h200_gpu.json" 2>&1 | grep -v INFO | tail -30
+  DF_MPS_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_engine.py 2>&1 | tail -5
+  timeout 240 python3 -m pytest -q -x -p no:cacheprovider 2>&1 | tail -8
+fi
+ls -la "$OUT"
