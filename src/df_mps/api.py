@@ -350,8 +350,11 @@ class Enhancer:
         piece_seconds: float = DEFAULT_PIECE_SECONDS,
         threads: Optional[int] = None,
         precision: str = "fp32",
+        cuda_graphs: bool = True,
     ):
         import torch
+
+        from . import precision as precision_rules
 
         if threads is not None:
             torch.set_num_threads(int(threads))
@@ -359,8 +362,7 @@ class Enhancer:
             import df_mps
 
             df_mps.patch(device=device)
-        if precision != "fp32":
-            raise ValueError(f"precision {precision!r}: only fp32 is supported so far")
+        precision_rules.check(precision)
         if not piece_seconds > 0:
             raise ValueError(f"piece_seconds must be positive, not {piece_seconds}")
         self.model_dir, self.model, self.df_state = load_model(
@@ -370,9 +372,13 @@ class Enhancer:
         self.pad = pad
         self.atten_lim_db = atten_lim_db
         self.post_filter = post_filter
-        self.precision = precision
         self.piece_seconds = float(piece_seconds)
         self.device = next(self.model.parameters()).device
+        # GPU fast paths (df_mps.precision, df_mps.graphs): the network in the dtype that runs
+        # here (fp32 where the device lacks the one asked for), CUDA graphs on CUDA.
+        self.precision_choice = precision_rules.resolve(precision, self.device)
+        self.precision = self.precision_choice.precision
+        self.cuda_graphs = bool(cuda_graphs)
         if batch == "auto":
             batch = _engine_module.default_batch(self.device.type)
         batch = int(batch)
@@ -405,16 +411,19 @@ class Enhancer:
 
     def engine(self, batch: Optional[int] = None, piece_seconds: Optional[float] = None) -> Engine:
         """A fresh engine over this model (its own scheduling state; the model is shared)."""
+        from . import graphs, precision
+
         hop = int(self.df_state.hop_size())
         piece = piece_seconds or self.piece_seconds
-        return Engine(
-            self.model,
+        engine = Engine(
+            precision.cast_model(self.model, self.precision_choice.dtype),
             self.df_state,
             batch=batch or self.batch,
             piece_frames=max(1, round(piece * self.sample_rate / hop)),
             pad=self.pad,
             atten_lim_db=self.atten_lim_db,
         )
+        return graphs.accelerate(engine, cuda_graphs=self.cuda_graphs)
 
     # -- files --
     def enhance_files(

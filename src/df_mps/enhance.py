@@ -479,6 +479,19 @@ def build_parser() -> argparse.ArgumentParser:
         + " (default auto). Outputs don't depend on it",
     )
     p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="the network's dtype (STFT, features and synthesis stay fp32); where the device "
+        "lacks it, one warning and fp32 (default fp32)",
+    )
+    p.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="on CUDA, run the step eagerly instead of replaying captured CUDA graphs",
+    )
+    p.add_argument(
         "--whole-file",
         action="store_true",
         help="read each file whole and run it at once, as upstream (memory grows with the "
@@ -651,6 +664,8 @@ def run(args: argparse.Namespace) -> int:
             atten_lim_db=args.atten_lim,
             batch=args.batch,
             piece_seconds=args.piece_seconds,
+            precision=args.precision,
+            cuda_graphs=args.cuda_graphs,
         )
         logger.debug(f"batch {enhancer.batch} on {enhancer.device}")
         for result in _run_jobs(todo, enhancer, args.overwrite, whole_file=args.whole_file):
