@@ -148,7 +148,7 @@ def child(args) -> None:
     out = Path(args.out)
     argv = [*map(str, files), "-o", str(out), "-m", str(model_dir(args.model_dir))]
     argv += ["--batch", args.batch[0], "--device", args.device, "--no-suffix", "--overwrite"]
-    argv += ["--log-level", "warning"]
+    argv += ["--log-level", "warning", *args.cli_args.split()]
     if args.threads:
         argv += ["--threads", str(args.threads)]
     rc = cli.main(argv)
@@ -161,6 +161,8 @@ def child(args) -> None:
     steps = sum(e.steps for e in engines)
     rows_run = sum(e.rows_run for e in engines)
     from _common import peak_rss_mib
+
+    from df_mps import graphs
 
     print(
         json.dumps(
@@ -178,6 +180,8 @@ def child(args) -> None:
                 "rows_per_step": rows_run / steps if steps else 0.0,
                 "batch": engines[0].batch if engines else None,
                 "peak_rss_mib": peak_rss_mib(),
+                # CUDA graphs or torch.compile: capture/compile time (inside process_s).
+                "step_stats": [graphs.stats(e) for e in engines],
             }
         )
     )
@@ -189,6 +193,7 @@ def run_once(args, files_dir: Path, batch, work: Path) -> dict:
     child_args = ["--child", "--child-files", str(files_dir), "--out", str(out)]
     child_args += ["--batch", str(batch)]
     child_args += ["--device", args.device, "--threads", str(args.threads or 0)]
+    child_args += [f"--cli-args={args.cli_args}"]
     if args.model_dir:
         child_args += ["--model-dir", str(args.model_dir)]
     t0 = time.perf_counter()
@@ -215,6 +220,11 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None, help="corpus and outputs (default: temp)")
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--cli-args",
+        default="",
+        help="more options for the CLI, e.g. '--precision bf16 --no-cuda-graphs'",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-files", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)

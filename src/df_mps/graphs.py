@@ -33,12 +33,14 @@ import contextlib
 import os
 import threading
 import time
-import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._log import logger, warn_once
 
 TOLERANCE = 1e-5
+STORE_ATTR = "_df_mps_graph_stores"  # on the network: its graphs, per piece geometry
+COMPILED_ATTR = "_df_mps_compiled"  # on the network: torch.compile's wrapper, per mode
+CACHE_ATTRS = (STORE_ATTR, COMPILED_ATTR)
 COMPILE_MODES = ("reduce-overhead", "max-autotune-no-cudagraphs", "default")
 _MISSING = object()
 
@@ -82,7 +84,7 @@ def accelerate(engine, *, cuda_graphs: bool = True):
     if how.startswith("torch.compile"):
         engine.model = CompiledModel(batched, compile_mode())
     else:
-        engine.model = GraphedModel(batched, max_rows=engine.batch)
+        engine.model = GraphedModel(batched, max_rows=engine.batch, store=graph_store(batched))
     logger.debug(f"engine step: {how} ({why})")
     return engine
 
@@ -153,12 +155,11 @@ def max_difference(a, b) -> float:
     return worst
 
 
-class GraphedModel(_Stand):
-    """A BatchedModel whose ``step`` replays one CUDA graph per (rows, piece) shape."""
+class GraphStore:
+    """The graphs of one network at one piece geometry, shared by every engine over it (an
+    ``Enhancer`` makes an engine per call: the graphs outlive them)."""
 
-    def __init__(self, batched, *, max_rows: int, tolerance: float = TOLERANCE, warmup: int = 2):
-        super().__init__(batched)
-        self.max_rows = int(max_rows)
+    def __init__(self, tolerance: float = TOLERANCE, warmup: int = 2):
         self.tolerance = tolerance
         self.warmup = warmup
         self.graphs: Dict[Tuple[int, int], Optional[_Captured]] = {}
@@ -166,17 +167,45 @@ class GraphedModel(_Stand):
         self.capture_seconds = 0.0
         self.replays = 0
         self.eager_steps = 0
-        self._pool = None
+        self.pool = None
+        self.lock = threading.Lock()  # one replay at a time: the static buffers are shared
+
+
+def graph_store(batched) -> GraphStore:
+    """The store kept on ``batched.model`` (so it lives as long as the network) for its
+    (left, piece, right) geometry."""
+    stores = batched.model.__dict__.setdefault(STORE_ATTR, {})
+    key = (batched.left, batched.piece, batched.right)
+    if key not in stores:
+        stores[key] = GraphStore()
+    return stores[key]
+
+
+class GraphedModel(_Stand):
+    """A BatchedModel whose ``step`` replays one CUDA graph per (rows, piece) shape."""
+
+    def __init__(self, batched, *, max_rows: int, store: Optional[GraphStore] = None):
+        super().__init__(batched)
+        self.max_rows = int(max_rows)
+        self.store = store if store is not None else GraphStore()
+
+    @property
+    def graphs(self):
+        return self.store.graphs
 
     def step(self, spec, erb_feat, spec_feat, fresh: Sequence[bool], states, piece=None):
-        b = self.batched
+        with self.store.lock:
+            return self._step(spec, erb_feat, spec_feat, fresh, states, piece)
+
+    def _step(self, spec, erb_feat, spec_feat, fresh, states, piece):
+        b, store = self.batched, self.store
         piece = int(piece or b.piece)
         rows = spec.shape[0]
         padded = row_bucket(rows, self.max_rows)
         key = (padded, piece)
-        captured = self.graphs.get(key, _MISSING)
+        captured = store.graphs.get(key, _MISSING)
         if captured is None:
-            self.eager_steps += 1
+            store.eager_steps += 1
             return b.step(spec, erb_feat, spec_feat, fresh, states, piece)
         fresh = list(fresh) + [True] * (padded - rows)
         states = list(states) + [None] * (padded - rows)
@@ -185,9 +214,9 @@ class GraphedModel(_Stand):
         h0, history = b.stack_states(states)
         if captured is _MISSING:
             captured = self._capture(key, spec, erb_feat, spec_feat, mask, h0, history, fresh)
-            self.graphs[key] = captured
+            store.graphs[key] = captured
             if captured is None:
-                self.eager_steps += 1
+                store.eager_steps += 1
                 enhanced, lsnr, new_h, new_history = b.forward_stacked(
                     spec, erb_feat, spec_feat, h0, history, mask, piece
                 )
@@ -195,13 +224,13 @@ class GraphedModel(_Stand):
         enhanced, lsnr, new_h, new_history = captured.replay(
             spec, erb_feat, spec_feat, mask, h0, history
         )
-        self.replays += 1
+        store.replays += 1
         return enhanced[:rows], lsnr[:rows], b.split_states(new_h, new_history, rows)
 
     def _capture(self, key, spec, erb_feat, spec_feat, mask, h0, history, fresh):
         import torch
 
-        b = self.batched
+        b, store = self.batched, self.store
         piece = key[1]
         t0 = time.perf_counter()
         try:
@@ -221,13 +250,13 @@ class GraphedModel(_Stand):
             side = torch.cuda.Stream(device=b.device)
             side.wait_stream(torch.cuda.current_stream(b.device))
             with torch.cuda.stream(side):
-                for _ in range(self.warmup):
+                for _ in range(store.warmup):
                     run()
             torch.cuda.current_stream(b.device).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
+            if store.pool is None:
+                store.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=store.pool):
                 outputs = run()
             captured = _Captured(graph, static, outputs)
             # The eager step as the engine runs it (mask only where a row is fresh).
@@ -251,12 +280,12 @@ class GraphedModel(_Stand):
             )
             return None
         finally:
-            self.capture_seconds += time.perf_counter() - t0
-        self.differences[key] = difference
-        if not difference <= self.tolerance:
+            store.capture_seconds += time.perf_counter() - t0
+        store.differences[key] = difference
+        if not difference <= store.tolerance:
             logger.debug(
                 f"CUDA graph of step {key} differs from eager by {difference:.3g} (over "
-                f"{self.tolerance:g}); running it eager"
+                f"{store.tolerance:g}); running it eager"
             )
             return None
         return captured
@@ -264,19 +293,18 @@ class GraphedModel(_Stand):
 
 # -- torch.compile ----------------------------------------------------------------------------
 _compiled_lock = threading.Lock()
-_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def compiled_network(model, mode: str):
-    """``torch.compile(model, mode=mode)``, one per (model, mode) in this process."""
+    """``torch.compile(model, mode=mode)``, one per (model, mode), kept on the model."""
     import torch
 
     with _compiled_lock:
-        per_model = _compiled.setdefault(model, {})
-        if mode not in per_model:
+        per_mode = model.__dict__.setdefault(COMPILED_ATTR, {})
+        if mode not in per_mode:
             options = {} if mode == "default" else {"mode": mode}
-            per_model[mode] = torch.compile(model, dynamic=False, **options)
-        return per_model[mode]
+            per_mode[mode] = torch.compile(model, dynamic=False, **options)
+        return per_mode[mode]
 
 
 class CompiledModel(_Stand):
@@ -316,16 +344,15 @@ def stats(engine) -> Dict[str, object]:
     """What the engine's step ran as, for benchmarks and the doctor."""
     model = engine.model
     if isinstance(model, GraphedModel):
-        captured = [k for k, v in model.graphs.items() if v is not None]
-        eager = [k for k, v in model.graphs.items() if v is None]
+        store = model.store
         return {
             "step": "cuda graphs",
-            "shapes_captured": [list(k) for k in captured],
-            "shapes_eager": [list(k) for k in eager],
-            "capture_seconds": model.capture_seconds,
-            "replays": model.replays,
-            "eager_steps": model.eager_steps,
-            "max_difference_vs_eager": max(model.differences.values(), default=None),
+            "shapes_captured": [list(k) for k, v in store.graphs.items() if v is not None],
+            "shapes_eager": [list(k) for k, v in store.graphs.items() if v is None],
+            "capture_seconds": store.capture_seconds,
+            "replays": store.replays,
+            "eager_steps": store.eager_steps,
+            "max_difference_vs_eager": max(store.differences.values(), default=None),
         }
     if isinstance(model, CompiledModel):
         return {

@@ -186,7 +186,11 @@ def cast_model(model, dtype):
         per_model = _casts.setdefault(model, {})
         cast = per_model.get(dtype)
         if cast is None:
-            cast = copy.deepcopy(model).to(dtype).eval()
+            # Captured graphs and compiled wrappers (df_mps.graphs) belong to the original.
+            from .graphs import CACHE_ATTRS
+
+            memo = {id(model.__dict__[a]): {} for a in CACHE_ATTRS if a in model.__dict__}
+            cast = copy.deepcopy(model, memo).to(dtype).eval()
             per_model[dtype] = cast
         return cast
 
