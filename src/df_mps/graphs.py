@@ -82,7 +82,7 @@ def accelerate(engine, *, cuda_graphs: bool = True):
             warn_once("compile-mode", f"df_mps: {why}; running without torch.compile")
         return engine
     if how.startswith("torch.compile"):
-        engine.model = CompiledModel(batched, compile_mode())
+        engine.model = compiled_model(batched, compile_mode())
     else:
         engine.model = GraphedModel(batched, max_rows=engine.batch, store=graph_store(batched))
     logger.debug(f"engine step: {how} ({why})")
@@ -300,11 +300,30 @@ def compiled_network(model, mode: str):
     import torch
 
     with _compiled_lock:
-        per_mode = model.__dict__.setdefault(COMPILED_ATTR, {})
-        if mode not in per_mode:
+        cache = model.__dict__.setdefault(COMPILED_ATTR, {})
+        if ("network", mode) not in cache:
             options = {} if mode == "default" else {"mode": mode}
-            per_mode[mode] = torch.compile(model, dynamic=False, **options)
-        return per_mode[mode]
+            cache["network", mode] = torch.compile(model, dynamic=False, **options)
+        return cache["network", mode]
+
+
+def compiled_model(batched, mode: str) -> CompiledModel:
+    """One CompiledModel per (network, mode, piece geometry), shared by every engine over it.
+
+    Compiled code reads the carried states through the step context's functions, and dynamo
+    does not notice when another BatchedModel installs new functions with the same code: with
+    a context per engine, a second engine's steps read the first one's last states (measured
+    on the CPU: 5e-3 off). So every engine over a network uses this one."""
+    model = batched.model
+    with _compiled_lock:
+        cache = model.__dict__.setdefault(COMPILED_ATTR, {})
+        key = ("step", mode, batched.left, batched.piece, batched.right)
+        made = cache.get(key)
+    if made is None:
+        made = CompiledModel(batched, mode)
+        with _compiled_lock:
+            made = cache.setdefault(key, made)
+    return made
 
 
 class CompiledModel(_Stand):
