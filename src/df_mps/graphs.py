@@ -256,7 +256,9 @@ class GraphedModel(_Stand):
             if store.pool is None:
                 store.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=store.pool):
+            # thread_local: the engine's I/O threads keep running their DSP and pinned copies
+            # on other streams meanwhile ("global" would make their syncs fail).
+            with torch.cuda.graph(graph, pool=store.pool, capture_error_mode="thread_local"):
                 outputs = run()
             captured = _Captured(graph, static, outputs)
             # The eager step as the engine runs it (mask only where a row is fresh).
