@@ -155,3 +155,19 @@ def test_graphed_step_equals_eager_step_with_carried_state(cuda_model, enhancer,
                 assert (a - b).abs().max() <= 1e-5
         states_e, states_g = out_e[2], out_g[2]
     assert graphed.store.replays == 3
+
+
+@needs_cuda
+def test_compiled_step_equals_eager_across_engines(cuda_model, enhancer, clips, monkeypatch):
+    """DF_MPS_COMPILE (torch.compile's default mode, the quickest to compile): a second engine
+    over the network reuses the compiled code and still equals eager within 1e-5. (On the CPU
+    this caught compiled code run without the mask's hooks it was compiled with.)"""
+    reference = _run(_engine(cuda_model, enhancer.df_state), clips)
+    monkeypatch.setenv("DF_MPS_COMPILE", "default")
+    for _ in range(2):
+        engine = graphs.accelerate(_engine(cuda_model, enhancer.df_state))
+        assert isinstance(engine.model, graphs.CompiledModel)
+        got = _run(engine, clips)
+        assert engine.model.failed is None
+        for a, b in zip(got, reference):
+            assert np.abs(a - b).max() <= 1e-5
