@@ -9,6 +9,7 @@ Real DFN3 weights and the shared speech from ../shared.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -237,12 +238,27 @@ def test_fp16_has_headroom_on_full_scale_speech(fp32_enhancer, speech):
 def test_fp16_post_filter_gain_does_not_underflow():
     """DFN3's post-filter clamps with eps = 1e-12, which is 0 in fp16: the gain is computed in
     fp32 for fp16 spectra, so silent bins give the fp32 result, not 0/0."""
-    from df_mps.kernels import post_filter_real
+    from df_mps.kernels import post_filter_gain, post_filter_real
 
     spec = torch.zeros((1, 1, 4, 8, 2))
     spec[..., 0] = torch.linspace(0, 1, 8)
     spec_e = spec * torch.tensor([0.0, 1e-9, 1e-3, 0.5]).view(1, 1, 4, 1, 1)
+    # The hazard: the same formula in fp16 gives NaN for silent bins.
+    assert not torch.isfinite(post_filter_gain(spec_e.half(), spec.half(), 0.02)).all()
     want = post_filter_real(spec_e, spec, 0.02)
     got = post_filter_real(spec_e.half(), spec.half(), 0.02)
     assert torch.isfinite(got).all()
     assert torch.allclose(got.float(), want, atol=1e-3, rtol=1e-2)
+
+
+def test_doctor_reports_the_precision_and_step_choices(capsys):
+    from df_mps import doctor, graphs
+
+    assert doctor.main() == 0
+    text = capsys.readouterr().out
+    device = doctor.chosen_device()
+    for requested in ("bf16", "fp16"):
+        runs = precision.decide_quietly(requested, device).precision
+        assert f"--precision {requested}:" in text
+        assert re.search(rf"--precision {requested}:\s+{runs}\b", text)
+    assert re.search(rf"engine step:\s+{re.escape(graphs.plan(device.split(':')[0])[0])} - ", text)

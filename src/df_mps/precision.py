@@ -11,7 +11,15 @@ Why a cast copy and not autocast: the engine carries GRU states between pieces i
 dtype, and autocast leaves that dtype to each op (cuDNN's GRU under fp16 autocast wants fp16
 ``h0`` while the parameters stay fp32; the CPU's autocast list has no GRU at all, so the GRUs,
 which are most of DFN3's time, would stay fp32). A cast copy runs every layer in one known
-dtype, which is what ``tests/test_precision.py`` checks with forward hooks.
+dtype, which is what ``tests/test_precision.py`` checks with forward hooks. Measured on the
+CPU (3 s of the shared speech, 1 thread): bf16 autocast ran Conv2d and Linear in bf16 and
+every GRU in fp32, max diff 1.4e-3 from fp32; the bf16 cast copy 2.6e-3; both -0.002 dB
+SI-SDR against clean. Both are exact enough; the copy is the simpler to reason about.
+
+fp16's range: on the shared speech normalised to 0 dBFS peak the largest output of any layer
+is about 31 (``enc.df_conv1``), against fp16's 65,504; GRU states are bounded by tanh. The one
+fp16 hazard found is DFN3's post-filter, whose eps = 1e-12 is 0 in fp16:
+``df_mps.kernels.post_filter_real`` computes that gain in fp32 (``--pf`` only).
 
 Where each dtype runs (``decide``):
 
