@@ -330,6 +330,8 @@ def main() -> None:
         default=["reduce-overhead", "max-autotune-no-cudagraphs"],
     )
     p.add_argument("--compile-timeout", type=float, default=240.0)
+    p.add_argument("--step-precisions", type=comma_list(str), default=["fp32", "bf16"])
+    p.add_argument("--compile-precisions", type=comma_list(str), default=["fp32"])
     p.add_argument("--quality-seconds", type=float, default=0.0, help="0: the whole clips")
     p.add_argument("--deadline-s", type=float, default=480.0)
     p.add_argument("--threads", type=int, default=0)
@@ -405,14 +407,16 @@ def main() -> None:
             child_argv += ["--quality-seconds", str(args.quality_seconds), *base_child_args(args)]
             run.child(child_argv, "quality", "quality")
         if "steps" in args.parts:
+            # eager and graphs at every batch first, torch.compile (slow to start) last
             steps = ["eager"] + (["graphs"] if cuda else [])
             steps += [f"compile:{mode}" for mode in args.compile_modes]
-            for batch in args.step_batches:
-                files = work / f"steps_{batch}x{args.step_seconds:g}"
-                bench_engine.make_corpus(files, [(args.step_seconds, SR, 1)] * batch)
-                for step in steps:
-                    for precision in ("fp32", "bf16"):
-                        limit = args.compile_timeout if step.startswith("compile") else None
+            for step in steps:
+                compiled = step.startswith("compile")
+                for batch in args.step_batches:
+                    files = work / f"steps_{batch}x{args.step_seconds:g}"
+                    bench_engine.make_corpus(files, [(args.step_seconds, SR, 1)] * batch)
+                    for precision in args.compile_precisions if compiled else args.step_precisions:
+                        limit = args.compile_timeout if compiled else None
                         child_argv = library_args(
                             args, files, work / f"out_s{batch}", batch, precision, step
                         )
