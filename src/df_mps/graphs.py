@@ -18,7 +18,7 @@ once as a CUDA graph and replayed:
   one memory pool (they never run at once, and each one's outputs are copied out before the
   next replay). At the first capture of each shape the graph's output on those real inputs is
   compared with the eager step's: beyond 1e-5 (max abs, spectrum, lsnr and states) that shape
-  stays eager. A capture that fails leaves its shape eager with one debug line.
+  stays eager, with a warning. A capture that fails leaves its shape eager with one debug line.
 - **Where.** CUDA only, on by default; ``Enhancer(cuda_graphs=False)`` or ``--no-cuda-graphs``
   turns them off. MPS has no graphs.
 
@@ -285,9 +285,12 @@ class GraphedModel(_Stand):
             store.capture_seconds += time.perf_counter() - t0
         store.differences[key] = difference
         if not difference <= store.tolerance:
-            logger.debug(
-                f"CUDA graph of step {key} differs from eager by {difference:.3g} (over "
-                f"{store.tolerance:g}); running it eager"
+            # Not a capture failure but a wrong graph: worth a warning (once), not a debug line.
+            warn_once(
+                f"graph-mismatch-{key}",
+                f"df_mps: the CUDA graph of step {key} differs from eager by {difference:.3g} "
+                f"(over {store.tolerance:g}); that shape runs eager (--no-cuda-graphs "
+                "silences this)",
             )
             return None
         return captured
