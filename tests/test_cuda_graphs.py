@@ -89,6 +89,8 @@ def test_failed_capture_falls_back_to_eager(enhancer, clips, monkeypatch):
     reference = _run(_engine(model, enhancer.df_state), clips)
     engine = _engine(model, enhancer.df_state)
     engine.model = graphs.GraphedModel(engine.model, max_rows=4)
+    spec = engine.df_spec
+    engine.model.warm_up(4, spec.fft // 2 + 1, spec.nb, engine.nb_df)  # capture ahead fails too
     got = _run(engine, clips)
     stats = graphs.stats(engine)
     assert stats["shapes_captured"] == [] and stats["shapes_eager"]
@@ -124,6 +126,17 @@ def test_graphed_engine_equals_eager(name, cuda_model, enhancer, clips):
     captured = len(stats["shapes_captured"])
     _run(again, clips)
     assert len(graphs.stats(again)["shapes_captured"]) == captured
+    # Captured ahead on zeros (warm_up, as the Enhancer does with the model load), checked
+    # against eager on the first real step of each shape.
+    ahead = graphs.accelerate(_engine(model, enhancer.df_state, piece_frames=60))
+    spec = ahead.df_spec
+    ahead.model.warm_up(3, spec.fft // 2 + 1, spec.nb, ahead.nb_df)
+    warmed = {tuple(k) for k in graphs.stats(ahead)["shapes_captured"]}
+    assert {(3, 60), (3, 16)} <= warmed
+    for a, b in zip(_run(ahead, clips), reference):
+        assert np.abs(a - b).max() <= 1e-5
+    checked = graphs.stats(ahead)
+    assert checked["shapes_eager"] == [] and checked["max_difference_vs_eager"] <= 1e-5
 
 
 @needs_cuda

@@ -16,9 +16,11 @@ once as a CUDA graph and replayed:
   the graph's static outputs at each replay (the next replay overwrites them).
 - **Capture.** Warm-up on a side stream, then capture, as the PyTorch docs say; all graphs share
   one memory pool (they never run at once, and each one's outputs are copied out before the
-  next replay). At the first capture of each shape the graph's output on those real inputs is
-  compared with the eager step's: beyond 1e-5 (max abs, spectrum, lsnr and states) that shape
-  stays eager, with a warning. A capture that fails leaves its shape eager with one debug line.
+  next replay). Shapes are captured at their first step, or ahead by ``warm_up`` (the engine's
+  batch at the full and the shortest piece, with the model load). On the first real step of
+  each shape the replay is compared with the eager step on those inputs (and eager's result
+  is used): beyond 1e-5 (max abs, spectrum, lsnr and states) that shape stays eager, with a
+  warning. A capture that fails leaves its shape eager with one debug line.
 - **Where.** CUDA only, on by default; ``Enhancer(cuda_graphs=False)`` or ``--no-cuda-graphs``
   turns them off. MPS has no graphs.
 
@@ -121,6 +123,7 @@ class _Captured:
         self.graph = graph
         self.inputs = inputs  # spec, erb_feat, spec_feat, mask, h0 list, history list
         self.outputs = outputs  # enhanced, lsnr, new_h list, new_history list
+        self.checked = False  # against eager, on the first real step of its shape
 
     def replay(self, spec, erb_feat, spec_feat, mask, h0, history):
         s_spec, s_erb, s_feat, s_mask, s_h0, s_hist = self.inputs
@@ -197,6 +200,34 @@ class GraphedModel(_Stand):
         with self.store.lock:
             return self._step(spec, erb_feat, spec_feat, fresh, states, piece)
 
+    def warm_up(self, rows: int, freq_bins: int, erb_bands: int, df_bins: int) -> None:
+        """Capture the graphs of ``rows`` rows at the full piece and at the shortest last piece
+        (16 frames, the engine's smallest bucket) on zeros, as ``BatchedModel.warm_up`` pays the
+        device's first-use costs, so that the capture happens with the model load. Each graph
+        is checked against eager on the first real step of its shape."""
+        import torch
+
+        b = self.batched
+        self._warming = True
+        try:
+            for piece in dict.fromkeys((b.piece, min(b.piece, 16))):
+                window = b.left + piece + b.right
+                zeros = dict(device=b.device, dtype=b.dtype)
+                self.step(
+                    torch.zeros((rows, 1, window, freq_bins, 2), **zeros),
+                    torch.zeros((rows, 1, window, erb_bands), **zeros),
+                    torch.zeros((rows, 1, window, df_bins, 2), **zeros),
+                    [True] * rows,
+                    [None] * rows,
+                    piece,
+                )
+        finally:
+            self._warming = False
+        if b.device.type == "cuda":
+            torch.cuda.synchronize(b.device)
+
+    _warming = False
+
     def _step(self, spec, erb_feat, spec_feat, fresh, states, piece):
         b, store = self.batched, self.store
         piece = int(piece or b.piece)
@@ -212,22 +243,54 @@ class GraphedModel(_Stand):
         spec, erb_feat, spec_feat = (_pad_rows(x, padded) for x in (spec, erb_feat, spec_feat))
         mask = b.start_mask(fresh, piece)
         h0, history = b.stack_states(states)
+        inputs = (spec, erb_feat, spec_feat, mask, h0, history)
         if captured is _MISSING:
-            captured = self._capture(key, spec, erb_feat, spec_feat, mask, h0, history, fresh)
+            captured = self._capture(key, *inputs)
             store.graphs[key] = captured
-            if captured is None:
-                store.eager_steps += 1
-                enhanced, lsnr, new_h, new_history = b.forward_stacked(
-                    spec, erb_feat, spec_feat, h0, history, mask, piece
-                )
-                return enhanced[:rows], lsnr[:rows], b.split_states(new_h, new_history, rows)
-        enhanced, lsnr, new_h, new_history = captured.replay(
-            spec, erb_feat, spec_feat, mask, h0, history
-        )
-        store.replays += 1
+        if captured is None:
+            store.eager_steps += 1
+            out = b.forward_stacked(spec, erb_feat, spec_feat, h0, history, mask, piece)
+        elif captured.checked or self._warming:
+            out = captured.replay(*inputs)
+            store.replays += 1
+        else:
+            out = self._check(key, captured, inputs, any(fresh), piece)
+        enhanced, lsnr, new_h, new_history = out
         return enhanced[:rows], lsnr[:rows], b.split_states(new_h, new_history, rows)
 
-    def _capture(self, key, spec, erb_feat, spec_feat, mask, h0, history, fresh):
+    def _check(self, key, captured, inputs, any_fresh: bool, piece: int):
+        """The eager step's result on these (real) inputs; the graph is kept where its replay
+        equals it within the tolerance."""
+        b, store = self.batched, self.store
+        spec, erb_feat, spec_feat, mask, h0, history = inputs
+        # The eager step as the engine runs it (mask only where a row is fresh).
+        eager = b.forward_stacked(
+            spec, erb_feat, spec_feat, h0, history, mask if any_fresh else None, piece
+        )
+        try:
+            difference = max_difference(eager, captured.replay(*inputs))
+        except Exception as exc:  # noqa: BLE001 - a replay that fails: this shape runs eager
+            difference = float("inf")
+            logger.debug(f"CUDA graph replay of step {key} failed ({_one_line(exc)})")
+        store.differences[key] = difference
+        if difference <= store.tolerance:
+            captured.checked = True
+            store.replays += 1
+        else:
+            # Not a capture failure but a wrong graph: worth a warning (once), not a debug line.
+            warn_once(
+                f"graph-mismatch-{key}",
+                f"df_mps: the CUDA graph of step {key} differs from eager by {difference:.3g} "
+                f"(over {store.tolerance:g}); that shape runs eager (--no-cuda-graphs "
+                "silences this)",
+            )
+            store.graphs[key] = None
+            store.eager_steps += 1
+        return eager
+
+    def _capture(self, key, spec, erb_feat, spec_feat, mask, h0, history):
+        """The step's graph for this shape, on static copies of these inputs; None (one debug
+        line) where capture fails."""
         import torch
 
         b, store = self.batched, self.store
@@ -260,40 +323,20 @@ class GraphedModel(_Stand):
             # on other streams meanwhile ("global" would make their syncs fail).
             with torch.cuda.graph(graph, pool=store.pool, capture_error_mode="thread_local"):
                 outputs = run()
-            captured = _Captured(graph, static, outputs)
-            # The eager step as the engine runs it (mask only where a row is fresh).
-            eager = b.forward_stacked(
-                spec,
-                erb_feat,
-                spec_feat,
-                h0,
-                history,
-                mask if any(fresh) else None,
-                piece,
-            )
-            graphed = captured.replay(spec, erb_feat, spec_feat, mask, h0, history)
-            difference = max_difference(eager, graphed)
+            return _Captured(graph, static, outputs)
         except Exception as exc:  # noqa: BLE001 - any failure: this shape runs eager
             with contextlib.suppress(Exception):
                 torch.cuda.synchronize(b.device)
             logger.debug(
-                f"CUDA graph capture of step {key} failed ({type(exc).__name__}: "
-                f"{' '.join(str(exc).split())[:200]}); running it eager"
+                f"CUDA graph capture of step {key} failed ({_one_line(exc)}); running it eager"
             )
             return None
         finally:
             store.capture_seconds += time.perf_counter() - t0
-        store.differences[key] = difference
-        if not difference <= store.tolerance:
-            # Not a capture failure but a wrong graph: worth a warning (once), not a debug line.
-            warn_once(
-                f"graph-mismatch-{key}",
-                f"df_mps: the CUDA graph of step {key} differs from eager by {difference:.3g} "
-                f"(over {store.tolerance:g}); that shape runs eager (--no-cuda-graphs "
-                "silences this)",
-            )
-            return None
-        return captured
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
 
 
 # -- torch.compile ----------------------------------------------------------------------------
