@@ -184,3 +184,103 @@ def test_compiled_step_equals_eager_across_engines(cuda_model, enhancer, clips, 
         assert engine.model.failed is None
         for a, b in zip(got, reference):
             assert np.abs(a - b).max() <= 1e-5
+
+
+# -- the graph's bookkeeping on the CPU, with an emulated graph ---------------------------------
+class _EmulatedGraph:
+    """Stands in for torch.cuda.CUDAGraph on the CPU: capture records every aten op the step
+    runs, on views frozen as they were (storage, sizes, strides), as a kernel's arguments are;
+    replay re-runs them in order and writes each result into the memory the capture's result
+    used. Ops that change only a tensor's sizes in place (``transpose_``) launch no kernel and
+    are not replayed. Like a CUDA graph it knows memory, not Python: a replay sees new values
+    only through the static tensors it was captured on."""
+
+    METADATA_ONLY = {"transpose_", "t_", "squeeze_", "unsqueeze_", "as_strided_", "detach_"}
+
+    def __init__(self):
+        self.ops = []
+
+    def record(self, func, args, kwargs, out):
+        from torch.utils._pytree import tree_map
+
+        if func.overloadpacket.__name__ in self.METADATA_ONLY:
+            return
+
+        def freeze(x):
+            if isinstance(x, torch.Tensor):
+                return x.as_strided(x.shape, x.stride(), x.storage_offset())
+            return x
+
+        self.ops.append(
+            (func, tree_map(freeze, args), tree_map(freeze, kwargs), tree_map(freeze, out))
+        )
+
+    def replay(self):
+        from torch.utils._pytree import tree_leaves
+
+        with torch.no_grad():  # as the step it was captured in
+            for func, args, kwargs, out in self.ops:
+                new = func(*args, **kwargs)
+                for old, fresh in zip(tree_leaves(out), tree_leaves(new)):
+                    if isinstance(old, torch.Tensor):
+                        old.copy_(fresh)
+
+
+def _emulate_cuda_graphs(monkeypatch):
+    import contextlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recording(TorchDispatchMode):
+        def __init__(self, graph):
+            super().__init__()
+            self.graph = graph
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            from torch.utils._python_dispatch import _disable_current_modes
+
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            with _disable_current_modes():
+                self.graph.record(func, args, kwargs, out)
+            return out
+
+    class Stream:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def capture(graph, pool=None, capture_error_mode="global"):
+        with Recording(graph):
+            yield
+
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "Stream", Stream)
+    monkeypatch.setattr(cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(cuda, "CUDAGraph", _EmulatedGraph)
+    monkeypatch.setattr(cuda, "graph", capture)
+    monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
+
+
+def test_replay_bookkeeping_with_an_emulated_graph(enhancer, clips, monkeypatch):
+    """Static inputs in, static outputs copied out, rows padded, states carried between
+    replays, shapes captured ahead and checked on real inputs: with the graph emulated on the
+    CPU (``_EmulatedGraph``), the graphed engine's outputs equal the eager engine's."""
+    short = ([x[: len(x) // 4] for x in clips[0]], clips[1])
+    reference = _run(_engine(enhancer.model, enhancer.df_state, piece_frames=20), short)
+    _emulate_cuda_graphs(monkeypatch)
+    engine = _engine(enhancer.model, enhancer.df_state, piece_frames=20)
+    engine.model = graphs.GraphedModel(engine.model, max_rows=4)
+    spec = engine.df_spec
+    engine.model.warm_up(4, spec.fft // 2 + 1, spec.nb, engine.nb_df)
+    got = _run(engine, short)
+    stats = graphs.stats(engine)
+    assert stats["shapes_eager"] == [] and stats["replays"] > 2, stats
+    assert stats["max_difference_vs_eager"] <= graphs.TOLERANCE
+    for a, b in zip(got, reference):
+        assert np.abs(a - b).max() <= 1e-5
