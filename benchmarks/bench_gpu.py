@@ -331,6 +331,12 @@ def main() -> None:
     )
     p.add_argument("--compile-timeout", type=float, default=240.0)
     p.add_argument("--step-precisions", type=comma_list(str), default=["fp32", "bf16"])
+    p.add_argument(
+        "--step-kinds",
+        type=comma_list(str),
+        default=["eager", "graphs", "compile"],
+        help="what the steps part compares (graphs on CUDA only)",
+    )
     p.add_argument("--compile-precisions", type=comma_list(str), default=["fp32"])
     p.add_argument("--quality-seconds", type=float, default=0.0, help="0: the whole clips")
     p.add_argument("--deadline-s", type=float, default=480.0)
@@ -408,8 +414,9 @@ def main() -> None:
             run.child(child_argv, "quality", "quality")
         if "steps" in args.parts:
             # eager and graphs at every batch first, torch.compile (slow to start) last
-            steps = ["eager"] + (["graphs"] if cuda else [])
-            steps += [f"compile:{mode}" for mode in args.compile_modes]
+            steps = ["eager"] * ("eager" in args.step_kinds)
+            steps += ["graphs"] * ("graphs" in args.step_kinds and cuda)
+            steps += [f"compile:{m}" for m in args.compile_modes if "compile" in args.step_kinds]
             for step in steps:
                 compiled = step.startswith("compile")
                 for batch in args.step_batches:
