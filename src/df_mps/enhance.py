@@ -479,6 +479,18 @@ def build_parser() -> argparse.ArgumentParser:
         + " (default auto). Outputs don't depend on it",
     )
     p.add_argument(
+        "--whole-file",
+        action="store_true",
+        help="read each file whole and run it at once, as upstream (memory grows with the "
+        "length: ~550 MB per minute of audio)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "mps", "cuda", "cpu"),
+        default=None,
+        help="where the model runs (default: DF_MPS_DEVICE, else cuda, mps, cpu)",
+    )
+    p.add_argument(
         "--precision",
         choices=("fp32", "bf16", "fp16"),
         default="fp32",
@@ -490,18 +502,6 @@ def build_parser() -> argparse.ArgumentParser:
         dest="cuda_graphs",
         action="store_false",
         help="on CUDA, run the step eagerly instead of replaying captured CUDA graphs",
-    )
-    p.add_argument(
-        "--whole-file",
-        action="store_true",
-        help="read each file whole and run it at once, as upstream (memory grows with the "
-        "length: ~550 MB per minute of audio)",
-    )
-    p.add_argument(
-        "--device",
-        choices=("auto", "mps", "cuda", "cpu"),
-        default=None,
-        help="where the model runs (default: DF_MPS_DEVICE, else cuda, mps, cpu)",
     )
     p.add_argument(
         "--forward-method",
