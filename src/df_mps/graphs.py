@@ -200,17 +200,21 @@ class GraphedModel(_Stand):
         with self.store.lock:
             return self._step(spec, erb_feat, spec_feat, fresh, states, piece)
 
-    def warm_up(self, rows: int, freq_bins: int, erb_bands: int, df_bins: int) -> None:
-        """Capture the graphs of ``rows`` rows at the full piece and at the shortest last piece
-        (16 frames, the engine's smallest bucket) on zeros, as ``BatchedModel.warm_up`` pays the
-        device's first-use costs, so that the capture happens with the model load. Each graph
-        is checked against eager on the first real step of its shape."""
+    def warm_up(
+        self, rows: int, freq_bins: int, erb_bands: int, df_bins: int, fixed_shape: bool = False
+    ) -> None:
+        """Capture the graphs of ``rows`` rows at the full piece and (unless ``fixed_shape``:
+        every step at the full piece) at the shortest last piece, 16 frames, the engine's
+        smallest bucket, on zeros, as ``BatchedModel.warm_up`` pays the device's first-use
+        costs: the capture happens with the model load. Each graph is checked against eager on
+        the first real step of its shape."""
         import torch
 
         b = self.batched
         self._warming = True
+        pieces = (b.piece,) if fixed_shape else (b.piece, min(b.piece, 16))
         try:
-            for piece in dict.fromkeys((b.piece, min(b.piece, 16))):
+            for piece in dict.fromkeys(pieces):
                 window = b.left + piece + b.right
                 zeros = dict(device=b.device, dtype=b.dtype)
                 self.step(
