@@ -204,31 +204,15 @@ class GraphedModel(_Stand):
         self, rows: int, freq_bins: int, erb_bands: int, df_bins: int, fixed_shape: bool = False
     ) -> None:
         """Capture the graphs of ``rows`` rows at the full piece and (unless ``fixed_shape``:
-        every step at the full piece) at the shortest last piece, 16 frames, the engine's
-        smallest bucket, on zeros, as ``BatchedModel.warm_up`` pays the device's first-use
-        costs: the capture happens with the model load. Each graph is checked against eager on
-        the first real step of its shape."""
-        import torch
-
-        b = self.batched
+        every step at the full piece) at the shortest last piece on zeros, as
+        ``BatchedModel.warm_up`` pays the device's first-use costs: the capture happens with
+        the model load. Each graph is checked against eager on the first real step of its
+        shape."""
         self._warming = True
-        pieces = (b.piece,) if fixed_shape else (b.piece, min(b.piece, 16))
         try:
-            for piece in dict.fromkeys(pieces):
-                window = b.left + piece + b.right
-                zeros = dict(device=b.device, dtype=b.dtype)
-                self.step(
-                    torch.zeros((rows, 1, window, freq_bins, 2), **zeros),
-                    torch.zeros((rows, 1, window, erb_bands), **zeros),
-                    torch.zeros((rows, 1, window, df_bins, 2), **zeros),
-                    [True] * rows,
-                    [None] * rows,
-                    piece,
-                )
+            _warm_up(self, rows, freq_bins, erb_bands, df_bins, fixed_shape)
         finally:
             self._warming = False
-        if b.device.type == "cuda":
-            torch.cuda.synchronize(b.device)
 
     _warming = False
 
@@ -339,6 +323,28 @@ class GraphedModel(_Stand):
             store.capture_seconds += time.perf_counter() - t0
 
 
+def _warm_up(stand, rows, freq_bins, erb_bands, df_bins, fixed_shape) -> None:
+    """``stand.step`` on zeros for ``rows`` fresh rows at the full piece and, unless
+    ``fixed_shape``, at the shortest last piece (16 frames, the engine's smallest bucket)."""
+    import torch
+
+    b = stand.batched
+    pieces = (b.piece,) if fixed_shape else (b.piece, min(b.piece, 16))
+    for piece in dict.fromkeys(pieces):
+        window = b.left + piece + b.right
+        zeros = dict(device=b.device, dtype=b.dtype)
+        stand.step(
+            torch.zeros((rows, 1, window, freq_bins, 2), **zeros),
+            torch.zeros((rows, 1, window, erb_bands), **zeros),
+            torch.zeros((rows, 1, window, df_bins, 2), **zeros),
+            [True] * rows,
+            [None] * rows,
+            piece,
+        )
+    if b.device.type == "cuda":
+        torch.cuda.synchronize(b.device)
+
+
 def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
 
@@ -405,6 +411,12 @@ class CompiledModel(_Stand):
             self._seen.add(key)
             self.compile_seconds += time.perf_counter() - t0
         return result
+
+    def warm_up(
+        self, rows: int, freq_bins: int, erb_bands: int, df_bins: int, fixed_shape: bool = False
+    ) -> None:
+        """Compile the shapes ahead, with the model load (as ``BatchedModel.warm_up``)."""
+        _warm_up(self, rows, freq_bins, erb_bands, df_bins, fixed_shape)
 
     def _run(self, spec, erb_feat, spec_feat, fresh, states, piece):
         # Always with the start-of-stream mask (all ones where no row is fresh): dynamo does
