@@ -138,6 +138,11 @@ def child(args) -> None:
         t0 = time.perf_counter()
         init(self, *a, **k)
         marks["model_load"] += time.perf_counter() - t0
+        from df_mps import graphs
+
+        # CUDA graphs captured (or code compiled) with the model load, by its warm-up
+        stats = graphs.stats(self.engine())
+        marks["setup_at_load"] = stats.get("capture_seconds") or stats.get("compile_seconds") or 0
 
     def recording_run(self, *a, **k):
         engines.append(self)
@@ -149,7 +154,7 @@ def child(args) -> None:
     out = Path(args.out)
     argv = [*map(str, files), "-o", str(out), "-m", str(model_dir(args.model_dir))]
     argv += ["--batch", args.batch[0], "--device", args.device, "--no-suffix", "--overwrite"]
-    argv += ["--log-level", "warning"]
+    argv += ["--log-level", "warning", *args.cli_args.split()]
     if args.threads:
         argv += ["--threads", str(args.threads)]
     trace = os.environ.get("BENCH_TORCH_PROFILE")  # a path: torch.profiler's top ops there
@@ -173,6 +178,8 @@ def child(args) -> None:
     rows_run = sum(e.rows_run for e in engines)
     from _common import peak_rss_mib
 
+    from df_mps import graphs
+
     print(
         json.dumps(
             {
@@ -192,6 +199,10 @@ def child(args) -> None:
                     k: sum(e.timings[k] for e in engines) for k in ("windows", "forward", "after")
                 },
                 "peak_rss_mib": peak_rss_mib(),
+                # CUDA graphs or torch.compile: capture/compile seconds in all (the stats) and
+                # with the model load; the rest is inside process_s.
+                "step_stats": [graphs.stats(e) for e in engines],
+                "setup_at_load_s": marks.get("setup_at_load", 0.0),
             }
         )
     )
@@ -263,6 +274,7 @@ def run_once(args, files_dir: Path, batch, work: Path) -> dict:
     child_args = ["--child", "--child-files", str(files_dir), "--out", str(out)]
     child_args += ["--batch", str(batch)]
     child_args += ["--device", args.device, "--threads", str(args.threads or 0)]
+    child_args += [f"--cli-args={args.cli_args}"]
     if args.model_dir:
         child_args += ["--model-dir", str(args.model_dir)]
     t0 = time.perf_counter()
@@ -289,6 +301,11 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None, help="corpus and outputs (default: temp)")
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--cli-args",
+        default="",
+        help="more options for the CLI, e.g. '--precision bf16 --no-cuda-graphs'",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-files", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)

@@ -587,6 +587,112 @@ def h200_pipeline(data: dict) -> Rendered:
 
 
 @section(
+    "h200_gpu",
+    "h200_gpu.json",
+    "### GPU fast paths: CUDA graphs, half precision, torch.compile (`h200_gpu.json`)",
+)
+def h200_gpu(data: dict) -> Rendered:
+    """bench_gpu.py: batch 1 through the library, the corpus through the CLI, quality of
+    bf16/fp16 against fp32, eager against graphs against torch.compile."""
+    rows = data["rows"]
+
+    def part(name: str) -> List[dict]:
+        return [r for r in rows if r.get("part") == name]
+
+    def failed(r: dict) -> str:
+        return r.get("error") or (f"skipped ({r['skipped']})" if r.get("skipped") else "")
+
+    library: List[Column] = [
+        ("configuration", "config", "g"),
+        ("ran as", lambda r: failed(r) or f"{r['precision']}, {r['step']}", "g"),
+        ("audio s", "audio_s", "s"),
+        ("model load s", "model_load_s", "g"),
+        ("first run s", "first_s", "g"),
+        ("of which capture/compile s", "capture_or_compile_s", "g"),
+        ("capture/compile s in all", "capture_or_compile_total_s", "g"),
+        ("first run audio-s/s", "first_audio_s_per_s", "x"),
+        ("steady audio-s/s", "audio_s_per_s", "x"),
+    ]
+    out = [gpu_head(data, "`bench_gpu.py`, each configuration in a fresh process.").rstrip()]
+    glance = []
+    batch1 = part("batch1")
+    if batch1:
+        out.append(
+            "**Batch 1** (one long file through `Enhancer.enhance_file` at `batch=1`, model "
+            "loaded; the first run includes any graph capture not done with the model load, "
+            '"in all" counts both; the steady run is the second; goal 500 audio-s/s):\n\n'
+            + rows_table(batch1, library, "llrrrrrrr")
+        )
+        ok = [r for r in batch1 if not failed(r)]
+        if ok:
+            best = max(ok, key=lambda r: r["audio_s_per_s"])
+            glance.append(
+                f"- GPU fast paths, batch 1: {fmt(best['audio_s_per_s'], 'x')} audio-s/s "
+                f"({best['config']}; goal 500)."
+            )
+    corpus = part("corpus")
+    if corpus:
+        columns: List[Column] = [
+            ("CLI options", "config", "g"),
+            ("batch", lambda r: failed(r) or r.get("batch"), "g"),
+            ("audio s", "audio_s", "s"),
+            ("first decode to last encode s", "process_s", "g"),
+            ("audio-s/s", "audio_s_per_s", "x"),
+            ("capture s (inside)", "capture_s", "g"),
+            ("capture s in all", "capture_total_s", "g"),
+            ("audio-s/s without capture", "audio_s_per_s_without_capture", "x"),
+            ("start-up s", "startup_s", "g"),
+            ("model load s", "model_load_s", "g"),
+        ]
+        out.append(
+            f"**Corpus** ({data['meta'].get('corpus')}) through the CLI at `--batch auto`, "
+            "timed as `bench_engine.py` does; goal 6,000 audio-s/s with graphs and bf16:\n\n"
+            + rows_table(corpus, columns, "lrrrrrrrrr")
+        )
+        ok = [r for r in corpus if not failed(r) and "bf16" in r["config"]]
+        if ok:
+            glance.append(
+                f"- GPU fast paths, corpus through the CLI with graphs and bf16: "
+                f"{fmt(ok[0]['audio_s_per_s'], 'x')} audio-s/s first decode to last encode "
+                f"(goal 6,000)."
+            )
+    quality = part("quality")
+    if quality:
+        columns = [
+            ("precision (asked)", lambda r: failed(r) or r["requested_precision"], "g"),
+            ("ran", "precision", "g"),
+            ("step", "step", "g"),
+            ("clip", "clip", "g"),
+            ("SI-SDR dB", "si_sdr_db", "g"),
+            ("minus fp32 dB", "si_sdr_minus_fp32_db", "g"),
+            ("max abs diff vs fp32", "max_abs_diff_vs_fp32", "diff"),
+            ("vs fp32 eager", "max_abs_diff_vs_fp32_eager", "diff"),
+        ]
+        out.append(
+            "**Quality** against `clean.wav` (goal: bf16 and fp16 within 0.1 dB of fp32):\n\n"
+            + rows_table(quality, columns, "lllrrrrr")
+        )
+    headroom = data.get("fp16_headroom")
+    if headroom:
+        top = headroom["largest_outputs"][:3]
+        out.append(
+            f"fp16 headroom ({headroom['input']}): largest layer outputs "
+            + ", ".join(f"`{t['layer']}` {fmt(t['max_abs'])}" for t in top)
+            + f" against fp16's {fmt(headroom['fp16_max'])}; layers with Inf/NaN: "
+            + (", ".join(headroom["nonfinite_layers"]) or "none")
+            + "."
+        )
+    steps = part("steps")
+    if steps:
+        out.append(
+            "**Eager, CUDA graphs and torch.compile** (`batch` files through "
+            "`Enhancer.enhance_files`; compile time is in the first run):\n\n"
+            + rows_table(steps, library, "llrrrrrrr")
+        )
+    return "\n\n".join(out), glance
+
+
+@section(
     "cpu_batch",
     "cpu_batch.json",
     "### CPU",
@@ -942,8 +1048,8 @@ FIGURES = [
 MPS_EXPECTATIONS = """\
 > **UNMEASURED.** Nobody on this project has run df-mps on Apple hardware yet (the tests marked
 > `mps` exist for that). What follows is what we expect from how DeepFilterNet and the MPS
-> backend work, not a measurement. Estimated figures, from the kernel counts of `doctor --audit` times
-> published per-dispatch costs, are in
+> backend work, not a measurement. Estimated figures, from the kernel counts of
+> `doctor --audit` times published per-dispatch costs, are in
 > [mps.md](mps.md#speed-on-mps-estimates-from-the-audit). The batched engine's `--batch auto`
 > is 16 on MPS: a choice (each GRU step costs ~10 dispatches whatever the batch, so rows share
 > it; 16 rows of 10 s fit a 16 GB Mac), not a measurement. Please send the output of

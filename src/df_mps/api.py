@@ -292,6 +292,10 @@ class Enhancer:
     device). ``piece_seconds``: the length of the pieces each row runs on (memory; the result
     does not depend on it). ``threads``: torch's CPU threads. ``post_filter``, ``atten_lim_db``,
     ``pad`` (delay compensation), ``epoch`` and ``mask_only`` are upstream's options.
+    ``precision``: the network's dtype in the engine, "fp32", "bf16" or "fp16"
+    (``df_mps.precision``: where the device lacks it, one warning and fp32; upstream's
+    whole-file ``__call__`` stays fp32). ``cuda_graphs``: on CUDA, replay the engine's step as
+    CUDA graphs (``df_mps.graphs``).
     """
 
     def __init__(
@@ -308,8 +312,11 @@ class Enhancer:
         piece_seconds: Union[float, str] = "auto",
         threads: Optional[int] = None,
         precision: str = "fp32",
+        cuda_graphs: bool = True,
     ):
         import torch
+
+        from . import precision as precision_rules
 
         if threads is not None:
             torch.set_num_threads(int(threads))
@@ -317,8 +324,7 @@ class Enhancer:
             import df_mps
 
             df_mps.patch(device=device)
-        if precision != "fp32":
-            raise ValueError(f"precision {precision!r}: only fp32 is supported so far")
+        precision_rules.check(precision)
         if piece_seconds != "auto" and not float(piece_seconds) > 0:
             raise ValueError(f"piece_seconds must be positive, not {piece_seconds}")
         self.model_dir, self.model, self.df_state = load_model(
@@ -328,8 +334,12 @@ class Enhancer:
         self.pad = pad
         self.atten_lim_db = atten_lim_db
         self.post_filter = post_filter
-        self.precision = precision
         self.device = next(self.model.parameters()).device
+        # GPU fast paths (df_mps.precision, df_mps.graphs): the network in the dtype that runs
+        # here (fp32 where the device lacks the one asked for), CUDA graphs on CUDA.
+        self.precision_choice = precision_rules.resolve(precision, self.device)
+        self.precision = self.precision_choice.precision
+        self.cuda_graphs = bool(cuda_graphs)
         if batch == "auto":
             batch = _engine_module.default_batch(self.device.type)
         batch = int(batch)
@@ -368,16 +378,19 @@ class Enhancer:
 
     def engine(self, batch: Optional[int] = None, piece_seconds: Optional[float] = None) -> Engine:
         """A fresh engine over this model (its own scheduling state; the model is shared)."""
+        from . import graphs, precision
+
         hop = int(self.df_state.hop_size())
         piece = self.piece_seconds if piece_seconds in (None, "auto") else float(piece_seconds)
-        return Engine(
-            self.model,
+        engine = Engine(
+            precision.cast_model(self.model, self.precision_choice.dtype),
             self.df_state,
             batch=batch or self.batch,
             piece_frames=max(1, round(piece * self.sample_rate / hop)),
             pad=self.pad,
             atten_lim_db=self.atten_lim_db,
         )
+        return graphs.accelerate(engine, cuda_graphs=self.cuda_graphs)
 
     # -- files --
     def enhance_files(
@@ -388,6 +401,7 @@ class Enhancer:
         progress: Optional[Callable[[float], None]] = None,
         piece_seconds: Optional[float] = None,
         split_long=False,
+        batch: Optional[int] = None,
     ) -> Iterator[Union[FileResult, FileError]]:
         """Enhance (source, target) pairs; yields a ``FileResult`` or a ``FileError`` per file
         as each finishes (completion order, not input order). A bad file never stops the
@@ -399,7 +413,7 @@ class Enhancer:
         back together. Not equal to upstream's output (see ``df_mps.split``); the pairs are
         listed and probed up front."""
 
-        engine = self.engine(piece_seconds=piece_seconds)
+        engine = self.engine(batch=batch, piece_seconds=piece_seconds)
         if split_long:
             from .split import SplitOptions, SplitPlan
 
@@ -434,8 +448,16 @@ class Enhancer:
         piece_seconds: Optional[float] = None,
     ) -> FileResult:
         """Enhance one file; raises ``AudioFileError`` (a one-line message) where it can't."""
+        try:  # one file: as many rows as it has channels (fixed-shape steps pad to the batch)
+            rows = min(self.batch, max(1, sound_info(Path(source)).channels))
+        except AudioFileError:
+            rows = None  # the engine reports it
         results = self.enhance_files(
-            [(source, target)], overwrite=overwrite, progress=progress, piece_seconds=piece_seconds
+            [(source, target)],
+            overwrite=overwrite,
+            progress=progress,
+            piece_seconds=piece_seconds,
+            batch=rows,
         )
         for result in results:
             if isinstance(result, FileError):

@@ -144,6 +144,20 @@ def section_routes(device: str) -> List[str]:
     return lines
 
 
+def section_fast_paths(device: str) -> List[str]:
+    """What --precision and the step's graphs would give on ``device``."""
+    from . import graphs, precision
+
+    lines = []
+    for requested in precision.PRECISIONS[1:]:
+        choice = precision.decide_quietly(requested, device)
+        shown = choice.precision + (f" (falls back: {choice.reason})" if choice.fell_back else "")
+        lines.append(_line(f"--precision {requested}", shown))
+    how, why = graphs.plan(device.split(":")[0])
+    lines.append(_line("engine step", f"{how} - {why}"))
+    return lines
+
+
 def section_patches(device: str) -> List[str]:
     import df_mps
 
@@ -221,6 +235,7 @@ def report() -> str:
     except Exception as exc:
         device = f"unknown ({one_line(exc, with_type=True)})"
     add("device and routes", lambda: section_routes(device))
+    add("GPU fast paths", lambda: section_fast_paths(device))
     add("patches", lambda: section_patches(device))
     add("environment variables", section_env)
     return "\n".join(out)

@@ -261,6 +261,10 @@ class _StepContext:
         self.new_h: List[object] = [None] * len(self.recurrent)
         self.new_history: List[object] = [None] * len(self.recurrent)
         self.mask = None
+        # Made once, so that each step installs the same functions (torch.compile guards on
+        # them; a new closure per step would recompile per step).
+        self._forwards = [self._forward(index) for index in range(len(self.recurrent))]
+        self._maskers = {dim: self._masker(dim) for dim in (-2, -3)}
 
     @contextlib.contextmanager
     def active(self, h0: List[object], history: List[object], mask, piece: int):
@@ -269,10 +273,10 @@ class _StepContext:
         try:
             for index, module in enumerate(self.recurrent):
                 saved.append((module, module.__dict__.get("forward")))
-                module.forward = types.MethodType(self._forward(index), module)
+                module.forward = types.MethodType(self._forwards[index], module)
             if mask is not None:
                 for module, dim in self.padding:
-                    hooks.append(module.register_forward_pre_hook(self._masker(dim)))
+                    hooks.append(module.register_forward_pre_hook(self._maskers[dim]))
             yield self
         finally:
             for hook in hooks:
@@ -383,13 +387,57 @@ class BatchedModel:
             history.append(torch.cat(hist, dim=0 if batch_first else 1))
         return h0, history
 
-    def _split_states(self, rows: int) -> List[tuple]:
+    def step(self, spec, erb_feat, spec_feat, fresh: Sequence[bool], states, piece=None):
+        """spec [R, 1, W, F, 2], erb_feat [R, 1, W, E], spec_feat [R, 1, W, Fdf, 2] on the
+        model's device, W = left + piece + right (``piece`` defaults to ``self.piece``; a
+        shorter one only where every row is on its stream's last piece). Returns (enhanced
+        spec [R, piece, F, 2], lsnr [R, piece], new states)."""
+        piece = int(piece or self.piece)
+        rows = spec.shape[0]
+        mask = self.start_mask(fresh, piece) if any(fresh) else None
+        h0, history = self._stack_states(states)
+        enhanced, lsnr, new_h, new_history = self.forward_stacked(
+            spec, erb_feat, spec_feat, h0, history, mask, piece
+        )
+        return enhanced, lsnr, self.split_states(new_h, new_history, rows)
+
+    # The step in parts, for df_mps.graphs (a captured step has static inputs and outputs).
+    def start_mask(self, fresh: Sequence[bool], piece: int):
+        """[rows, window] float32: 0 on the left context of rows at a stream's start, else 1."""
+        import torch
+
+        valid = torch.ones((len(fresh), self.left + piece + self.right), device=self.device)
+        for r, is_fresh in enumerate(fresh):
+            if is_fresh:
+                valid[r, : self.left] = 0.0
+        return valid
+
+    def stack_states(self, states: Sequence[Optional[tuple]]):
+        """Rows' states stacked per recurrent module: (h0 list, history list)."""
+        return self._stack_states(states)
+
+    def forward_stacked(self, spec, erb_feat, spec_feat, h0, history, mask, piece: int):
+        """One forward on stacked inputs: (enhanced [R, piece, F, 2], lsnr [R, piece], new
+        hidden states, new histories), one entry per recurrent module in the lists."""
+        import torch
+
         ctx = self._ctx
+        with self._lock, torch.no_grad(), exact_fp32(self.device):
+            with ctx.active(h0, history, mask, piece):
+                out = self.model(spec, erb_feat, spec_feat)
+                new_h, new_history = list(ctx.new_h), list(ctx.new_history)
+        keep = slice(self.left, self.left + piece)
+        enhanced = out[0][:, 0, keep]
+        lsnr = out[2][:, keep, 0] if out[2].ndim == 3 else out[2][:, keep]
+        return enhanced, lsnr, new_h, new_history
+
+    def split_states(self, new_h, new_history, rows: int) -> List[tuple]:
+        """Per-row states from stacked ones."""
         out = []
         for r in range(rows):
-            hs = [h[:, r : r + 1] for h in ctx.new_h]
+            hs = [h[:, r : r + 1] for h in new_h]
             hist = []
-            for h, (_, _, batch_first) in zip(ctx.new_history, self._shapes):
+            for h, (_, _, batch_first) in zip(new_history, self._shapes):
                 if h is None:
                     hist.append(None)
                 else:
@@ -418,33 +466,6 @@ class BatchedModel:
             )
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-
-    def step(self, spec, erb_feat, spec_feat, fresh: Sequence[bool], states, piece=None):
-        """spec [R, 1, W, F, 2], erb_feat [R, 1, W, E], spec_feat [R, 1, W, Fdf, 2] on the
-        model's device, W = left + piece + right (``piece`` defaults to ``self.piece``; a
-        shorter one only where every row is on its stream's last piece). Returns (enhanced
-        spec [R, piece, F, 2], lsnr [R, piece], new states)."""
-        import torch
-
-        piece = int(piece or self.piece)
-        window = self.left + piece + self.right
-        rows = spec.shape[0]
-        mask = None
-        if any(fresh):
-            valid = torch.ones((rows, window), device=self.device, dtype=torch.float32)
-            for r, is_fresh in enumerate(fresh):
-                if is_fresh:
-                    valid[r, : self.left] = 0.0
-            mask = valid
-        h0, history = self._stack_states(states)
-        with self._lock, torch.no_grad(), exact_fp32(self.device):
-            with self._ctx.active(h0, history, mask, piece):
-                out = self.model(spec, erb_feat, spec_feat)
-                new_states = self._split_states(rows)
-        keep = slice(self.left, self.left + piece)
-        enhanced = out[0][:, 0, keep]
-        lsnr = out[2][:, keep, 0] if out[2].ndim == 3 else out[2][:, keep]
-        return enhanced, lsnr, new_states
 
 
 # -- a job in flight ------------------------------------------------------------------------

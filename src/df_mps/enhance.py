@@ -523,6 +523,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the model runs (default: DF_MPS_DEVICE, else cuda, mps, cpu)",
     )
     p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="the network's dtype (STFT, features and synthesis stay fp32); where the device "
+        "lacks it, one warning and fp32 (default fp32)",
+    )
+    p.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="on CUDA, run the step eagerly instead of replaying captured CUDA graphs",
+    )
+    p.add_argument(
         "--forward-method",
         choices=("auto", "real", "complex"),
         default=None,
@@ -717,6 +730,8 @@ def run(args: argparse.Namespace) -> int:
             atten_lim_db=args.atten_lim,
             batch=args.batch,
             piece_seconds=args.piece_seconds,
+            precision=args.precision,
+            cuda_graphs=args.cuda_graphs,
         )
         logger.debug(f"batch {enhancer.batch} on {enhancer.device}")
         for result in _run_jobs(

@@ -67,8 +67,17 @@ def post_filter_real(spec_e: Tensor, spec: Tensor, beta: float) -> Tensor:
         spec_e: enhanced spectrum [B, 1, T, F, 2].
         spec: noisy input spectrum [B, 1, T, F, 2].
     """
+    if spec_e.dtype == torch.float16:
+        # eps = 1e-12 is 0 in fp16 (its smallest subnormal is 6e-8): the clamp would let
+        # mask reach 0 and mask / mask_sin be 0/0. The gain is computed in fp32 instead.
+        gain = post_filter_gain(spec_e.float(), spec.float(), beta)
+        return spec_e * gain.to(spec_e.dtype).unsqueeze(-1)
+    return spec_e * post_filter_gain(spec_e, spec, beta).unsqueeze(-1)
+
+
+def post_filter_gain(spec_e: Tensor, spec: Tensor, beta: float) -> Tensor:
+    """The post-filter's gain per bin [B, 1, T, F]."""
     eps = 1e-12
     mask = (magnitude(spec_e) / magnitude(spec).add(eps)).clamp(eps, 1)
     mask_sin = mask * torch.sin(math.pi * mask / 2).clamp_min(eps)
-    pf = (1 + beta) / (1 + beta * mask.div(mask_sin).pow(2))
-    return spec_e * pf.unsqueeze(-1)
+    return (1 + beta) / (1 + beta * mask.div(mask_sin).pow(2))

@@ -11,6 +11,7 @@ from typing import Optional
 from . import capabilities as _caps
 from . import settings as _settings
 from ._log import warn_once
+from .precision import is_half
 
 
 class Route(str, enum.Enum):
@@ -40,9 +41,16 @@ def decide(
     caps: _caps.Capabilities,
     settings: _settings.Settings,
     config_method: Optional[str] = None,
+    *,
+    half: bool = False,
 ) -> Route:
-    """Pure: the route for ``op`` on a tensor of ``device_type``."""
+    """Pure: the route for ``op`` on a tensor of ``device_type`` (``half``: of a 16-bit float
+    dtype)."""
     fallback = OPS[op]
+    if half and fallback is Route.REAL:
+        # Complex half doesn't exist (complex bfloat16 not at all, ComplexHalf in part): a
+        # half-precision network (df_mps.precision) takes the real-valued kernels everywhere.
+        return Route.REAL
     method = forward_method(settings, config_method)
     if method == "complex":
         return Route.UPSTREAM
@@ -56,8 +64,9 @@ def decide(
     return fallback
 
 
-def route(op: str, device) -> Route:
-    """The route for ``op`` on ``device`` (a torch.device or a string), with current state."""
+def route(op: str, device, dtype=None) -> Route:
+    """The route for ``op`` on ``device`` (a torch.device or a string), with current state;
+    ``dtype``: the tensor's, where it matters (half precision routes real)."""
     device_type = device if isinstance(device, str) else device.type
     return decide(
         op,
@@ -65,6 +74,7 @@ def route(op: str, device) -> Route:
         _caps.get(),
         _settings.get(),
         _settings.config_forward_method(),
+        half=dtype is not None and is_half(dtype),
     )
 
 

@@ -27,6 +27,8 @@ ENV_VARS = {
     "DF_MPS_PROBE_COMPLEX": "1 probes MPS for complex support at run time, not by macOS version",
     "DF_MPS_LIBDF": "auto, torch (PyTorch DSP instead of DeepFilterLib) or native",
     "DF_MPS_CACHE_DIR": "df_mps's cache (default: platform user cache dir + df-mps); models/ in it",
+    "DF_MPS_COMPILE": "torch.compile mode for the engine's step (reduce-overhead, "
+    "max-autotune-no-cudagraphs, default); unset: CUDA graphs on CUDA, else eager",
     "PYTORCH_ENABLE_MPS_FALLBACK": "1: ops with no MPS kernel run on the CPU (read at import)",
     "DEVICE": "DeepFilterNet's own device override (same as [train] DEVICE in config.ini)",
 }

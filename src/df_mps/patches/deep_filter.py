@@ -18,7 +18,7 @@ def deep_filter_forward(wrapped, instance, args, kwargs):
     from ..routing import Route, route
 
     spec, coefs = _args(*args, **kwargs)
-    if route("deep_filter", spec.device) is not Route.REAL:
+    if route("deep_filter", spec.device, spec.dtype) is not Route.REAL:
         return wrapped(*args, **kwargs)
     filtered = deep_filter_real(
         spec,

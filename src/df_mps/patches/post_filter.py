@@ -37,7 +37,7 @@ def dfnet_forward(wrapped, instance, args, kwargs):
     if not getattr(instance, "post_filter", False):
         return wrapped(*args, **kwargs)
     spec = _spec_arg(*args, **kwargs)
-    if route("post_filter", spec.device) is not Route.REAL:
+    if route("post_filter", spec.device, spec.dtype) is not Route.REAL:
         return wrapped(*args, **kwargs)
     with _lock_for(instance):
         instance.post_filter = False
