@@ -6,8 +6,6 @@ stores spectra. Nothing here creates float64 (MPS has none) or complex tensors.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -58,17 +56,3 @@ def magnitude(x: Tensor) -> Tensor:
     """|x| of a spectrum stored as [..., 2] (re, im), like ``as_complex(x).abs()``."""
     # hypot avoids overflow of re**2 + im**2 for large values, as complex abs does.
     return torch.hypot(x[..., 0], x[..., 1])
-
-
-def post_filter_real(spec_e: Tensor, spec: Tensor, beta: float) -> Tensor:
-    """DFN3's ``--pf`` post-filter (Valin et al.), the math of ``DfNet.forward`` in real form.
-
-    Args:
-        spec_e: enhanced spectrum [B, 1, T, F, 2].
-        spec: noisy input spectrum [B, 1, T, F, 2].
-    """
-    eps = 1e-12
-    mask = (magnitude(spec_e) / magnitude(spec).add(eps)).clamp(eps, 1)
-    mask_sin = mask * torch.sin(math.pi * mask / 2).clamp_min(eps)
-    pf = (1 + beta) / (1 + beta * mask.div(mask_sin).pow(2))
-    return spec_e * pf.unsqueeze(-1)

@@ -1,54 +1,54 @@
 """DFN3's ``--pf`` post-filter: ``as_complex(spec_e).abs()`` inside ``DfNet.forward``.
 
-The post-filter is the last step of the forward, computed from its output and its input spectrum.
-Where the route is real, we run upstream's forward with the post-filter switched off and apply
-the same formula with real-valued magnitudes.
+The post-filter is the last step of the forward, and its only complex op is the magnitude
+``as_complex(x).abs()``: ``df.deepfilternet3`` uses its ``as_complex`` binding for nothing else.
+Where the route is real, that binding returns a stand-in whose ``abs()`` is the real-valued
+magnitude, so upstream's own post-filter math runs with real tensors only.
+
+Nothing on the model is switched: an earlier version turned ``post_filter`` off around the call
+and lost the post-filter in concurrent calls on one model. The route is decided per call from the
+tensor's device, so concurrent calls need no lock.
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
-
 from ..registry import Patch, Target
 
-# Switching post_filter off and on again must not race with another thread's call on the
-# same model, so calls that take the real route hold a per-model lock.
-_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_locks_guard = threading.Lock()
+
+class _RealMagnitude:
+    """What ``as_complex(x)`` stands for on the real route: only its ``abs()`` is ever taken."""
+
+    __slots__ = ("ri",)
+
+    def __init__(self, ri) -> None:
+        self.ri = ri
+
+    def abs(self):
+        from ..kernels import magnitude
+
+        return magnitude(self.ri)
+
+    def __getattr__(self, name):
+        # A future upstream that used as_complex for more than the magnitude would land here.
+        raise AttributeError(
+            f"df_mps: the real post-filter route supports as_complex(x).abs() only, not .{name}"
+        )
 
 
-def _lock_for(model) -> threading.Lock:
-    with _locks_guard:
-        lock = _locks.get(model)
-        if lock is None:
-            lock = _locks[model] = threading.Lock()
-        return lock
+def as_complex_in_dfn3(wrapped, instance, args, kwargs):
+    import torch
 
-
-def _spec_arg(spec, *args, **kwargs):
-    return spec
-
-
-def dfnet_forward(wrapped, instance, args, kwargs):
-    from ..kernels import post_filter_real
     from ..routing import Route, route
 
-    if not getattr(instance, "post_filter", False):
+    x = args[0] if args else kwargs["x"]
+    if torch.is_complex(x) or route("post_filter", x.device) is not Route.REAL:
         return wrapped(*args, **kwargs)
-    spec = _spec_arg(*args, **kwargs)
-    if route("post_filter", spec.device) is not Route.REAL:
-        return wrapped(*args, **kwargs)
-    with _lock_for(instance):
-        instance.post_filter = False
-        try:
-            spec_e, m, lsnr, df_coefs = wrapped(*args, **kwargs)
-        finally:
-            instance.post_filter = True
-    return post_filter_real(spec_e, spec, instance.post_filter_beta), m, lsnr, df_coefs
+    if x.shape[-1] != 2:  # the check upstream's as_complex makes
+        raise ValueError(f"Last dimension need to be of length 2 (re + im), but got {x.shape}")
+    return _RealMagnitude(x)
 
 
 PATCH = Patch(
     name="post_filter",
-    targets=[Target("df.deepfilternet3", "DfNet.forward", dfnet_forward)],
+    targets=[Target("df.deepfilternet3", "as_complex", as_complex_in_dfn3)],
 )
