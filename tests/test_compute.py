@@ -251,3 +251,15 @@ def test_real_post_filter_is_kept_in_concurrent_calls_on_one_model(dfn3, feature
     assert not errors
     lost = sum(relative(got, expected) > 1e-6 for got in results)
     assert len(results) == 12 and lost == 0, f"{lost} of {len(results)} calls lost the post-filter"
+
+
+def test_real_post_filter_stand_in_stays_inside_dfn3_forward(dfn3):
+    # The registry follows as_complex to every module that bound it (df.enhance uses it on the
+    # enhanced spectrum): outside DfNet.forward it must stay upstream's complex view.
+    import importlib
+
+    df_enhance = importlib.import_module("df.enhance")
+    x = torch.randn(1, 1, 4, 481, 2)
+    with forward_method("real"):
+        got = df_enhance.as_complex(x)
+    assert torch.is_complex(got) and torch.equal(torch.view_as_real(got), x)

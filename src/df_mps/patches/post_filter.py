@@ -5,6 +5,11 @@ The post-filter is the last step of the forward, and its only complex op is the 
 Where the route is real, that binding returns a stand-in whose ``abs()`` is the real-valued
 magnitude, so upstream's own post-filter math runs with real tensors only.
 
+The registry gives the ``as_complex`` wrapper to every binding of ``df.utils.as_complex`` in
+the package (``df.enhance`` uses it for real complex spectra), so the stand-in is returned only
+inside ``DfNet.forward``: a wrapper on it sets a context variable for the call, per thread and
+per task, and ``as_complex`` outside a DFN3 forward is upstream's.
+
 Nothing on the model is switched: an earlier version turned ``post_filter`` off around the call
 and lost the post-filter in concurrent calls on one model. The route is decided per call from the
 tensor's device, so concurrent calls need no lock.
@@ -12,7 +17,14 @@ tensor's device, so concurrent calls need no lock.
 
 from __future__ import annotations
 
+import contextvars
+
 from ..registry import Patch, Target
+
+# True while this thread (or task) runs DfNet.forward: where as_complex means the post-filter's.
+_in_dfn3_forward: contextvars.ContextVar = contextvars.ContextVar(
+    "df_mps_in_dfn3_forward", default=False
+)
 
 
 class _RealMagnitude:
@@ -35,11 +47,21 @@ class _RealMagnitude:
         )
 
 
+def dfnet_forward(wrapped, instance, args, kwargs):
+    token = _in_dfn3_forward.set(True)
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _in_dfn3_forward.reset(token)
+
+
 def as_complex_in_dfn3(wrapped, instance, args, kwargs):
     import torch
 
     from ..routing import Route, route
 
+    if not _in_dfn3_forward.get():  # another module's binding (df.enhance's): upstream's
+        return wrapped(*args, **kwargs)
     x = args[0] if args else kwargs["x"]
     if torch.is_complex(x) or route("post_filter", x.device) is not Route.REAL:
         return wrapped(*args, **kwargs)
@@ -50,5 +72,8 @@ def as_complex_in_dfn3(wrapped, instance, args, kwargs):
 
 PATCH = Patch(
     name="post_filter",
-    targets=[Target("df.deepfilternet3", "as_complex", as_complex_in_dfn3)],
+    targets=[
+        Target("df.deepfilternet3", "DfNet.forward", dfnet_forward),
+        Target("df.deepfilternet3", "as_complex", as_complex_in_dfn3),
+    ],
 )
