@@ -275,6 +275,14 @@ def load_enhancer(model: Optional[PathLike] = None, **options) -> Enhancer:
 def _resample(audio, orig_sr: int, new_sr: int):
     if orig_sr == new_sr:
         return audio
+    from .streaming import StreamResampler
+
+    if not StreamResampler.fits_sinc_kernel(orig_sr, new_sr):
+        # torchaudio's kernel would exhaust memory (22,051 Hz: 4.2 GB): soxr, as the stream does.
+        import torch
+
+        resampler = StreamResampler(orig_sr, new_sr)
+        return torch.cat([resampler.process(audio), resampler.finish()], dim=-1)
     from df.io import resample
 
     with quiet_resample_rename():
@@ -345,7 +353,8 @@ class Enhancer:
 
     def __call__(self, audio, sample_rate: int):
         """Upstream's whole-file call: float32 audio [C, T] at any rate (a tensor) in, the
-        enhanced audio [C, T] at that rate out, through ``df.io.resample`` ("sinc_fast") and
+        enhanced audio [C, T] at that rate out, through ``df.io.resample`` ("sinc_fast"; soxr where
+        its kernel would be huge, see ``df_mps.streaming.StreamResampler``) and
         ``df.enhance.enhance`` on the whole signal at once. Memory grows with the length."""
         import torch
         from df.enhance import enhance
