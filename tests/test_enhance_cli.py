@@ -839,3 +839,26 @@ def test_a_wav_that_could_pass_4_gib_is_opened_as_rf64_that_downgrades(tmp_path)
     assert path.read_bytes()[:4] == b"RIFF"
     with open_for_writing(str(tmp_path / "small.wav"), 48000, 2, "PCM_16", "WAV", 48000) as f:
         assert f.format == "WAV"  # small files are written as before
+
+
+def test_the_library_reports_an_os_error_as_its_plain_cause(enhancer, audio_dir, tmp_path):
+    # #13 item 5 through Enhancer.enhance_files (the engine's per-job FileError): an input the
+    # OS refuses to open (a symlink loop: ELOOP, even for root) and an output directory that
+    # can't be created are one line each with the plain cause, and the good file is enhanced.
+    loop = tmp_path / "loop.wav"
+    loop.symlink_to(loop)
+    good = _speech(audio_dir, tmp_path / "good.wav", seconds=0.5)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a directory should be")
+    jobs = [
+        (loop, tmp_path / "out" / "loop.wav"),
+        (good, blocker / "sub" / "good.wav"),
+        (good, tmp_path / "out" / "good.wav"),
+    ]
+    results = {str(r.source) + str(r.target): r for r in enhancer.enhance_files(jobs)}
+    assert str(results[f"{loop}{jobs[0][1]}"]) == f"'{loop}': too many levels of symbolic links"
+    assert str(results[f"{good}{jobs[1][1]}"]) == (
+        f"'{jobs[1][1]}': can't write: a path component is not a directory"
+    )
+    assert isinstance(results[f"{good}{jobs[2][1]}"], cli.FileResult)
+    assert sf.info(str(jobs[2][1])).frames == 24000
