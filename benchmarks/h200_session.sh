@@ -25,8 +25,9 @@ if [ "$part" = engine ]; then
     --files 64 --seconds 30 --threads 4 --workers 1 2 --gpus-per-worker 1 0.5 \
     --json "$OUT/h200_ray.json" > "$OUT/bench_ray.log" 2>&1; tail -15 "$OUT/bench_ray.log"
 elif [ "$part" = gpu ]; then
-  timeout 300 python3 benchmarks/bench_gpu.py --json "$OUT/h200_gpu.json" 2>&1 | grep -v INFO | tail -30
-  DF_MPS_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_engine.py 2>&1 | tail -5
-  timeout 240 python3 -m pytest -q -x -p no:cacheprovider 2>&1 | tail -8
+  DF_MPS_DEVICE=cuda python3 -m df_mps doctor > "$OUT/doctor_gpu.txt" 2>&1
+  timeout 270 python3 benchmarks/bench_gpu.py --device cuda --deadline-s 240 --json "$OUT/h200_gpu.json" 2>&1 | grep -v "| INFO" | tail -40
+  DF_MPS_TEST_DEVICE=cuda timeout 100 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py tests/test_precision.py tests/test_engine.py -k "not memory" 2>&1 | tail -6
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 2>&1 | tail -8
 fi
 ls -la "$OUT"

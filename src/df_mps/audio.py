@@ -28,6 +28,7 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
+from .errors import os_reason, sndfile_reason, system_cause
 from .util import PathLike, one_line
 
 __all__ = [
@@ -40,10 +41,13 @@ __all__ = [
     "AudioFileWriter",
     "atomic_output",
     "choose_subtype",
+    "declared_frames",
     "discard",
     "format_for_path",
     "is_temp_name",
     "new_temp",
+    "open_error",
+    "open_for_writing",
     "publish",
     "quantize",
     "read_audio",
@@ -52,6 +56,7 @@ __all__ = [
     "remove_stale_temps",
     "same_file",
     "temp_directory",
+    "truncation",
     "write_audio",
     "write_error",
 ]
@@ -93,8 +98,12 @@ class AudioFileError(Exception):
 
 
 # -- formats ---------------------------------------------------------------------------------
-def format_for_path(path: PathLike) -> str:
-    """The libsndfile major format that ``path``'s extension asks for."""
+def format_for_path(path: PathLike, source_format: Optional[str] = None) -> str:
+    """The libsndfile major format that ``path``'s extension asks for.
+
+    ``source_format``: the input's format. An RF64 or W64 input (often named ``.wav``) keeps its
+    container in a ``.wav`` output: plain WAV can't hold more than 4 GiB.
+    """
     import soundfile as sf
 
     ext = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
@@ -103,7 +112,37 @@ def format_for_path(path: PathLike) -> str:
         raise AudioFileError(
             f"can't tell an audio format from the extension of '{path}'; use .wav, .flac or .ogg"
         )
+    if fmt == "WAV" and source_format in LARGE_WAV_FORMATS:
+        return source_format
     return fmt
+
+
+LARGE_WAV_FORMATS = ("RF64", "W64")
+# The most audio bytes a plain WAV's 32-bit sizes hold, less room for its header chunks.
+WAV_MAX_DATA_BYTES = 0xFFFFFFFF - (1 << 16)
+_BYTES_PER_SAMPLE = {"PCM_S8": 1, "PCM_U8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "PCM_24": 3}
+_BYTES_PER_SAMPLE.update(PCM_32=4, FLOAT=4, DOUBLE=8)
+
+
+def open_for_writing(name, sample_rate: int, channels: int, subtype: str, fmt: str, frames=None):
+    """A soundfile ``SoundFile`` open for writing ``name`` (bytes or str).
+
+    A WAV whose ``frames`` could pass 4 GiB is opened as RF64 with libsndfile's auto-downgrade
+    (``SFC_RF64_AUTO_DOWNGRADE``): it is written as plain WAV if it ends up small enough, and
+    as RF64 otherwise, instead of a WAV whose sizes wrap around.
+    """
+    import soundfile as sf
+
+    if fmt == "WAV" and frames is not None and int(frames) > 0:
+        size = int(frames) * int(channels) * _BYTES_PER_SAMPLE.get(subtype, 8)
+        if size > WAV_MAX_DATA_BYTES and sf.check_format("RF64", subtype):
+            f = sf.SoundFile(name, "w", int(sample_rate), int(channels), subtype, format="RF64")
+            # soundfile has no wrapper for sf_command; its cffi handles are private names. If
+            # they are gone, the file stays RF64, which holds any size.
+            with contextlib.suppress(Exception):
+                sf._snd.sf_command(f._file, 0x1210, sf._ffi.NULL, 1)  # SFC_RF64_AUTO_DOWNGRADE
+            return f
+    return sf.SoundFile(name, "w", int(sample_rate), int(channels), subtype, format=fmt)
 
 
 def choose_subtype(fmt: str, wanted: Optional[str], path: Optional[PathLike] = None) -> str:
@@ -161,27 +200,39 @@ def read_audio(
     import soundfile as sf
 
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise AudioFileError(f"'{path}': no such file")
-    if os.path.isdir(path):
-        raise AudioFileError(f"'{path}': is a directory, not an audio file")
     try:
-        size = os.path.getsize(path)
-    except OSError as exc:
-        raise AudioFileError(f"'{path}': {exc.strerror or exc}") from None
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise AudioFileError(f"'{path}': no such file") from None
+    except OSError as exc:  # a directory on the way that can't be searched: permission denied
+        raise AudioFileError(f"'{path}': {os_reason(exc)}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise AudioFileError(f"'{path}': is a directory, not an audio file")
+    size = st.st_size
     if size == 0:
         raise AudioFileError(f"'{path}': empty file")
     try:
-        with sf.SoundFile(path) as f:
-            info = sf.info(path)
+        # Bytes: soundfile encodes a str strictly, and a Linux name need not be UTF-8.
+        with sf.SoundFile(os.fsencode(path)) as f:
+            info = sf.info(os.fsencode(path))
             if frame_offset:
                 f.seek(frame_offset)
             data = f.read(frames=num_frames, dtype=dtype, always_2d=True)
     except _SOUNDFILE_ERRORS as exc:
-        raise AudioFileError(f"'{path}': not a readable audio file ({one_line(exc)})") from None
+        raise open_error(path, exc) from None
     except OSError as exc:
-        raise AudioFileError(f"'{path}': {exc.strerror or one_line(exc)}") from None
+        raise AudioFileError(f"'{path}': {os_reason(exc)}") from None
     return data, info
+
+
+def open_error(path: PathLike, exc: BaseException) -> AudioFileError:
+    """The one-line ``AudioFileError`` for a file soundfile could not open for reading: the
+    plain cause of an OS error (libsndfile's "System error" hides it: permission denied, ...),
+    else "not a readable audio file". Call it right after the failing call, in its thread."""
+    cause = system_cause(exc) or (os_reason(exc) if isinstance(exc, OSError) else None)
+    if cause:
+        return AudioFileError(f"'{path}': {cause}")
+    return AudioFileError(f"'{path}': not a readable audio file ({one_line(exc)})")
 
 
 def read_blocks(
@@ -195,9 +246,9 @@ def read_blocks(
 
     path = os.fspath(path)
     try:
-        reader = sf.SoundFile(path)
+        reader = sf.SoundFile(os.fsencode(path))
     except (*_SOUNDFILE_ERRORS, OSError) as exc:
-        raise AudioFileError(f"'{path}': not a readable audio file ({one_line(exc)})") from None
+        raise open_error(path, exc) from None
     return _blocks(reader, path, max(1, int(block_frames)), dtype)
 
 
@@ -209,7 +260,8 @@ def _blocks(reader, path: str, block_frames: int, dtype: str) -> Iterator[np.nda
                 data = reader.read(frames=block_frames, dtype=dtype, always_2d=True)
             except _SOUNDFILE_ERRORS as exc:
                 raise AudioFileError(
-                    f"'{path}': read failed at {done / reader.samplerate:.2f} s ({one_line(exc)})"
+                    f"'{path}': read failed at {done / reader.samplerate:.2f} s "
+                    f"({sndfile_reason(exc)})"
                 ) from None
             if data.shape[0] == 0:
                 return
@@ -217,6 +269,91 @@ def _blocks(reader, path: str, block_frames: int, dtype: str) -> Iterator[np.nda
             yield data
             if data.shape[0] < block_frames:
                 return
+
+
+# -- truncation: what a header declares against what the file holds ---------------------------
+def declared_frames(path: PathLike) -> Optional[int]:
+    """The frames a WAV (RIFF, RIFX, RF64) or AIFF header declares, or None.
+
+    None where the header declares no usable length: another format, a header that can't be
+    parsed, or a length of 0 or 0xFFFFFFFF (a recorder that stopped before finalising it).
+    """
+    import struct
+
+    try:
+        with open(os.fsencode(path), "rb") as f:
+            head = f.read(12)
+            if len(head) < 12:
+                return None
+            kind, form = head[:4], head[8:12]
+            if kind in (b"RIFF", b"RIFX", b"RF64") and form == b"WAVE":
+                big = kind == b"RIFX"
+                return _wav_declared_frames(f, kind == b"RF64", ">" if big else "<", struct)
+            if kind == b"FORM" and form in (b"AIFF", b"AIFC"):
+                return _aiff_declared_frames(f, struct)
+    except (OSError, struct.error):
+        return None
+    return None
+
+
+def _wav_declared_frames(f, rf64: bool, order: str, struct) -> Optional[int]:
+    block_align = data_size = None
+    while True:
+        chunk = f.read(8)
+        if len(chunk) < 8:
+            return None
+        cid, size = chunk[:4], struct.unpack(order + "I", chunk[4:])[0]
+        if cid == b"ds64" and rf64:
+            body = f.read(size)
+            data_size = struct.unpack("<Q", body[8:16])[0]
+            size = 0
+        elif cid == b"fmt ":
+            body = f.read(size)
+            block_align = struct.unpack(order + "H", body[12:14])[0]
+            size = 0
+        elif cid == b"data":
+            if not rf64 or data_size is None:
+                data_size = size
+            break
+        f.seek(size + (size & 1), 1)
+    if not block_align or data_size in (None, 0, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF):
+        return None
+    return data_size // block_align
+
+
+def _aiff_declared_frames(f, struct) -> Optional[int]:
+    while True:
+        chunk = f.read(8)
+        if len(chunk) < 8:
+            return None
+        cid, size = chunk[:4], struct.unpack(">I", chunk[4:])[0]
+        if cid == b"COMM":
+            frames = struct.unpack(">I", f.read(6)[2:6])[0]
+            return None if frames in (0, 0xFFFFFFFF) else frames
+        f.seek(size + (size & 1), 1)
+
+
+def truncation(path: PathLike) -> Optional[str]:
+    """How a WAV or AIFF file falls short of what its header declares, in words, or None.
+
+    A download that was cut, say: "truncated: header declares 10.0 s, file holds 1.04 s".
+    """
+    import soundfile as sf
+
+    declared = declared_frames(path)
+    if declared is None:
+        return None
+    try:
+        info = sf.info(os.fsencode(path))
+    except Exception:  # not readable at all: read_audio says why
+        return None
+    held, rate = int(info.frames), float(info.samplerate)
+    if held >= declared or rate <= 0:
+        return None
+    return (
+        f"truncated: header declares {declared / rate:.1f} s, file holds {held / rate:.2f} s "
+        f"({held} of {declared} frames)"
+    )
 
 
 # -- which file is which ---------------------------------------------------------------------
@@ -441,7 +578,7 @@ def write_error(target: PathLike, exc: OSError) -> AudioFileError:
     """The one-line ``AudioFileError`` for an OS error while writing ``target``."""
     if isinstance(exc, FileExistsError):
         return AudioFileError(f"'{target}': output exists (use --overwrite to replace it)")
-    return AudioFileError(f"'{target}': can't write: {exc.strerror or exc}")
+    return AudioFileError(f"'{target}': can't write: {os_reason(exc)}")
 
 
 # -- writing audio ---------------------------------------------------------------------------
@@ -452,17 +589,18 @@ def write_audio(
     *,
     subtype: Optional[str] = None,
     overwrite: bool = True,
+    source_format: Optional[str] = None,
 ) -> str:
     """Write ``samples`` ([T, C] float, full scale 1.0; or int16) to ``path`` atomically.
 
     Through ``atomic_output``: readers never see a partial file, and an interrupted write (an
     exception, KeyboardInterrupt) removes the temporary file. With ``overwrite=False`` an
     existing ``path`` is never replaced (``FileExistsError``). Returns the subtype written.
+    ``source_format``: the input's container (RF64 and W64 stay so in a ``.wav``); a WAV that
+    could pass 4 GiB is written as RF64 (``open_for_writing``).
     """
-    import soundfile as sf
-
     path = os.fspath(path)
-    fmt = format_for_path(path)
+    fmt = format_for_path(path, source_format)
     subtype = choose_subtype(fmt, subtype, path)
     samples = np.asarray(samples)
     if samples.ndim == 1:
@@ -475,8 +613,13 @@ def write_audio(
         data = quantize(samples, subtype)
     with atomic_output(path, overwrite=overwrite) as tmp:
         try:
-            sf.write(tmp, data, int(sample_rate), format=fmt, subtype=subtype)
+            name = os.fsencode(tmp)
+            with open_for_writing(name, sample_rate, data.shape[1], subtype, fmt, len(data)) as f:
+                f.write(data)
         except _SOUNDFILE_ERRORS as exc:
+            cause = system_cause(exc)  # disk full, file too large, ...
+            if cause:
+                raise AudioFileError(f"'{path}': can't write: {cause}") from None
             raise AudioFileError(
                 f"'{path}': could not write {fmt} {subtype} at {sample_rate} Hz ({one_line(exc)})"
             ) from None
@@ -488,7 +631,9 @@ class AudioFileWriter:
 
     ``write(samples)`` appends float samples [frames, channels] (quantised for the subtype);
     ``commit()`` closes the file and ``publish``-es it as ``path`` (never replacing an existing
-    file unless ``overwrite``). Leaving the ``with`` block without ``commit()`` (an exception)
+    file unless ``overwrite``). ``source_format``: the input's container (RF64 and W64 stay so
+    in a ``.wav``); ``frames``: the length expected, so that a WAV that could pass 4 GiB opens
+    as RF64 (``open_for_writing``). Leaving the ``with`` block without ``commit()`` (an exception)
     removes the temporary file. Every failure is an ``AudioFileError`` with a one-line message.
     """
 
@@ -500,11 +645,11 @@ class AudioFileWriter:
         subtype: Optional[str] = None,
         *,
         overwrite: bool = False,
+        source_format: Optional[str] = None,
+        frames: Optional[int] = None,
     ):
-        import soundfile as sf
-
         self.path = os.fspath(path)
-        self.format = format_for_path(self.path)
+        self.format = format_for_path(self.path, source_format)
         self.subtype = choose_subtype(self.format, subtype, self.path)
         self.overwrite = overwrite
         self._committed = False
@@ -513,11 +658,14 @@ class AudioFileWriter:
         except OSError as exc:
             raise write_error(self.path, exc) from None
         try:
-            self._file = sf.SoundFile(
-                self.temp, "w", int(sample_rate), int(channels), self.subtype, format=self.format
+            self._file = open_for_writing(
+                os.fsencode(self.temp), sample_rate, channels, self.subtype, self.format, frames
             )
         except _SOUNDFILE_ERRORS as exc:
             discard(self.temp)
+            cause = system_cause(exc)
+            if cause:
+                raise AudioFileError(f"'{self.path}': can't write: {cause}") from None
             raise AudioFileError(
                 f"'{self.path}': could not write {self.format} {self.subtype} at {sample_rate} "
                 f"Hz ({one_line(exc)})"
@@ -531,17 +679,17 @@ class AudioFileWriter:
             return
         try:
             self._file.write(quantize(samples, self.subtype))
-        except _SOUNDFILE_ERRORS as exc:
-            raise AudioFileError(f"'{self.path}': could not write ({one_line(exc)})") from None
-        except OSError as exc:
-            raise write_error(self.path, exc) from None
+        except (*_SOUNDFILE_ERRORS, OSError) as exc:
+            # libsndfile says "System error" for a full disk or a file too large: the errno
+            # says which.
+            raise AudioFileError(f"'{self.path}': can't write: {sndfile_reason(exc)}") from None
 
     def commit(self) -> None:
         try:
-            self._file.close()
+            self._file.close()  # it flushes: a full disk shows up here too
             publish(self.temp, self.path, overwrite=self.overwrite)
         except _SOUNDFILE_ERRORS as exc:
-            raise AudioFileError(f"'{self.path}': could not write ({one_line(exc)})") from None
+            raise AudioFileError(f"'{self.path}': can't write: {sndfile_reason(exc)}") from None
         except OSError as exc:
             raise write_error(self.path, exc) from None
         self._committed = True

@@ -5,8 +5,8 @@
 
 It takes upstream's options (``-m``, ``--pf``, ``-o``, ``--atten-lim``, ``--no-delay-compensation``,
 ``--no-suffix``, ``-i``, ``--log-level``, ``-e``) and adds ``--device``, ``--forward-method``,
-``--threads``, ``-r/--recursive``, ``--overwrite``, ``--batch``, ``--piece-seconds`` and
-``--whole-file``. Differences from upstream:
+``--threads``, ``-r/--recursive``, ``--overwrite``, ``--batch``, ``--piece-seconds``,
+``--whole-file`` and ``--allow-truncated``. Differences from upstream:
 
 - Many files at once: up to ``--batch`` channels of as many files share each forward of the
   model (``df_mps.engine``: continuous batching; when a file ends its rows take the next file).
@@ -20,16 +20,21 @@ It takes upstream's options (``-m``, ``--pf``, ``-o``, ``--atten-lim``, ``--no-d
   per minute of audio).
 
 - Audio goes through soundfile (no torchaudio backend, torchcodec or FFmpeg). The output has the
-  input's sample rate, channel count, length and, where the format allows, sample format.
+  input's sample rate, channel count, length and, where the format allows, sample format; an
+  RF64 or W64 input named ``.wav`` stays RF64 or W64, and a WAV output that could pass 4 GiB
+  is written as RF64 (plain WAV's sizes stop at 4 GiB).
 - An input file is never overwritten, not even with ``--overwrite``. An existing output file is
   replaced only with ``--overwrite`` (upstream replaces it silently). Outputs are written to a
   temporary file in the target directory and renamed into place, so an interrupted run leaves
   either the complete file or none.
-- A file that can't be processed (missing, empty, corrupt, not audio, no samples, NaN or Inf)
-  is reported in one line and skipped. Problems with the output location stop the run before
-  the model loads.
+- A file that can't be processed (missing, unreadable, empty, corrupt, not audio, no samples,
+  NaN or Inf, or a WAV/AIFF holding less than its header declares: ``--allow-truncated``
+  enhances what is there) is reported in one line naming the file and the plain cause, and
+  skipped; so is an output that can't be written (disk full, permission denied). Problems with
+  the output location stop the run before the model loads.
 - Exit status: 0 when every file was enhanced, 1 when any failed or the run could not start,
-  2 for a command-line usage error, 130 when interrupted.
+  2 for a command-line usage error, 130 when interrupted (Ctrl-C), 143 for SIGTERM and 129 for
+  SIGHUP (which clean up as Ctrl-C does).
 
 The command is thin: it parses options, plans jobs (refusing unsafe outputs before any model
 loads), and hands them to ``df_mps.api.Enhancer.enhance_files``, which runs them through the
@@ -39,9 +44,13 @@ engine and writes through ``df_mps.audio``'s atomic writer; it prints as results
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import signal
+import stat
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -66,10 +75,12 @@ from .audio import (
     new_temp,
     read_audio,
     refuse_input_as_output,
+    truncation,
     write_audio,
     write_error,
 )
 from .engine import DEFAULT_BATCH, DEFAULT_PIECE_SECONDS
+from .errors import os_reason
 from .models import (
     DEFAULT_MODEL,
     PRETRAINED_MODELS,
@@ -149,7 +160,12 @@ def _enhance_whole_file(
     refuse_input_as_output(source, target)
     try:
         subtype = write_audio(
-            target, samples, info.samplerate, subtype=info.subtype, overwrite=overwrite
+            target,
+            samples,
+            info.samplerate,
+            subtype=info.subtype,
+            overwrite=overwrite,
+            source_format=info.format,  # RF64 and W64 stay so
         )
     except OSError as exc:
         raise write_error(target, exc) from None
@@ -197,20 +213,38 @@ def _is_audio_name(name: str, extensions: frozenset) -> bool:
 
 
 def collect_inputs(
-    files: Sequence[str], noisy_dir: Optional[str], recursive: bool, output_dir: Path
+    files: Sequence[str],
+    noisy_dir: Optional[str],
+    recursive: bool,
+    output_dir: Path,
+    errors: Optional[List[str]] = None,
 ) -> List[Tuple[Path, Path]]:
-    """(input file, its sub-directory relative to the output dir) for every input."""
+    """(input file, its sub-directory relative to the output dir) for every input.
+
+    A sub-directory that can't be read is one line in ``errors`` (when given; else the run
+    stops with it) and the walk goes on.
+    """
     if noisy_dir is None:
         return [(Path(f), Path()) for f in files]
     root = Path(noisy_dir)
-    if not root.exists():
-        raise UserError(f"input directory '{root}' does not exist")
-    if not root.is_dir():
+    try:
+        is_dir = stat.S_ISDIR(os.stat(root).st_mode)
+    except FileNotFoundError:
+        raise UserError(f"input directory '{root}' does not exist") from None
+    except OSError as exc:
+        raise UserError(f"input directory '{root}': {os_reason(exc)}") from None
+    if not is_dir:
         raise UserError(f"input directory '{root}' is not a directory")
     extensions = audio_extensions()
     found: List[Tuple[Path, Path]] = []
     out_real = os.path.realpath(output_dir)
-    for current, dirs, names in os.walk(root, onerror=_raise_walk_error):
+
+    def walk_error(exc: OSError) -> None:
+        if errors is None or os.path.realpath(exc.filename or root) == os.path.realpath(root):
+            _raise_walk_error(exc)
+        errors.append(f"can't read directory '{exc.filename}': {os_reason(exc)}")
+
+    for current, dirs, names in os.walk(root, onerror=walk_error):
         # Never descend into the output directory (an earlier run's results are not inputs),
         # nor into hidden directories.
         dirs[:] = sorted(
@@ -232,7 +266,7 @@ def collect_inputs(
 
 
 def _raise_walk_error(exc: OSError) -> None:
-    raise UserError(f"can't read directory '{exc.filename}': {exc.strerror or exc}")
+    raise UserError(f"can't read directory '{exc.filename}': {os_reason(exc)}")
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -253,9 +287,7 @@ def check_output_dir(output_dir: Path) -> None:
         probe = new_temp(path / "probe")
     except OSError as exc:
         where = "is not writable" if path == output_dir else f"can't be created in '{path}'"
-        raise UserError(
-            f"output directory '{output_dir}' {where} ({exc.strerror or exc})"
-        ) from None
+        raise UserError(f"output directory '{output_dir}' {where} ({os_reason(exc)})") from None
     discard(probe)
 
 
@@ -287,58 +319,141 @@ def plan_jobs(
     suffix: Optional[str],
     overwrite: bool,
     skip_existing: bool = False,
+    allow_truncated: bool = False,
 ) -> List[Job]:
-    """Pair each input with its output path, refusing any pairing that could lose a file."""
+    """Pair each input with its output path, refusing any pairing that could lose a file.
+
+    An input that can't be used (missing, unreadable, a WAV/AIFF holding less than its header
+    declares unless ``allow_truncated``, ...) or an output path that can't be checked gets a
+    one-line ``error`` naming the file and the plain cause; the rest go on.
+    """
     jobs: List[Job] = []
-    input_real = {}
-    input_ids = set()
+    input_real: Dict[str, Path] = {}
+    input_ids: Dict[Tuple[int, int], Path] = {}
     for source, _ in inputs:
-        if source.is_file():
-            input_real.setdefault(os.path.realpath(source), source)
+        try:
             st = source.stat()
-            input_ids.add((st.st_dev, st.st_ino))
+        except OSError:
+            continue  # reported below, in its own job
+        if stat.S_ISREG(st.st_mode):
+            input_real.setdefault(os.path.realpath(source), source)
+            input_ids.setdefault((st.st_dev, st.st_ino), source)
     taken: Dict[str, Path] = {}
+    folds: Dict[Path, bool] = {}  # directory -> whether its filesystem ignores case
     for source, rel in inputs:
         job = Job(source)
         jobs.append(job)
-        if not source.exists():
-            job.error = f"'{source}': no such file"
+        job.error = _input_problem(source)
+        if job.error is not None:
             continue
-        if not source.is_file():
-            job.error = f"'{source}': not a file"
+        cut = truncation(source)
+        if cut is not None and not allow_truncated:
+            job.error = f"'{source}': {cut} (--allow-truncated enhances what is there)"
             continue
-        if source.stat().st_size == 0:
-            job.error = f"'{source}': empty file"
-            continue
+        if cut is not None:
+            logger.warning(f"'{source}': {cut}; enhancing what is there (--allow-truncated)")
         stem, ext = os.path.splitext(source.name)
         name = stem + (f"_{suffix}" if suffix else "") + ext
         target = output_dir / rel / name
         job.target = target
-        real = os.path.realpath(target)
-        if real in input_real or (target.exists() and _file_id(target) in input_ids):
-            what = "itself" if real == os.path.realpath(source) else f"'{input_real.get(real)}'"
-            job.error = (
-                f"'{source}': its output '{target}' would overwrite the input {what}; refused "
-                "(use -o DIR or drop --no-suffix)"
+        try:
+            job.error = _output_problem(
+                source, target, overwrite, input_real, input_ids, taken, folds, skip_existing
             )
-            continue
-        key = os.path.normcase(real)
-        if key in taken:
-            job.error = f"'{source}': its output '{target}' is also the output of '{taken[key]}'"
-            continue
-        taken[key] = source
-        blocker = _non_dir_ancestor(target.parent)
-        if blocker is not None:
-            job.error = f"'{source}': can't create '{target.parent}': '{blocker}' is a file"
-        elif target.is_dir():
-            job.error = f"'{source}': its output '{target}' is a directory"
-        elif skip_existing and target.exists() and output_is_complete(source, target):
-            job.skipped = True
-        elif target.exists() and not overwrite:
-            job.error = f"'{source}': output '{target}' exists (use --overwrite to replace it)"
-            if skip_existing:
-                job.error += "; it is not a complete output of this input"
+            if job.error is None and skip_existing and target.exists():
+                if output_is_complete(source, target):
+                    job.skipped = True
+                elif not overwrite:
+                    job.error = (
+                        f"'{source}': output '{target}' exists and is not a complete output "
+                        "of this input (use --overwrite to replace it)"
+                    )
+        except OSError as exc:
+            job.error = f"'{source}': can't check its output '{target}': {os_reason(exc)}"
     return jobs
+
+
+def _input_problem(source: Path) -> Optional[str]:
+    """Why ``source`` can't be enhanced, in one line, or None: checked before the model loads."""
+    try:
+        st = source.stat()
+    except FileNotFoundError:
+        return f"'{source}': no such file"
+    except OSError as exc:
+        return f"'{source}': {os_reason(exc)}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"'{source}': not a file"
+    if st.st_size == 0:
+        return f"'{source}': empty file"
+    try:
+        with open(source, "rb"):  # permission bits don't tell about ACLs, mounts or root
+            pass
+    except OSError as exc:
+        return f"'{source}': {os_reason(exc)}"
+    return None
+
+
+def _output_problem(
+    source, target, overwrite, input_real, input_ids, taken, folds, skip_existing=False
+):
+    """Why ``target`` can't be ``source``'s output, in one line, or None."""
+    real = os.path.realpath(target)
+    target_id = _file_id(target) if target.exists() else None
+    if real in input_real or target_id in input_ids:
+        if real in input_real:
+            other = input_real[real]
+            what = "itself" if _same_path(other, source) else f"'{other}'"
+        else:  # another name for an input's data: a hard link
+            what = f"'{input_ids[target_id]}' (a hard link to it)"
+        return (
+            f"'{source}': its output '{target}' would overwrite the input {what}; refused "
+            "(use -o DIR or drop --no-suffix)"
+        )
+    key = os.path.normcase(real)
+    if _ignores_case(target.parent, folds):
+        # APFS and HFS+ by default, FAT, SMB shares: "Take.wav" and "take.WAV" are one file.
+        key = key.casefold()
+    if key in taken:
+        return f"'{source}': its output '{target}' is also the output of '{taken[key]}'"
+    taken[key] = source
+    blocker = _non_dir_ancestor(target.parent)
+    if blocker is not None:
+        return f"'{source}': can't create '{target.parent}': '{blocker}' is a file"
+    if target.is_dir():
+        return f"'{source}': its output '{target}' is a directory"
+    if target.exists() and not overwrite and not skip_existing:
+        return f"'{source}': output '{target}' exists (use --overwrite to replace it)"
+    return None
+
+
+def _same_path(a: Optional[Path], b: Path) -> bool:
+    return a is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+def filesystem_ignores_case(directory: PathLike) -> bool:
+    """Whether the filesystem holding ``directory`` (or its nearest existing ancestor) treats
+    names that differ only in case as one file. Probed with a temporary file, not assumed."""
+    path = Path(directory)
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".df-mps-case-probe-", suffix="-Aa", dir=path)
+    except OSError:
+        # Can't probe (read-only, no permission): the names alone decide, as on a
+        # case-sensitive filesystem; nothing is written there anyway.
+        return False
+    os.close(fd)
+    try:
+        head, tail = os.path.split(probe)
+        return os.path.exists(os.path.join(head, tail.swapcase()))
+    finally:
+        os.unlink(probe)
+
+
+def _ignores_case(directory: Path, folds: Dict[Path, bool]) -> bool:
+    if directory not in folds:
+        folds[directory] = filesystem_ignores_case(directory)
+    return folds[directory]
 
 
 def _file_id(path: Path) -> Tuple[int, int]:
@@ -419,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Enhance noisy speech with DeepFilterNet (through df-mps). "
         "Outputs keep each input's sample rate, channels, length and sample format.",
         epilog="An input file is never overwritten. Exit status: 0 all files enhanced, "
-        "1 a file failed or the run could not start, 2 usage error, 130 interrupted.",
+        "1 a file failed or the run could not start, 2 usage error, 130 interrupted, "
+        "143 SIGTERM, 129 SIGHUP.",
     )
     p.add_argument("noisy_audio_files", nargs="*", metavar="FILE", help="noisy audio files")
     p.add_argument(
@@ -484,6 +600,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="don't compensate the STFT delay (output lags by n_fft - hop samples)",
     )
     p.add_argument("--no-df-stage", action="store_true", help="run the ERB mask stage only")
+    p.add_argument(
+        "--allow-truncated",
+        action="store_true",
+        help="enhance a WAV/AIFF that holds less than its header declares (a cut download) "
+        "instead of skipping it; warns",
+    )
     p.add_argument(
         "--piece-seconds",
         type=_piece_seconds,
@@ -670,13 +792,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     _setup_logging(args.log_level)
     try:
-        return run(args)
+        with _termination_interrupts():
+            return run(args)
     except UserError as exc:
         _say(f"error: {exc}")
         return 1
-    except KeyboardInterrupt:
-        _say("interrupted; no partial output files were left")
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if signum == signal.SIGINT:
+            _say("interrupted; no partial output files were left")
+        else:
+            _say(f"stopped by {signal.Signals(signum).name}; no partial output files were left")
+        return 128 + int(signum)  # as a shell reports a signal: 130, 143 (TERM), 129 (HUP)
     except Exception as exc:
         logger.opt(exception=exc).debug("traceback")
         _say(
@@ -684,6 +811,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "(run with --log-level debug for the traceback)"
         )
         return 1
+
+
+class SignalInterrupt(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so that it cleans up as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _termination_interrupts():
+    """While the command runs, SIGTERM and SIGHUP raise ``SignalInterrupt``: every temporary
+    file is removed by the same code that removes it on Ctrl-C. A repeat of the signal during
+    that cleanup is ignored, so that the cleanup completes."""
+    names = ("SIGTERM", "SIGHUP")
+    signums = [getattr(signal, n) for n in names if hasattr(signal, n)]
+    raised = []
+
+    def interrupt(signum, frame):
+        if not raised:
+            raised.append(signum)
+            raise SignalInterrupt(signum)
+
+    previous = {}
+    try:
+        for signum in signums:
+            previous[signum] = signal.signal(signum, interrupt)
+    except ValueError:  # not the main thread: Python delivers signals to the main thread only
+        pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -700,11 +862,23 @@ def run(args: argparse.Namespace) -> int:
     _configure_threads(args.threads)
 
     output_dir = Path(args.output_dir) if args.output_dir is not None else Path(".")
-    inputs = collect_inputs(args.noisy_audio_files, args.noisy_dir, args.recursive, output_dir)
+    walk_errors: List[str] = []
+    inputs = collect_inputs(
+        args.noisy_audio_files, args.noisy_dir, args.recursive, output_dir, walk_errors
+    )
     check_output_dir(output_dir)
     model_dir = resolve_model(args.model_base_dir)
     suffix = output_suffix(args.model_base_dir, model_dir, args.pf) if args.suffix else None
-    jobs = plan_jobs(inputs, output_dir, suffix, args.overwrite, args.skip_existing)
+    jobs = plan_jobs(
+        inputs,
+        output_dir,
+        suffix,
+        args.overwrite,
+        skip_existing=args.skip_existing,
+        allow_truncated=args.allow_truncated,
+    )
+    for message in walk_errors:
+        _say(f"error: {message} (skipped)")
     if args.ray is not None:  # the same planned jobs, as a Ray Data job (df_mps.ray)
         from .ray import run_cli as run_on_ray_cli
 
@@ -741,8 +915,8 @@ def run(args: argparse.Namespace) -> int:
                 done.append(result)
             else:
                 failed += 1
-    _summary(done, failed, len(jobs))
-    return 1 if failed else 0
+    _summary(done, failed, len(jobs), len(walk_errors))
+    return 1 if failed or walk_errors else 0
 
 
 def _run_jobs(
@@ -802,6 +976,8 @@ def _whole_files(jobs: Sequence[Job], enhancer: Enhancer, overwrite: bool):
             yield _enhance_whole_file(job.source, job.target, enhancer, overwrite)
         except AudioFileError as exc:
             yield FileError(job.source, job.target, str(exc))
+        except OSError as exc:  # the OS refused a read or write of this job's files
+            yield FileError(job.source, job.target, _os_error_line(job, exc))
         except (Exception, SystemExit) as exc:
             logger.opt(exception=exc).debug("traceback")
             yield FileError(
@@ -812,23 +988,34 @@ def _whole_files(jobs: Sequence[Job], enhancer: Enhancer, overwrite: bool):
             )
 
 
+def _os_error_line(job: Job, exc: OSError) -> str:
+    """One line naming the file the error is about (the input, else the output) and the cause."""
+    name = getattr(exc, "filename", None)
+    if name is None or os.path.abspath(os.fsdecode(name)) == os.path.abspath(job.source):
+        return f"'{job.source}': {os_reason(exc)}"
+    # A temporary file or a directory on the way to the output: the output is what failed.
+    return f"'{job.target}': can't write: {os_reason(exc)}"
+
+
 def _duration(path: Path) -> float:
     import soundfile as sf
 
     try:
-        info = sf.info(os.fspath(path))
+        info = sf.info(os.fsencode(path))
         return info.frames / info.samplerate if info.frames > 0 else 0.0
     except Exception:  # noqa: BLE001 - unreadable files are reported when they are enhanced
         return 0.0
 
 
-def _summary(done: Sequence[FileResult], failed: int, total: int) -> None:
+def _summary(done: Sequence[FileResult], failed: int, total: int, unreadable_dirs: int = 0) -> None:
     audio = sum(r.audio_seconds for r in done)
     seconds = sum(r.model_seconds for r in done)
     rtf = f", RTF {seconds / audio:.3f}" if audio else ""
     text = f"enhanced {len(done)} of {total} file(s){rtf}"
     if failed:
         text += f"; {failed} failed"
+    if unreadable_dirs:
+        text += f"; {unreadable_dirs} director{'y' if unreadable_dirs == 1 else 'ies'} unreadable"
     _say(text)
 
 

@@ -34,11 +34,34 @@ examples:
 """
 
 
+# The first line of every df-mps bootstrap sitecustomize, this install's or another's.
+BOOTSTRAP_MARK = '"""Bootstrap for ``df-mps-run``'
+
+
+def is_bootstrap_dir(entry: str) -> bool:
+    """Whether the PYTHONPATH entry ``entry`` is a df-mps bootstrap directory: this one by its
+    real path (a symlink such as macOS's /var -> /private/var included), or another install's."""
+    if not entry:  # the current directory: it holds a bootstrap only where one was copied
+        entry = os.curdir
+    try:
+        if os.path.realpath(entry) == os.path.realpath(BOOTSTRAP_DIR):
+            return True
+        with open(os.path.join(entry, "sitecustomize.py"), encoding="utf-8") as f:
+            return f.read(len(BOOTSTRAP_MARK)) == BOOTSTRAP_MARK
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+
+
 def bootstrap_env(environ: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """A copy of ``environ`` with the bootstrap directory first on PYTHONPATH (once)."""
+    """A copy of ``environ`` with the bootstrap directory first on PYTHONPATH (once).
+
+    Every other df-mps bootstrap directory is dropped; every other entry is kept as it was, an
+    empty one too (it means the current directory).
+    """
     env = dict(os.environ if environ is None else environ)
-    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    parts = [p for p in parts if os.path.abspath(p) != BOOTSTRAP_DIR]
+    current = env.get("PYTHONPATH", "")
+    parts = current.split(os.pathsep) if current else []
+    parts = [p for p in parts if not (p and is_bootstrap_dir(p))]
     env["PYTHONPATH"] = os.pathsep.join([BOOTSTRAP_DIR, *parts])
     return env
 

