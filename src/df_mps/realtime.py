@@ -80,6 +80,26 @@ FORMATS = {"f32le": np.dtype("<f4"), "s16le": np.dtype("<i2")}
 
 
 # -- the pulsed model -------------------------------------------------------------------------
+def _pop_activation(layers: list, tanh: bool):
+    """Take the activation (ReLU, Sigmoid, Tanh where ``tanh``, or Identity) off the front of
+    ``layers`` and return it as an in-place torch function, or None for none or Identity."""
+    import torch
+    from torch import nn
+
+    if not layers:
+        return None
+    act = layers.pop(0)
+    if isinstance(act, nn.ReLU):
+        return torch.relu_
+    if isinstance(act, nn.Sigmoid):
+        return torch.sigmoid_
+    if tanh and isinstance(act, nn.Tanh):
+        return torch.tanh_
+    if not isinstance(act, nn.Identity):
+        raise ValueError(f"unsupported activation {act}")
+    return None
+
+
 class _ConvBlock:
     """One of DeepFilterNet's ``Conv2dNormAct``/``ConvTranspose2dNormAct`` blocks, pulsed.
 
@@ -137,15 +157,7 @@ class _ConvBlock:
             shape = (1, -1, 1, 1) if self.transposed else (-1, 1, 1, 1)
             weight = weight * scale.view(shape)
             bias = bias * scale + shift
-        self.activation = None
-        if layers:
-            act = layers.pop(0)
-            if isinstance(act, nn.ReLU):
-                self.activation = torch.relu_
-            elif isinstance(act, nn.Sigmoid):
-                self.activation = torch.sigmoid_
-            elif not isinstance(act, nn.Identity):
-                raise ValueError(f"unsupported activation {act}")
+        self.activation = _pop_activation(layers, tanh=False)
         if layers:
             raise ValueError(f"unsupported layers after the activation: {layers}")
         self.weight = weight.float().contiguous()
@@ -211,27 +223,18 @@ class _ConvBlock:
 
 def _dense_weight(conv):
     """The convolution's weight with its groups spelled out (zeros off the groups), float64."""
-    from torch import nn
-
     w = conv.weight.detach().double()
     g = conv.groups
     if g == 1:
         return w
-    if isinstance(conv, nn.ConvTranspose2d):
-        cin, cout_g = w.shape[0], w.shape[1]
-        dense = w.new_zeros((cin, cout_g * g, *w.shape[2:]))
-        cin_g = cin // g
-        for i in range(g):
-            dense[i * cin_g : (i + 1) * cin_g, i * cout_g : (i + 1) * cout_g] = w[
-                i * cin_g : (i + 1) * cin_g
-            ]
-        return dense
-    cout, cin_g = w.shape[0], w.shape[1]
-    dense = w.new_zeros((cout, cin_g * g, *w.shape[2:]))
-    cout_g = cout // g
+    # Both layouts group their first dimension (out channels for a convolution, in channels
+    # for a transposed one) against all of the second: block i is block-diagonal in both.
+    rows, cols = w.shape[0], w.shape[1]
+    rows_g = rows // g
+    dense = w.new_zeros((rows, cols * g, *w.shape[2:]))
     for i in range(g):
-        dense[i * cout_g : (i + 1) * cout_g, i * cin_g : (i + 1) * cin_g] = w[
-            i * cout_g : (i + 1) * cout_g
+        dense[i * rows_g : (i + 1) * rows_g, i * cols : (i + 1) * cols] = w[
+            i * rows_g : (i + 1) * rows_g
         ]
     return dense
 
@@ -241,7 +244,6 @@ class _Linear:
     one matrix product (a batched one over the groups) and the activation."""
 
     def __init__(self, layer):
-        import torch
         from torch import nn
 
         layers = list(layer) if isinstance(layer, nn.Sequential) else [layer]
@@ -262,17 +264,7 @@ class _Linear:
                 self.groups = (g, i, h)
         else:
             raise ValueError(f"unsupported linear layer {first}")
-        self.activation = None
-        if layers:
-            act = layers.pop(0)
-            if isinstance(act, nn.ReLU):
-                self.activation = torch.relu_
-            elif isinstance(act, nn.Sigmoid):
-                self.activation = torch.sigmoid_
-            elif isinstance(act, nn.Tanh):
-                self.activation = torch.tanh_
-            elif not isinstance(act, nn.Identity):
-                raise ValueError(f"unsupported activation {act}")
+        self.activation = _pop_activation(layers, tanh=True)
         if layers:
             raise ValueError(f"unsupported layers in {layer}")
 
