@@ -451,21 +451,29 @@ class BatchedModel:
         """One step on zeros for ``rows`` rows at the full piece and at the shortest last
         piece: the device's first-use costs (kernel plans, allocator growth) are paid here,
         once, not by the first files."""
-        import torch
+        warm_up_steps(self.step, self, rows, freq_bins, erb_bands, df_bins, fixed_shape)
 
-        for piece in (self.piece,) if fixed_shape else (self.piece, _bucket(1, self.piece)):
-            window = self.left + piece + self.right
-            zeros = dict(device=self.device, dtype=self.dtype)
-            self.step(
-                torch.zeros((rows, 1, window, freq_bins, 2), **zeros),
-                torch.zeros((rows, 1, window, erb_bands), **zeros),
-                torch.zeros((rows, 1, window, df_bins, 2), **zeros),
-                [True] * rows,
-                [None] * rows,
-                piece,
-            )
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+
+def warm_up_steps(step, batched, rows, freq_bins, erb_bands, df_bins, fixed_shape) -> None:
+    """``step`` (``batched.step`` or a stand-in for it, df_mps.graphs) on zeros for ``rows``
+    fresh rows at ``batched``'s full piece and, unless ``fixed_shape``, at the shortest last
+    piece (the smallest bucket), then a wait for the device."""
+    import torch
+
+    pieces = (batched.piece,) if fixed_shape else (batched.piece, _bucket(1, batched.piece))
+    for piece in dict.fromkeys(pieces):
+        window = batched.left + piece + batched.right
+        zeros = dict(device=batched.device, dtype=batched.dtype)
+        step(
+            torch.zeros((rows, 1, window, freq_bins, 2), **zeros),
+            torch.zeros((rows, 1, window, erb_bands), **zeros),
+            torch.zeros((rows, 1, window, df_bins, 2), **zeros),
+            [True] * rows,
+            [None] * rows,
+            piece,
+        )
+    if batched.device.type == "cuda":
+        torch.cuda.synchronize(batched.device)
 
 
 # -- a job in flight ------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._log import logger, warn_once
+from .engine import warm_up_steps
 
 TOLERANCE = 1e-5
 STORE_ATTR = "_df_mps_graph_stores"  # on the network: its graphs, per piece geometry
@@ -210,7 +211,7 @@ class GraphedModel(_Stand):
         shape."""
         self._warming = True
         try:
-            _warm_up(self, rows, freq_bins, erb_bands, df_bins, fixed_shape)
+            warm_up_steps(self.step, self.batched, rows, freq_bins, erb_bands, df_bins, fixed_shape)
         finally:
             self._warming = False
 
@@ -323,28 +324,6 @@ class GraphedModel(_Stand):
             store.capture_seconds += time.perf_counter() - t0
 
 
-def _warm_up(stand, rows, freq_bins, erb_bands, df_bins, fixed_shape) -> None:
-    """``stand.step`` on zeros for ``rows`` fresh rows at the full piece and, unless
-    ``fixed_shape``, at the shortest last piece (16 frames, the engine's smallest bucket)."""
-    import torch
-
-    b = stand.batched
-    pieces = (b.piece,) if fixed_shape else (b.piece, min(b.piece, 16))
-    for piece in dict.fromkeys(pieces):
-        window = b.left + piece + b.right
-        zeros = dict(device=b.device, dtype=b.dtype)
-        stand.step(
-            torch.zeros((rows, 1, window, freq_bins, 2), **zeros),
-            torch.zeros((rows, 1, window, erb_bands), **zeros),
-            torch.zeros((rows, 1, window, df_bins, 2), **zeros),
-            [True] * rows,
-            [None] * rows,
-            piece,
-        )
-    if b.device.type == "cuda":
-        torch.cuda.synchronize(b.device)
-
-
 def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
 
@@ -416,7 +395,7 @@ class CompiledModel(_Stand):
         self, rows: int, freq_bins: int, erb_bands: int, df_bins: int, fixed_shape: bool = False
     ) -> None:
         """Compile the shapes ahead, with the model load (as ``BatchedModel.warm_up``)."""
-        _warm_up(self, rows, freq_bins, erb_bands, df_bins, fixed_shape)
+        warm_up_steps(self.step, self.batched, rows, freq_bins, erb_bands, df_bins, fixed_shape)
 
     def _run(self, spec, erb_feat, spec_feat, fresh, states, piece):
         # Always with the start-of-stream mask (all ones where no row is fresh): dynamo does
