@@ -26,7 +26,7 @@ import numpy as np
 
 from . import engine as _engine_module
 from .audio import AudioFileError, AudioFileWriter, open_error, read_audio, same_file
-from .engine import ArraySink, ArraySource, Engine, Job, Sink, Source
+from .engine import ArraySink, ArraySource, Engine, Job, Sink, Source, nonfinite_reason
 from .errors import os_reason, sndfile_reason
 from .models import DEFAULT_MODEL, PRETRAINED_MODELS
 from .util import PathLike, one_line, quiet_resample_rename
@@ -112,12 +112,9 @@ class FileSource(Source):
             ) from None
         from .streaming import BadAudioError
 
-        if data.shape[0] and not np.isfinite(data).all():
-            first = self._read + int(np.argmin(np.isfinite(data).all(axis=1)))
-            raise BadAudioError(
-                f"'{self.path}': contains NaN or Inf sample(s) (first at "
-                f"{first / self.sample_rate:.2f} s)"
-            )
+        bad = nonfinite_reason(data, self._read, self.sample_rate)
+        if bad is not None:
+            raise BadAudioError(f"'{self.path}': {bad}")
         self._read += data.shape[0]
         if self._read == 0 and data.shape[0] < frames:
             raise BadAudioError(f"'{self.path}': has no audio samples")

@@ -476,6 +476,15 @@ def warm_up_steps(step, batched, rows, freq_bins, erb_bands, df_bins, fixed_shap
         torch.cuda.synchronize(batched.device)
 
 
+def nonfinite_reason(data: np.ndarray, start: int, rate: int) -> Optional[str]:
+    """Why samples [n, channels] that follow ``start`` frames of a stream at ``rate`` Hz can't
+    be enhanced (the time of the first frame with NaN or Inf), or None where all are finite."""
+    if not data.shape[0] or np.isfinite(data).all():
+        return None
+    first = start + int(np.argmin(np.isfinite(data).all(axis=1)))
+    return f"contains NaN or Inf sample(s) (first at {first / rate:.2f} s)"
+
+
 # -- a job in flight ------------------------------------------------------------------------
 class _Active:
     """A job whose lanes are in the engine: its source and sink, DSP state and buffers."""
@@ -543,9 +552,9 @@ class _Active:
         import torch
 
         t0 = time.perf_counter()
-        if data.shape[0] and not np.isfinite(data).all():
-            first = self.frames_in + int(np.argmin(np.isfinite(data).all(axis=1)))
-            raise BadSamples(f"contains NaN or Inf sample(s) (first at {first / self.rate:.2f} s)")
+        bad = nonfinite_reason(data, self.frames_in, self.rate)
+        if bad is not None:
+            raise BadSamples(bad)
         n = int(data.shape[0])
         x = torch.from_numpy(np.ascontiguousarray(data.T))
         parts = [self.to_model.process(x)] if n else []

@@ -51,7 +51,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .api import FileSink, FileSource, file_job
-from .engine import Job, JobError, Result, Sink, Source
+from .engine import Job, JobError, Result, Sink, Source, nonfinite_reason
 from .patches.audio_io import TEMP_SUFFIX, AudioFileError
 
 DEFAULT_WARMUP_SECONDS = 5.0
@@ -335,12 +335,9 @@ class SegmentSource(Source):
                 f"'{self.path}': ends at {(self.pos + data.shape[0]) / self.sample_rate:.2f} s, "
                 f"before the {self.split.frames / self.sample_rate:.2f} s its header gives"
             )
-        if data.shape[0] and not np.isfinite(data).all():
-            first = self.pos + int(np.argmin(np.isfinite(data).all(axis=1)))
-            raise BadAudioError(
-                f"'{self.path}': contains NaN or Inf sample(s) (first at "
-                f"{first / self.sample_rate:.2f} s)"
-            )
+        bad = nonfinite_reason(data, self.pos, self.sample_rate)
+        if bad is not None:
+            raise BadAudioError(f"'{self.path}': {bad}")
         self.pos += data.shape[0]
         return data
 
