@@ -282,6 +282,16 @@ class _Linear:
         return self.activation(y) if self.activation is not None else y
 
 
+def _skip_layer(skip):
+    """A skip connection's layer as a callable: None where there is none, the input itself
+    for an ``Identity``, else a ``_Linear``."""
+    if skip is None:
+        return None
+    if type(skip).__name__ == "Identity":
+        return lambda x: x
+    return _Linear(skip)
+
+
 class _GRU:
     """A ``SqueezedGRU_S`` that keeps its hidden state from call to call. A single frame goes
     through the GRU cell's equations layer by layer (two matrix-vector products per layer, no
@@ -297,13 +307,7 @@ class _GRU:
         self.linear_out = None
         if type(module.linear_out).__name__ != "Identity":
             self.linear_out = _Linear(module.linear_out)
-        self.skip = None
-        if module.gru_skip is not None:
-            self.skip = (
-                _Linear(module.gru_skip)
-                if type(module.gru_skip).__name__ != "Identity"
-                else (lambda x: x)
-            )
+        self.skip = _skip_layer(module.gru_skip)
         self._cell_weights()
         self.state = None
 
@@ -412,13 +416,7 @@ class PulsedDfNet:
             self.dec_t = [_ConvBlock(getattr(erb_dec, n)) for n in ("convt3", "convt2", "convt1")]
             self.dec_out = _ConvBlock(erb_dec.conv0_out)
             self.df_gru = _GRU(df_dec.df_gru)
-            self.df_skip = None
-            if df_dec.df_skip is not None:
-                self.df_skip = (
-                    _Linear(df_dec.df_skip)
-                    if type(df_dec.df_skip).__name__ != "Identity"
-                    else (lambda x: x)
-                )
+            self.df_skip = _skip_layer(df_dec.df_skip)
             self.df_convp = _ConvBlock(df_dec.df_convp)
             self.df_out = _Linear(df_dec.df_out)
             self.df_out_ch = int(df_dec.df_out_ch)
