@@ -480,40 +480,32 @@ def _epoch(value: str) -> Union[int, str]:
         ) from None
 
 
+def _number_in(value: str, parse, low, high, what: str, hint: str):
+    """``value`` as ``parse`` (int or float) reads it, where that lies in [low, high]; else
+    the option's one-line error."""
+    try:
+        n = parse(value)
+    except ValueError:
+        n = None
+    if n is None or not low <= n <= high:  # NaN fails the comparison too
+        raise argparse.ArgumentTypeError(f"invalid {what} {value!r}: {hint}")
+    return n
+
+
 def _piece_seconds(value: str):
     if value.lower() == "auto":
         return "auto"
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = 0.0
-    if not 0.5 <= seconds <= 3600:
-        raise argparse.ArgumentTypeError(
-            f"invalid piece length {value!r}: use seconds between 0.5 and 3600"
-        )
-    return seconds
+    return _number_in(value, float, 0.5, 3600, "piece length", "use seconds between 0.5 and 3600")
 
 
 def _batch(value: str):
     if value.lower() == "auto":
         return "auto"
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= 4096:
-        raise argparse.ArgumentTypeError(f"invalid batch {value!r}: use auto or 1 to 4096")
-    return n
+    return _number_in(value, int, 1, 4096, "batch", "use auto or 1 to 4096")
 
 
 def _threads(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"invalid thread count {value!r}: use a number >= 1")
-    return n
+    return _number_in(value, int, 1, float("inf"), "thread count", "use a number >= 1")
 
 
 class _Version(argparse.Action):
