@@ -57,7 +57,7 @@ def machines(found: Dict[str, dict]) -> str:
     """One table per machine that measured something, naming the parts it measured."""
     seen: Dict[str, Tuple[dict, List[str]]] = {}
     for name, data in found.items():
-        m = data["meta"].get("machine")
+        m = (data.get("meta") or {}).get("machine")
         if isinstance(m, dict):  # (older files from elsewhere name only the architecture)
             same = {k: v for k, v in m.items() if k != "load_average" and v is not None}
             key = json.dumps(same, sort_keys=True)
