@@ -153,15 +153,6 @@ def _stats_seconds(engines, graphs) -> float:
     return float(stats.get("capture_seconds") or stats.get("compile_seconds") or 0.0)
 
 
-def _si_sdr(estimate, reference) -> float:
-    import numpy as np
-
-    estimate, reference = estimate.astype(np.float64), reference.astype(np.float64)
-    alpha = np.dot(estimate, reference) / np.dot(reference, reference)
-    target = alpha * reference
-    return float(10 * np.log10(np.sum(target**2) / np.sum((estimate - target) ** 2)))
-
-
 def child_quality(args) -> None:
     """bf16/fp16 against fp32 (graphs, library), fp32 graphs against eager, fp16 headroom."""
     import numpy as np
@@ -192,15 +183,17 @@ def child_quality(args) -> None:
             outputs[(name, step, clip)] = y
             ref = outputs[("fp32", step, clip)]  # fp32 on the same path (eager or graphs)
             eager = outputs[("fp32", "eager", clip)]
-            si_sdr = _si_sdr(y, clean[: y.shape[0]])
+            from df_mps.testing import si_sdr as si_sdr_db
+
+            score = si_sdr_db(y, clean[: y.shape[0]])
             rows.append(
                 {
                     "precision": enhancer.precision,
                     "requested_precision": name,
                     "step": graphs.stats(engines[-1])["step"],
                     "clip": clip,
-                    "si_sdr_db": si_sdr,
-                    "si_sdr_minus_fp32_db": si_sdr - _si_sdr(ref, clean[: ref.shape[0]]),
+                    "si_sdr_db": score,
+                    "si_sdr_minus_fp32_db": score - si_sdr_db(ref, clean[: ref.shape[0]]),
                     "max_abs_diff_vs_fp32": float(np.abs(y - ref).max()),
                     "max_abs_diff_vs_fp32_eager": float(np.abs(y - eager).max()),
                     "finite": bool(np.isfinite(y).all()),

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from _common import REPO, SHARED, comma_list, model_dir, print_rows, write_json
 
+from df_mps.testing import made_speech, si_sdr
+
 sys.path.insert(0, str(REPO / "src"))
 
 
@@ -56,37 +58,6 @@ def parse_args(argv=None):
     p.add_argument("--audio-dir", type=Path, default=SHARED / "audio")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
-
-
-def made_speech(audio_dir: Path, noise: str, seconds: float, seed: int = 0):
-    """(noisy, clean, rate): clean.wav's 10 s, each copy reversed or not, rolled and at a gain
-    drawn from ``seed``, plus the noise of noisy_<noise> (noisy minus clean), each copy rolled
-    by another draw, so that neither repeats in step with the segments."""
-    import soundfile as sf
-
-    clean, sr = sf.read(str(audio_dir / "clean.wav"), dtype="float32")
-    noisy, _ = sf.read(str(audio_dir / f"noisy_{noise}.wav"), dtype="float32")
-    noise_take = noisy - clean
-    rng = np.random.default_rng(seed)
-    n = int(seconds * sr)
-    copies = -(-n // len(clean)) + 1
-    speech = np.concatenate(
-        [
-            np.roll(clean[:: rng.choice([1, -1])], int(rng.integers(len(clean))))
-            * np.float32(rng.uniform(0.5, 1.2))
-            for _ in range(copies)
-        ]
-    )
-    start = int(rng.integers(len(clean)))
-    speech = speech[start : start + n]
-    noises = [np.roll(noise_take, int(rng.integers(len(noise_take)))) for _ in range(copies)]
-    return speech + np.concatenate(noises)[:n], speech, sr
-
-
-def si_sdr(estimate: np.ndarray, reference: np.ndarray) -> float:
-    estimate, reference = estimate.astype(np.float64), reference.astype(np.float64)
-    target = (estimate @ reference) / (reference @ reference) * reference
-    return float(10 * np.log10((target @ target) / ((estimate - target) @ (estimate - target))))
 
 
 def enhance_once(enhancer, src: Path, target: Path, options):

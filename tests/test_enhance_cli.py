@@ -19,6 +19,7 @@ import torch
 
 from df_mps import enhance as cli
 from df_mps.audio import TEMP_SUFFIX
+from df_mps.testing import si_sdr
 
 pytestmark = [
     pytest.mark.slow,
@@ -51,12 +52,6 @@ def run_cli(dfn3_model_dir, enhancer, capsys):
         return rc, out, err
 
     return run
-
-
-def si_sdr(estimate: np.ndarray, reference: np.ndarray) -> float:
-    alpha = np.dot(estimate, reference) / np.dot(reference, reference)
-    target = alpha * reference
-    return float(10 * np.log10(np.sum(target**2) / np.sum((estimate - target) ** 2)))
 
 
 def direct_enhance(enhancer, audio: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from df_mps import enhance as cli
 from df_mps._log import reset_warnings
 from df_mps.api import Enhancer
 from df_mps.engine import ArraySink, ArraySource, Engine, Job
-from df_mps.testing import guard_forward
+from df_mps.testing import guard_forward, si_sdr
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES = {"fp32": torch.float32, **HALF}
@@ -189,12 +189,6 @@ def test_gru_states_are_carried_in_the_model_dtype(fp32_enhancer, speech):
     assert {h.dtype for h in hidden} | {h.dtype for h in history} == {torch.bfloat16}
 
 
-def _si_sdr(estimate, reference):
-    alpha = np.dot(estimate, reference) / np.dot(reference, reference)
-    target = alpha * reference
-    return 10 * np.log10(np.sum(target**2) / np.sum((estimate - target) ** 2))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(HALF))
 def test_half_precision_quality_against_fp32(name, fp32_enhancer, speech):
@@ -203,7 +197,7 @@ def test_half_precision_quality_against_fp32(name, fp32_enhancer, speech):
     half = _enhance(fp32_enhancer, HALF[name], noisy, sr)[:, 0]
     assert np.isfinite(half).all()
     assert np.abs(half - reference).max() <= MAX_DIFF[name]
-    assert abs(_si_sdr(half, clean) - _si_sdr(reference, clean)) <= SI_SDR_BOUND_DB
+    assert abs(si_sdr(half, clean) - si_sdr(reference, clean)) <= SI_SDR_BOUND_DB
 
 
 @pytest.mark.slow

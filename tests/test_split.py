@@ -14,7 +14,6 @@ temporary file after success, a bad file or an interruption.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ from df_mps import enhance as cli
 from df_mps import split
 from df_mps.api import Enhancer, FileError, FileResult
 from df_mps.split import SplitOptions, SplitPlan
+from df_mps.testing import made_speech, si_sdr
 
 
 # -- planning (no model) ------------------------------------------------------------------------
@@ -49,34 +49,6 @@ def test_segments_cover_the_file_and_linear_fades_sum_to_one():
 
 
 # -- with DFN3 ----------------------------------------------------------------------------------
-def _speech_with_known_clean(audio_dir: Path, seconds: float, seed: int = 0):
-    """(noisy, clean, rate): clean.wav's 10 s, each copy reversed or not, rolled and at a gain
-    drawn from ``seed``, plus the noise of noisy_white.wav (noisy minus clean), each copy
-    rolled by another draw, so that neither repeats in step with the segments (as
-    benchmarks/bench_split.py makes it)."""
-    clean, sr = sf.read(str(audio_dir / "clean.wav"), dtype="float32")
-    noisy, _ = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
-    noise_take = noisy - clean
-    rng = np.random.default_rng(seed)
-    n = int(seconds * sr)
-    copies = -(-n // len(clean)) + 1
-    speech = np.concatenate(
-        [
-            np.roll(clean[:: rng.choice([1, -1])], int(rng.integers(len(clean))))
-            * np.float32(rng.uniform(0.5, 1.2))
-            for _ in range(copies)
-        ]
-    )
-    start = int(rng.integers(len(clean)))
-    speech = speech[start : start + n]
-    noises = [np.roll(noise_take, int(rng.integers(len(noise_take)))) for _ in range(copies)]
-    return speech + np.concatenate(noises)[:n], speech, sr
-
-
-def _si_sdr(estimate: np.ndarray, reference: np.ndarray) -> float:
-    estimate, reference = estimate.astype(np.float64), reference.astype(np.float64)
-    target = (estimate @ reference) / (reference @ reference) * reference
-    return float(10 * np.log10((target @ target) / ((estimate - target) @ (estimate - target))))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +58,7 @@ def enhancer(dfn3_model_dir):
 
 @pytest.mark.slow
 def test_split_long_stays_within_0_2_db_of_the_exact_output(enhancer, audio_dir, tmp_path):
-    noisy, clean, sr = _speech_with_known_clean(audio_dir, 40.0)
+    noisy, clean, sr = made_speech(audio_dir, "white", 40.0)
     path = tmp_path / "long.wav"
     sf.write(str(path), noisy, sr, "FLOAT")
     options = SplitOptions(min_segment_seconds=10.0)  # 4 segments: 3 joins; W, fade default
@@ -104,7 +76,7 @@ def test_split_long_stays_within_0_2_db_of_the_exact_output(enhancer, audio_dir,
     first_join = plan.files[0].bounds[1]
     assert np.abs(a[:first_join] - b[:first_join]).max() <= 1e-5  # exact up to the first join
     assert np.abs(a[first_join:] - b[first_join:]).max() > 1e-4  # and really split after it
-    exact_db, split_db = _si_sdr(a, clean), _si_sdr(b, clean)
+    exact_db, split_db = si_sdr(a, clean), si_sdr(b, clean)
     assert abs(split_db - exact_db) <= 0.2, (exact_db, split_db)
     assert sorted(os.listdir(tmp_path / "out")) == ["exact.wav", "split.wav"]
 
@@ -117,7 +89,7 @@ def test_stereo_at_44k_keeps_length_rate_channels_and_format(enhancer, audio_dir
     import torch
     import torchaudio.functional as AF
 
-    noisy, _, sr = _speech_with_known_clean(audio_dir, 8.0)
+    noisy, _, sr = made_speech(audio_dir, "white", 8.0)
     stereo = np.stack([noisy, np.roll(noisy, sr // 3) * 0.7])
     x = AF.resample(torch.from_numpy(stereo), sr, 44100).numpy().T * 0.5
     path = tmp_path / "stereo.flac"
@@ -139,13 +111,13 @@ def test_stereo_at_44k_keeps_length_rate_channels_and_format(enhancer, audio_dir
     a, _ = sf.read(str(exact.target), dtype="float32")
     b, _ = sf.read(str(parted.target), dtype="float32")
     for c in range(2):
-        assert _si_sdr(b[:, c], a[:, c]) > 20  # the same speech, joined without clicks
+        assert si_sdr(b[:, c], a[:, c]) > 20  # the same speech, joined without clicks
     assert sorted(os.listdir(tmp_path / "out")) == ["exact.flac", "split.flac"]
 
 
 @pytest.mark.slow
 def test_a_bad_long_file_is_one_error_and_leaves_nothing(enhancer, audio_dir, tmp_path):
-    noisy, _, sr = _speech_with_known_clean(audio_dir, 6.0)
+    noisy, _, sr = made_speech(audio_dir, "white", 6.0)
     good, nan, corrupt = tmp_path / "good.wav", tmp_path / "nan.wav", tmp_path / "corrupt.wav"
     sf.write(str(good), noisy, sr, "FLOAT")
     bad = noisy.copy()
@@ -168,7 +140,7 @@ def test_a_bad_long_file_is_one_error_and_leaves_nothing(enhancer, audio_dir, tm
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["segments", "assembly", "after_a_segment_is_in"])
 def test_interrupt_removes_every_temp_file(enhancer, audio_dir, tmp_path, monkeypatch, where):
-    noisy, _, sr = _speech_with_known_clean(audio_dir, 6.0)
+    noisy, _, sr = made_speech(audio_dir, "white", 6.0)
     path = tmp_path / "long.wav"
     sf.write(str(path), noisy, sr, "FLOAT")
     out = tmp_path / "out"
@@ -219,7 +191,7 @@ def test_interrupt_removes_every_temp_file(enhancer, audio_dir, tmp_path, monkey
 
 
 def test_an_existing_output_is_one_error_and_untouched(enhancer, audio_dir, tmp_path):
-    noisy, _, sr = _speech_with_known_clean(audio_dir, 6.0)
+    noisy, _, sr = made_speech(audio_dir, "white", 6.0)
     path, target = tmp_path / "long.wav", tmp_path / "out" / "long.wav"
     sf.write(str(path), noisy, sr, "FLOAT")
     target.parent.mkdir()
@@ -236,7 +208,7 @@ def test_cli_split_long_flag(dfn3_model_dir, audio_dir, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "df-mps-enhance: error: --split-long and --whole-file exclude each other"
     )
-    noisy, _, sr = _speech_with_known_clean(audio_dir, 1.0)
+    noisy, _, sr = made_speech(audio_dir, "white", 1.0)
     path = tmp_path / "short.wav"
     sf.write(str(path), noisy, sr)
     args = [str(path), "-o", str(tmp_path / "out"), "-m", str(dfn3_model_dir), "--split-long"]

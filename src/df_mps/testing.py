@@ -160,3 +160,44 @@ def emulate_no_complex(
             if not models:
                 stack.enter_context(NoComplexMode())
             yield caps
+
+
+# -- speech with a known clean reference, and how close an output is to it -----------------------
+def si_sdr(estimate, reference) -> float:
+    """Scale-invariant signal-to-distortion ratio of ``estimate`` against ``reference`` (dB),
+    on 1-D arrays of one length, in float64."""
+    import numpy as np
+
+    estimate = np.asarray(estimate, dtype=np.float64).ravel()
+    reference = np.asarray(reference, dtype=np.float64).ravel()
+    target = (estimate @ reference) / (reference @ reference) * reference
+    return float(10 * np.log10((target @ target) / ((estimate - target) @ (estimate - target))))
+
+
+def made_speech(audio_dir, noise: str, seconds: float, seed: int = 0):
+    """(noisy, clean, rate): ``audio_dir``'s clean.wav, each copy reversed or not, rolled and at
+    a gain drawn from ``seed``, plus the noise of noisy_<noise>.wav (noisy minus clean), each
+    copy rolled by another draw, so that neither repeats in step with anything; ``seconds``
+    long. For tests and benchmarks that need a clean reference (../shared/audio has one)."""
+    import os
+
+    import numpy as np
+    import soundfile as sf
+
+    clean, sr = sf.read(os.path.join(audio_dir, "clean.wav"), dtype="float32")
+    noisy, _ = sf.read(os.path.join(audio_dir, f"noisy_{noise}.wav"), dtype="float32")
+    noise_take = noisy - clean
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sr)
+    copies = -(-n // len(clean)) + 1
+    speech = np.concatenate(
+        [
+            np.roll(clean[:: rng.choice([1, -1])], int(rng.integers(len(clean))))
+            * np.float32(rng.uniform(0.5, 1.2))
+            for _ in range(copies)
+        ]
+    )
+    start = int(rng.integers(len(clean)))
+    speech = speech[start : start + n]
+    noises = [np.roll(noise_take, int(rng.integers(len(noise_take)))) for _ in range(copies)]
+    return speech + np.concatenate(noises)[:n], speech, sr
