@@ -85,7 +85,9 @@ FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
 
 # Every temporary file or directory the writer makes is named ".<pid>-<6 hex>" + TEMP_SUFFIX.
 TEMP_SUFFIX = ".df-mps-tmp"
-_TEMP_NAME = re.compile(r"\.(\d+)-[0-9a-f]{6}(?:-([0-9a-f]{8}))?" + re.escape(TEMP_SUFFIX))
+# .PID-RANDOM-TAG.df-mps-tmp: at most 31 characters (a PID has at most 7 digits), whatever the
+# target's name. Names without a tag (df-mps 0.1's six random digits) are recognised too.
+_TEMP_NAME = re.compile(r"\.(\d+)-[0-9a-f]{4,6}(?:-([0-9a-f]{6}))?" + re.escape(TEMP_SUFFIX))
 # A temporary older than this is left from a dead process even where its PID lives again.
 STALE_TEMP_SECONDS = 3600.0
 
@@ -381,11 +383,11 @@ def is_temp_name(name: str) -> bool:
 
 
 def temp_tag(target: PathLike) -> str:
-    """8 hex digits of the target's name: ties a temporary to its target at a fixed length
+    """6 hex digits of the target's name: ties a temporary to its target at a fixed length
     (a name of the target's own length could pass the filesystem's limit)."""
     import hashlib
 
-    return hashlib.sha1(os.fsencode(os.path.basename(os.fspath(target)))).hexdigest()[:8]
+    return hashlib.sha1(os.fsencode(os.path.basename(os.fspath(target)))).hexdigest()[:6]
 
 
 def temps_of(target: PathLike) -> List[str]:
@@ -412,7 +414,7 @@ def new_temp(target: PathLike, *, directory: bool = False) -> str:
     parent = os.path.dirname(os.path.abspath(os.fspath(target)))
     tag = temp_tag(target)
     while True:
-        tmp = os.path.join(parent, f".{os.getpid()}-{secrets.token_hex(3)}-{tag}{TEMP_SUFFIX}")
+        tmp = os.path.join(parent, f".{os.getpid()}-{secrets.token_hex(2)}-{tag}{TEMP_SUFFIX}")
         try:
             if directory:
                 os.mkdir(tmp)
@@ -420,7 +422,7 @@ def new_temp(target: PathLike, *, directory: bool = False) -> str:
                 flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
                 os.close(os.open(tmp, flags, 0o666))
         except FileExistsError:
-            continue  # 16.7 million names per PID; try another
+            continue  # 65,536 names per PID and target; try another
         return tmp
 
 
