@@ -107,3 +107,21 @@ def run_python(
 @pytest.fixture
 def python_child():
     return run_python
+
+
+@pytest.fixture(scope="module")
+def dfn3(dfn3_model_dir):
+    """Upstream's DFN3 (model in eval mode, df_state) from the shared weights, per module."""
+    from df.enhance import init_df
+
+    model, df_state, _ = init_df(str(dfn3_model_dir), log_file=None, log_level="ERROR")
+    return model.eval(), df_state
+
+
+@pytest.fixture(scope="module")
+def enhancer(dfn3_model_dir):
+    """The default ``df_mps.api.Enhancer`` on the shared DFN3, per module (modules that need
+    other options define their own)."""
+    from df_mps.api import Enhancer
+
+    return Enhancer(dfn3_model_dir)

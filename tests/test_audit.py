@@ -204,14 +204,6 @@ def test_routes_are_the_targets_only_during_the_audit():
 
 # -- DFN3 ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def dfn3(dfn3_model_dir):
-    from df.enhance import init_df
-
-    model, df_state, _ = init_df(str(dfn3_model_dir), log_file=None, log_level="ERROR")
-    return model.eval(), df_state
-
-
-@pytest.fixture(scope="module")
 def features(dfn3):
     import numpy as np
     from df.enhance import df_features

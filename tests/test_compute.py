@@ -54,14 +54,6 @@ def si_sdr(est, ref):
 
 
 @pytest.fixture(scope="module")
-def dfn3(dfn3_model_dir):
-    from df.enhance import init_df
-
-    model, df_state, _ = init_df(str(dfn3_model_dir), log_file=None, log_level="ERROR")
-    return model.eval(), df_state
-
-
-@pytest.fixture(scope="module")
 def noisy(audio_dir):
     audio, sr = read(audio_dir / "noisy_white.wav")
     assert sr == 48000

@@ -38,11 +38,6 @@ def restore_logging():
     logger.add(sys.stderr)
 
 
-@pytest.fixture(scope="module")
-def enhancer(dfn3_model_dir):
-    return cli.load_enhancer(dfn3_model_dir)
-
-
 @pytest.fixture
 def run_cli(dfn3_model_dir, enhancer, capsys):
     def run(*argv):

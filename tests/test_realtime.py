@@ -17,7 +17,6 @@ import pytest
 import soundfile as sf
 import torch
 
-from df_mps import enhance as cli
 from df_mps.realtime import PulsedDfNet, RealtimeEnhancer
 
 pytestmark = [
@@ -26,11 +25,6 @@ pytestmark = [
 ]
 SR = 48000
 TOL = 1e-4  # the contract; measured: 3e-7
-
-
-@pytest.fixture(scope="module")
-def enhancer(dfn3_model_dir):
-    return cli.load_enhancer(dfn3_model_dir)
 
 
 @pytest.fixture(scope="module")

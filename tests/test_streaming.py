@@ -53,11 +53,6 @@ def assert_matches(out: np.ndarray, ref: np.ndarray, what: str = "") -> None:
 
 
 @pytest.fixture(scope="module")
-def enhancer(dfn3_model_dir):
-    return cli.load_enhancer(dfn3_model_dir)
-
-
-@pytest.fixture(scope="module")
 def takes(audio_dir):
     white, _ = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
     pink, _ = sf.read(str(audio_dir / "noisy_pink.wav"), dtype="float32")
