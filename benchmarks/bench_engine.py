@@ -112,6 +112,7 @@ MIXED = [
 # -- the child: the CLI in-process, timed ------------------------------------------------------
 def child(args) -> None:
     t_main = time.perf_counter()
+    os.environ["DF_MPS_ENGINE_TIMELINE"] = "1"
     import df_mps.api as api
     import df_mps.engine as engine_module
     from df_mps import enhance as cli
@@ -174,6 +175,18 @@ def child(args) -> None:
     audio = sum(sf.info(str(p)).duration for p in files)
     channel_audio = sum(sf.info(str(p)).duration * sf.info(str(p)).channels for p in files)
     process = marks["last_commit"] - marks["first_read"]
+    # Where process_s goes (the engine's DF_MPS_ENGINE_TIMELINE, set below): before the first step (the first
+    # reads and analyses), the steps, the gaps between them, after the last (the last writes).
+    log = sorted(entry for e in engines for entry in (e.step_log or []))
+    timeline = None
+    if log:
+        timeline = {
+            "before_first_step_s": log[0][0] - marks["first_read"],
+            "in_steps_s": sum(end - start for start, end, _, _ in log),
+            "between_steps_s": sum(b[0] - a[1] for a, b in zip(log, log[1:])),
+            "after_last_step_s": marks["last_commit"] - log[-1][1],
+            "steps": [[round(end - start, 4), rows, piece] for start, end, rows, piece in log],
+        }
     steps = sum(e.steps for e in engines)
     rows_run = sum(e.rows_run for e in engines)
     from _common import peak_rss_mib
@@ -199,6 +212,7 @@ def child(args) -> None:
                     k: sum(e.timings[k] for e in engines) for k in ("windows", "forward", "after")
                 },
                 "peak_rss_mib": peak_rss_mib(),
+                "timeline": timeline,
                 # CUDA graphs or torch.compile: capture/compile seconds in all (the stats) and
                 # with the model load; the rest is inside process_s.
                 "step_stats": [graphs.stats(e) for e in engines],

@@ -1,33 +1,44 @@
 #!/usr/bin/env bash
-# The H200 runs behind docs/performance.md and the issue notes (device tool, not CI), in parts:
-#   bash benchmarks/h200_session.sh engine   # batched engine, real-time streams, Ray
-#   bash benchmarks/h200_session.sh gpu      # precision and CUDA graphs, the test suite
+# The H200 runs behind docs/performance.md and the issue notes (device tool, not CI), in parts,
+# one or more per call:
+#   bash benchmarks/h200_session.sh engine ray   # batched engine corpus; Ray vs the batched CLI
+#   bash benchmarks/h200_session.sh realtime     # real-time streams
+#   bash benchmarks/h200_session.sh gpu suite    # precision and CUDA graphs; the test suite
 # Expects: .whl/ (cp312 wheels: deepfilternet 0.5.6, loguru, soundfile, cffi, pycparser,
 # appdirs, platformdirs, soxr), .whlray/ (a slimmed ray wheel and its missing deps, for the
-# engine part: `python benchmarks/bench_ray.py --slim-ray-wheel WHEEL DIR`), .devcarry/
+# ray part: `python benchmarks/bench_ray.py --slim-ray-wheel WHEEL DIR`), .devcarry/
 # (models/DeepFilterNet3, audio/*.wav), and $OUT. The machine has Python 3.12, torch 2.11
 # CUDA, no DeepFilterLib (df_mps.dsp stands in).
 set -uo pipefail
-part=${1:-engine}
+parts=("${@:-engine}")
 wheels=(.whl/*.whl)
-[ "$part" = engine ] && [ -d .whlray ] && wheels+=(.whlray/*.whl)
+[[ " ${parts[*]} " == *" ray "* ]] && [ -d .whlray ] && wheels+=(.whlray/*.whl)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${wheels[@]}" || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 DF_MPS_SHARED=$PWD/.devcarry
 M=.devcarry/models/DeepFilterNet3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__)"
-if [ "$part" = engine ]; then
-  (cd benchmarks && timeout 240 python3 bench_engine.py --mode corpus --device cuda --files 64 \
-    --seconds 30 --batch 64,128,16,1 --threads 4 --json "$OUT/h200_engine.json" 2>&1 | grep -v INFO | cut -c1-160)
-  timeout 150 python3 benchmarks/bench_realtime.py gpu --device cuda --streams 1 \
-    --json "$OUT/h200_realtime_streams.json" 2>&1 | grep -v INFO | tail -20
-  timeout 300 python3 benchmarks/bench_ray.py --device cuda --model-dir $M --audio-dir .devcarry/audio \
-    --files 64 --seconds 30 --threads 4 --workers 1 2 --gpus-per-worker 1 0.5 \
-    --json "$OUT/h200_ray.json" > "$OUT/bench_ray.log" 2>&1; tail -15 "$OUT/bench_ray.log"
-elif [ "$part" = gpu ]; then
-  DF_MPS_DEVICE=cuda python3 -m df_mps doctor > "$OUT/doctor_gpu.txt" 2>&1
-  timeout 270 python3 benchmarks/bench_gpu.py --device cuda --deadline-s 240 --json "$OUT/h200_gpu.json" 2>&1 | grep -v "| INFO" | tail -40
-  DF_MPS_TEST_DEVICE=cuda timeout 100 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py tests/test_precision.py tests/test_engine.py -k "not memory" 2>&1 | tail -6
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 2>&1 | tail -8
-fi
+for part in "${parts[@]}"; do
+  echo "== $part"
+  case $part in
+  engine)
+    (cd benchmarks && timeout 240 python3 bench_engine.py --mode corpus --device cuda --files 64 \
+      --seconds 30 --batch 64,128,16,1 --threads 4 --json "$OUT/h200_engine.json" 2>&1 | grep -v INFO | cut -c1-160)
+    python3 -c "import json; [print(r['batch'], round(r['audio_s_per_s']), json.dumps(r['timeline'])[:400]) for r in json.load(open('$OUT/h200_engine.json'))['rows']]" ;;
+  ray)
+    timeout 300 python3 benchmarks/bench_ray.py --device cuda --model-dir $M --audio-dir .devcarry/audio \
+      --files 64 --seconds 30 --threads 4 --workers 1 --gpus-per-worker 1 \
+      --json "$OUT/h200_ray.json" > "$OUT/bench_ray.log" 2>&1; tail -15 "$OUT/bench_ray.log" ;;
+  realtime)
+    timeout 150 python3 benchmarks/bench_realtime.py gpu --device cuda --streams 1 \
+      --json "$OUT/h200_realtime_streams.json" 2>&1 | grep -v INFO | tail -20 ;;
+  gpu)
+    DF_MPS_DEVICE=cuda python3 -m df_mps doctor > "$OUT/doctor_gpu.txt" 2>&1
+    timeout 270 python3 benchmarks/bench_gpu.py --device cuda --deadline-s 240 --json "$OUT/h200_gpu.json" 2>&1 | grep -v "| INFO" | tail -40 ;;
+  suite)
+    # Serial: the fresh-interpreter and docs tests share a cache and a working directory.
+    DF_MPS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py tests/test_precision.py tests/test_engine.py -k "not memory" 2>&1 | tail -6
+    timeout 420 python3 -m pytest -q -p no:cacheprovider -x 2>&1 | tail -12 ;;
+  esac
+done
 ls -la "$OUT"

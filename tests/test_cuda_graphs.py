@@ -269,7 +269,7 @@ def _emulate_cuda_graphs(monkeypatch):
 
 def test_replay_bookkeeping_with_an_emulated_graph(enhancer, clips, monkeypatch):
     """Static inputs in, static outputs copied out, rows padded, states carried between
-    replays, shapes captured ahead and checked on real inputs: with the graph emulated on the
+    replays, shapes captured ahead and checked on a probe: with the graph emulated on the
     CPU (``_EmulatedGraph``), the graphed engine's outputs equal the eager engine's."""
     short = ([x[: len(x) // 4] for x in clips[0]], clips[1])
     reference = _run(_engine(enhancer.model, enhancer.df_state, piece_frames=20), short)
@@ -282,5 +282,31 @@ def test_replay_bookkeeping_with_an_emulated_graph(enhancer, clips, monkeypatch)
     stats = graphs.stats(engine)
     assert stats["shapes_eager"] == [] and stats["replays"] > 2, stats
     assert stats["max_difference_vs_eager"] <= graphs.TOLERANCE
+    for a, b in zip(got, reference):
+        assert np.abs(a - b).max() <= 1e-5
+
+
+def test_a_graph_that_differs_on_the_warm_up_probe_runs_eager(enhancer, clips, monkeypatch):
+    """The check against eager happens at the warm-up, on seeded random features and states:
+    a graph whose replay is off by 1e-3 is dropped there (its shape runs eager), before any
+    real audio, and the engine's outputs still equal eager's."""
+    short = ([x[: len(x) // 4] for x in clips[0]], clips[1])
+    reference = _run(_engine(enhancer.model, enhancer.df_state, piece_frames=20), short)
+    _emulate_cuda_graphs(monkeypatch)
+    replay = graphs._Captured.replay
+
+    def off_by_a_little(self, *inputs):
+        enhanced, lsnr, new_h, new_history = replay(self, *inputs)
+        return enhanced + 1e-3, lsnr, new_h, new_history
+
+    monkeypatch.setattr(graphs._Captured, "replay", off_by_a_little)
+    engine = _engine(enhancer.model, enhancer.df_state, piece_frames=20)
+    engine.model = graphs.GraphedModel(engine.model, max_rows=4)
+    spec = engine.df_spec
+    engine.model.warm_up(4, spec.fft // 2 + 1, spec.nb, engine.nb_df)
+    warmed = graphs.stats(engine)
+    assert sorted(map(tuple, warmed["shapes_eager"])) == [(4, 16), (4, 20)], warmed
+    assert warmed["shapes_captured"] == []
+    got = _run(engine, short)
     for a, b in zip(got, reference):
         assert np.abs(a - b).max() <= 1e-5

@@ -241,6 +241,35 @@ def test_both_dsp_placements_equal_upstream(dfn3_model_dir, audio_dir, monkeypat
         assert np.abs(sink.result(x2.shape[1]) - ref.numpy().T).max() <= 1e-4
 
 
+def test_files_in_step_fill_every_step_and_end_on_the_short_shape(
+    dfn3_model_dir, audio_dir, monkeypatch
+):
+    """The GPU's way (one shape, DSP on the scheduling thread), forced on the CPU: four files
+    of 2 s at batch 4 and 0.5 s pieces (50 frames) run as four full steps of all four rows,
+    then one step of the short shape for the 2 frames that upstream's end padding leaves (not
+    a fifth full step), with no step part-empty while a file's next piece is still being read
+    or analysed. Outputs equal upstream's."""
+    from df.enhance import enhance
+
+    from df_mps.engine import ArraySink, ArraySource, Job
+
+    monkeypatch.setenv("DF_MPS_ENGINE_DSP", "step")
+    monkeypatch.setenv("DF_MPS_ENGINE_FIXED", "1")
+    monkeypatch.setenv("DF_MPS_ENGINE_TIMELINE", "1")
+    enhancer = Enhancer(dfn3_model_dir, batch=4, piece_seconds=0.5)
+    noisy, sr = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
+    signals = [noisy[k * sr : (k + 2) * sr] for k in range(4)]
+    sinks = [ArraySink() for _ in signals]
+    jobs = [Job(open=lambda x=x, k=k: (ArraySource(x, sr), k)) for x, k in zip(signals, sinks)]
+    engine = enhancer.engine()
+    assert all(r.error is None for r in engine.run(jobs))
+    shapes = [(rows, piece) for _, _, rows, piece in engine.step_log]
+    assert shapes == [(4, 50)] * 4 + [(4, engine.tail_frames)], shapes
+    for x, sink in zip(signals, sinks):
+        ref = enhance(enhancer.model, enhancer.df_state, torch.from_numpy(x[None].copy()))
+        assert np.abs(sink.result(1)[:, 0] - ref.numpy()[0]).max() <= 1e-4
+
+
 def test_memory_does_not_grow_with_the_channel_count(
     dfn3_model_dir, audio_dir, tmp_path, python_child
 ):

@@ -445,22 +445,20 @@ class BatchedModel:
             out.append((hs, hist))
         return out
 
-    def warm_up(
-        self, rows: int, freq_bins: int, erb_bands: int, df_bins: int, fixed_shape: bool = True
-    ) -> None:
+    def warm_up(self, rows: int, freq_bins: int, erb_bands: int, df_bins: int) -> None:
         """One step on zeros for ``rows`` rows at the full piece and at the shortest last
         piece: the device's first-use costs (kernel plans, allocator growth) are paid here,
         once, not by the first files."""
-        warm_up_steps(self.step, self, rows, freq_bins, erb_bands, df_bins, fixed_shape)
+        warm_up_steps(self.step, self, rows, freq_bins, erb_bands, df_bins)
 
 
-def warm_up_steps(step, batched, rows, freq_bins, erb_bands, df_bins, fixed_shape) -> None:
+def warm_up_steps(step, batched, rows, freq_bins, erb_bands, df_bins) -> None:
     """``step`` (``batched.step`` or a stand-in for it, df_mps.graphs) on zeros for ``rows``
-    fresh rows at ``batched``'s full piece and, unless ``fixed_shape``, at the shortest last
-    piece (the smallest bucket), then a wait for the device."""
+    fresh rows at ``batched``'s full piece and at the shortest last piece (the smallest
+    bucket, the fixed shape's other shape), then a wait for the device."""
     import torch
 
-    pieces = (batched.piece,) if fixed_shape else (batched.piece, _bucket(1, batched.piece))
+    pieces = (batched.piece, _bucket(1, batched.piece))
     for piece in dict.fromkeys(pieces):
         window = batched.left + piece + batched.right
         zeros = dict(device=batched.device, dtype=batched.dtype)
@@ -506,6 +504,11 @@ class _Active:
         self.to_model = StreamResampler(self.rate, spec.sr)
         self.from_model = StreamResampler(spec.sr, self.rate)
         self.block = max(1, round(engine.piece_frames * spec.hop * self.rate / spec.sr))
+        # The first read also covers the first piece's right context (and the resampler's
+        # delay): a piece needs ``piece + right`` frames, so a read of one piece's samples
+        # would leave every job one read short of its first step.
+        extra = engine.right + 4 + (0 if self.to_model.identity else 2 * engine.piece_frames // 16)
+        self.first_block = self.block + max(1, round(extra * spec.hop * self.rate / spec.sr))
         self.remainder = torch.zeros((self.channels, 0))
         self.features: Optional[Tuple] = None  # frames from self.base on, on the device
         self.base = 0
@@ -536,8 +539,9 @@ class _Active:
     def read_block(self):
         """Read the next block and ``ingest`` it (I/O thread); analyse it there too where the
         engine says so. Returns (whole-hop signal or features, last, analysed)."""
-        data = self.source.read(self.block)
-        samples, last = self.ingest(data, last=data.shape[0] < self.block)
+        wanted = self.first_block if self.frames_in == 0 else self.block
+        data = self.source.read(wanted)
+        samples, last = self.ingest(data, last=data.shape[0] < wanted)
         signal = self.whole_hops(samples)
         if self.engine.dsp_in_io:
             t0 = time.perf_counter()
@@ -1034,9 +1038,14 @@ class Engine:
         # Off the CPU every step has one shape (see _step); DF_MPS_ENGINE_FIXED=0|1 overrides.
         fixed = os.environ.get("DF_MPS_ENGINE_FIXED", "")
         self.fixed_shape = fixed == "1" if fixed in ("0", "1") else device_type != "cpu"
+        self.tail_frames = _bucket(1, self.piece_frames)  # the short shape (see _step)
         self._idle: Dict[tuple, list] = {}
         self.timings = collections.Counter()  # seconds per phase of the step
         self.profile = os.environ.get("DF_MPS_ENGINE_PROFILE") == "1"
+        # DF_MPS_ENGINE_TIMELINE=1: (start, end, rows, piece) per step, for a benchmark's
+        # timeline (no device syncs added: a step's end is when its work is queued).
+        timeline = os.environ.get("DF_MPS_ENGINE_TIMELINE") == "1"
+        self.step_log: Optional[List[Tuple[float, float, int, int]]] = [] if timeline else None
         self.pool: Optional[cf.ThreadPoolExecutor] = None
         self.interrupted: Optional[BaseException] = None  # raised in an I/O thread
         self.steps = 0
@@ -1056,9 +1065,7 @@ class Engine:
         warmed = _WARMED.setdefault(self.model.model, set())
         if key not in warmed:
             spec = self.df_spec
-            self.model.warm_up(
-                self.batch, spec.fft // 2 + 1, spec.nb, self.nb_df, fixed_shape=self.fixed_shape
-            )
+            self.model.warm_up(self.batch, spec.fft // 2 + 1, spec.nb, self.nb_df)
             warmed.add(key)
 
     def new_dsp(self):
@@ -1131,10 +1138,11 @@ class Engine:
                 if unanalysed:
                     analyse_many(self, unanalysed)
                 rows = self._pick_rows(active)
-                if rows and (len(rows) >= self._wanted_rows(active) or not self._reading(active)):
+                if rows and (len(rows) >= self._wanted_rows(active) or not self._coming(active)):
                     self._step(rows, progress)
                 else:
-                    # Fuller batches first: lanes whose next block is being read join this step.
+                    # Fuller batches first: lanes whose next piece is being read or analysed
+                    # join this step (off the CPU a step costs the same whatever its rows).
                     self._wait(active)
         finally:
             if waiting is not None:
@@ -1209,11 +1217,14 @@ class Engine:
         return min(self.batch, lanes)
 
     @staticmethod
-    def _reading(active: List[_Active]) -> bool:
+    def _coming(active: List[_Active]) -> bool:
+        """Whether a running job's next piece is on its way: its input is still being read
+        or analysed (a read that just finished counts until its piece is analysed, or the
+        step would leave that job's rows out and run part-empty)."""
         return any(
-            item.reading is not None and not item.reading.done()
+            not item.ended and not item.piece_ready()
             for item in active
-            if item.failed is None
+            if item.failed is None and not item.finish_queued
         )
 
     def _wait(self, active: List[_Active]) -> None:
@@ -1229,11 +1240,15 @@ class Engine:
 
         t0 = time.perf_counter()
         if self.fixed_shape:
-            # One shape, ever: every step runs ``batch`` rows of a full piece, idle rows on
-            # zeros. A GPU builds kernel plans (cuDNN, MPSGraph) per input shape, at up to
+            # Two shapes, ever, both made at the warm-up: ``batch`` rows of a full piece, idle
+            # rows on zeros, or of the shortest bucket where every row is on a last piece that
+            # short. A GPU builds kernel plans (cuDNN, MPSGraph) per input shape, at up to
             # 150 ms of CPU a convolution on an H200: a new shape costs seconds, an idle row
-            # almost nothing.
-            piece = self.piece_frames
+            # almost nothing. The short shape is for the ends of files in step with each other
+            # (equal lengths): upstream's end padding leaves a 2-frame piece after a length
+            # that is a whole number of pieces, which the full shape would run as a full step.
+            longest = max(item.piece_frames() for item, _ in rows)
+            piece = self.tail_frames if longest <= self.tail_frames else self.piece_frames
         else:
             # The CPU pays per frame and row: the full piece, unless every row is on its
             # stream's last, shorter piece (a few bucketed lengths).
@@ -1269,7 +1284,10 @@ class Engine:
         if self.to_synthesise:
             synthesise_many(self)
         self._phase("after", t2)
-        seconds = time.perf_counter() - t0
+        t3 = time.perf_counter()
+        seconds = t3 - t0
+        if self.step_log is not None:
+            self.step_log.append((t0, t3, len(rows), piece))
         self.steps += 1
         self.rows_run += len(rows)
         self.step_seconds += seconds

@@ -16,11 +16,14 @@ once as a CUDA graph and replayed:
   the graph's static outputs at each replay (the next replay overwrites them).
 - **Capture.** Warm-up on a side stream, then capture, as the PyTorch docs say; all graphs share
   one memory pool (they never run at once, and each one's outputs are copied out before the
-  next replay). Shapes are captured at their first step, or ahead by ``warm_up`` (the engine's
-  batch at the full and the shortest piece, with the model load). On the first real step of
-  each shape the replay is compared with the eager step on those inputs (and eager's result
-  is used): beyond 1e-5 (max abs, spectrum, lsnr and states) that shape stays eager, with a
-  warning. A capture that fails leaves its shape eager with one debug line.
+  next replay). Shapes are captured ahead by ``warm_up`` (the engine's batch at the full and
+  the shortest piece, with the model load), or at their first step. Each graph is compared
+  with the eager step before it is trusted: a warmed-up shape on seeded random features and
+  carried states (with and without rows at a stream's start), at the warm-up, so neither the
+  capture nor the check falls in the first steps of real audio; a shape captured later on its
+  first real step (whose eager result is used). Beyond 1e-5 (max abs, spectrum, lsnr and
+  states) that shape stays eager, with a warning. A capture that fails leaves its shape eager
+  with one debug line.
 - **Where.** CUDA only, on by default; ``Enhancer(cuda_graphs=False)`` or ``--no-cuda-graphs``
   turns them off. MPS has no graphs.
 
@@ -201,19 +204,55 @@ class GraphedModel(_Stand):
         with self.store.lock:
             return self._step(spec, erb_feat, spec_feat, fresh, states, piece)
 
-    def warm_up(
-        self, rows: int, freq_bins: int, erb_bands: int, df_bins: int, fixed_shape: bool = False
-    ) -> None:
-        """Capture the graphs of ``rows`` rows at the full piece and (unless ``fixed_shape``:
-        every step at the full piece) at the shortest last piece on zeros, as
-        ``BatchedModel.warm_up`` pays the device's first-use costs: the capture happens with
-        the model load. Each graph is checked against eager on the first real step of its
-        shape."""
+    def warm_up(self, rows: int, freq_bins: int, erb_bands: int, df_bins: int) -> None:
+        """Capture the graphs of ``rows`` rows at the full piece and at the shortest last
+        piece on zeros, as ``BatchedModel.warm_up`` pays the device's first-use costs, then
+        check each against eager on a random probe: capture and check happen with the model
+        load, not in the first steps of real audio. A shape captured later (not warmed up)
+        is checked on its first real step instead."""
+        before = set(self.store.graphs)
         self._warming = True
         try:
-            warm_up_steps(self.step, self.batched, rows, freq_bins, erb_bands, df_bins, fixed_shape)
+            warm_up_steps(self.step, self.batched, rows, freq_bins, erb_bands, df_bins)
         finally:
             self._warming = False
+        t0 = time.perf_counter()
+        for key in set(self.store.graphs) - before:
+            captured = self.store.graphs[key]
+            if captured is not None and not captured.checked:
+                self._check_on_probe(key, captured)
+        self.store.capture_seconds += time.perf_counter() - t0  # the check is graph set-up too
+
+    def _check_on_probe(self, key, captured) -> None:
+        """``_check`` on seeded random inputs of the shape: features and carried states
+        (hidden states, output histories) of a stream under way, once with half the rows at
+        a stream's start (the start mask applied) and once with none."""
+        import torch
+
+        b = self.batched
+        rows, piece = key
+        generator = torch.Generator(device=b.device).manual_seed(0)
+
+        def noise(like):
+            return torch.randn(
+                like.shape, generator=generator, device=like.device, dtype=like.dtype
+            ).mul_(0.5)
+
+        spec, erb_feat, spec_feat = captured.inputs[:3]
+        h0, history = b.stack_states([None] * rows)
+        for fresh in ([r % 2 == 0 for r in range(rows)], [False] * rows):
+            inputs = (
+                noise(spec),
+                noise(erb_feat),
+                noise(spec_feat),
+                b.start_mask(fresh, piece),
+                [noise(h) for h in h0],
+                [None if h is None else noise(h) for h in history],
+            )
+            captured.checked = False
+            self._check(key, captured, inputs, any(fresh), piece)
+            if self.store.graphs.get(key) is None:
+                return  # a mismatch: _check warned, and the shape runs eager
 
     _warming = False
 
@@ -391,11 +430,9 @@ class CompiledModel(_Stand):
             self.compile_seconds += time.perf_counter() - t0
         return result
 
-    def warm_up(
-        self, rows: int, freq_bins: int, erb_bands: int, df_bins: int, fixed_shape: bool = False
-    ) -> None:
+    def warm_up(self, rows: int, freq_bins: int, erb_bands: int, df_bins: int) -> None:
         """Compile the shapes ahead, with the model load (as ``BatchedModel.warm_up``)."""
-        warm_up_steps(self.step, self.batched, rows, freq_bins, erb_bands, df_bins, fixed_shape)
+        warm_up_steps(self.step, self.batched, rows, freq_bins, erb_bands, df_bins)
 
     def _run(self, spec, erb_feat, spec_feat, fresh, states, piece):
         # Always with the start-of-stream mask (all ones where no row is fresh): dynamo does
