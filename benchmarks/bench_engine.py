@@ -175,8 +175,9 @@ def child(args) -> None:
     audio = sum(sf.info(str(p)).duration for p in files)
     channel_audio = sum(sf.info(str(p)).duration * sf.info(str(p)).channels for p in files)
     process = marks["last_commit"] - marks["first_read"]
-    # Where process_s goes (the engine's DF_MPS_ENGINE_TIMELINE, set below): before the first step (the first
-    # reads and analyses), the steps, the gaps between them, after the last (the last writes).
+    # Where process_s goes (the engine's DF_MPS_ENGINE_TIMELINE, set above): before the first
+    # step (the first reads and analyses), the steps, the gaps between them, after the last
+    # (the last writes).
     log = sorted(entry for e in engines for entry in (e.step_log or []))
     timeline = None
     if log:
