@@ -746,7 +746,37 @@ def engine_section(data: dict, what: str) -> Rendered:
         f"{meta.get('threads')} torch thread(s); each run is a fresh CLI process, timed from "
         "its first decode to its last encode (start-up and model load apart).\n\n"
     )
-    return head + rows_table(rows, ENGINE_COLUMNS) + "\n\n" + provenance(meta), []
+    return head + rows_table(rows, ENGINE_COLUMNS) + timeline_table(rows) + provenance(meta), []
+
+
+def timeline_table(rows: List[dict]) -> str:
+    """Where each run's first-decode-to-last-encode time went (rows with a timeline)."""
+    timed = [r for r in rows if r.get("timeline")]
+    if not timed:
+        return "\n\n"
+    lines = []
+    for r in timed:
+        t = r["timeline"]
+        full = [s for s in t["steps"] if s[2] == max(p for _, _, p in t["steps"])]
+        lines.append(
+            [
+                r["requested_batch"],
+                f"{r['process_s']:.3f}",
+                f"{t['before_first_step_s']:.3f}",
+                f"{t['in_steps_s']:.3f}",
+                f"{t['between_steps_s']:.3f}",
+                f"{t['after_last_step_s']:.3f}",
+                f"{len(t['steps'])} ({len(full)} full)",
+                fmt(sum(s[1] for s in t["steps"]) / len(t["steps"]), "g"),
+            ]
+        )
+    headers = ["batch", "process s", "before 1st step", "in steps", "between", "after last"]
+    headers += ["steps", "rows/step"]
+    intro = (
+        "\n\nWhere the time goes (`DF_MPS_ENGINE_TIMELINE`; a step ends when its work is "
+        "queued, so on a GPU its device time can spill into the next phase):\n\n"
+    )
+    return intro + table(headers, lines) + "\n\n"
 
 
 @section(
