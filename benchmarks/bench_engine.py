@@ -159,7 +159,20 @@ def child(args) -> None:
     if args.threads:
         argv += ["--threads", str(args.threads)]
     trace = os.environ.get("BENCH_TORCH_PROFILE")  # a path: torch.profiler's top ops there
-    if trace:
+    functions = os.environ.get("BENCH_CPROFILE")  # a path: the scheduling thread's top calls
+    if functions:
+        import cProfile
+        import io
+        import pstats
+
+        profile = cProfile.Profile()
+        rc = profile.runcall(cli.main, argv)
+        text = io.StringIO()
+        stats = pstats.Stats(profile, stream=text).sort_stats("tottime")
+        stats.print_stats(35)
+        stats.sort_stats("cumulative").print_stats(45)
+        Path(functions).write_text(text.getvalue())
+    elif trace:
         import torch.profiler as tp
 
         with tp.profile(activities=[tp.ProfilerActivity.CPU, tp.ProfilerActivity.CUDA]) as prof:

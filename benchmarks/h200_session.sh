@@ -25,6 +25,19 @@ for part in "${parts[@]}"; do
     (cd benchmarks && timeout 240 python3 bench_engine.py --mode corpus --device cuda --files 64 \
       --seconds 30 --batch 64,128,16,1 --threads 4 --json "$OUT/h200_engine.json" 2>&1 | grep -v INFO | cut -c1-160)
     python3 -c "import json; [print(r['batch'], round(r['audio_s_per_s']), json.dumps(r['timeline'])[:400]) for r in json.load(open('$OUT/h200_engine.json'))['rows']]" ;;
+  profile)
+    # The batch-64 corpus run again: the scheduling thread's calls (cProfile), torch's ops,
+    # and with 8 I/O threads.
+    cd benchmarks
+    BENCH_CPROFILE=$OUT/cprofile_b64.txt timeout 100 python3 bench_engine.py --mode corpus --device cuda \
+      --files 64 --seconds 30 --batch 64 --threads 4 --json "$OUT/profile_b64.json" 2>&1 | grep -v INFO | cut -c1-160
+    head -60 "$OUT/cprofile_b64.txt"
+    BENCH_TORCH_PROFILE=$OUT/torch_b64.txt timeout 100 python3 bench_engine.py --mode corpus --device cuda \
+      --files 64 --seconds 30 --batch 64 --threads 4 --json "$OUT/profile_torch_b64.json" > /dev/null 2>&1
+    head -45 "$OUT/torch_b64.txt" | cut -c1-200
+    DF_MPS_ENGINE_IO_THREADS=8 timeout 100 python3 bench_engine.py --mode corpus --device cuda \
+      --files 64 --seconds 30 --batch 64 --threads 4 --json "$OUT/io8_b64.json" 2>&1 | grep -v INFO | cut -c1-160
+    cd .. ;;
   ray)
     timeout 300 python3 benchmarks/bench_ray.py --device cuda --model-dir $M --audio-dir .devcarry/audio \
       --files 64 --seconds 30 --threads 4 --workers 1 --gpus-per-worker 1 \

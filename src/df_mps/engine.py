@@ -1024,6 +1024,8 @@ class Engine:
         self.lim = None
         if atten_lim_db is not None and abs(atten_lim_db) > 0:
             self.lim = 10 ** (-abs(atten_lim_db) / 20)
+        # DF_MPS_ENGINE_IO_THREADS: the decode/resample/encode threads (default 2-4).
+        io_threads = io_threads or int(os.environ.get("DF_MPS_ENGINE_IO_THREADS") or 0)
         self.io_threads = io_threads or max(2, min(4, os.cpu_count() or 2))
         # Where the STFT analysis and synthesis run: on the CPU, in the I/O threads, beside
         # the step; on a GPU, on the scheduling thread, so that one thread launches all the
