@@ -38,6 +38,13 @@ for part in "${parts[@]}"; do
     DF_MPS_ENGINE_IO_THREADS=8 timeout 100 python3 bench_engine.py --mode corpus --device cuda \
       --files 64 --seconds 30 --batch 64 --threads 4 --json "$OUT/io8_b64.json" 2>&1 | grep -v INFO | cut -c1-160
     cd .. ;;
+  syncs)
+    (cd benchmarks && timeout 120 python3 cuda_syncs.py --files 64 --seconds 30 --json "$OUT/cuda_syncs.json" 2>&1 | grep -v INFO | tail -25)
+    for n in 8 16; do
+      (cd benchmarks && DF_MPS_ENGINE_IO_THREADS=$n timeout 100 python3 bench_engine.py --mode corpus --device cuda \
+        --files 64 --seconds 30 --batch 64 --threads 4 --json "$OUT/io${n}_b64.json" 2>&1 | grep -v INFO | cut -c1-160)
+      python3 -c "import json; r=json.load(open('$OUT/io${n}_b64.json'))['rows'][0]; print($n, round(r['audio_s_per_s']), json.dumps(r['timeline']))"
+    done ;;
   ray)
     timeout 300 python3 benchmarks/bench_ray.py --device cuda --model-dir $M --audio-dir .devcarry/audio \
       --files 64 --seconds 30 --threads 4 --workers 1 --gpus-per-worker 1 \

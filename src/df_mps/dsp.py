@@ -339,7 +339,11 @@ def _prepare_state(
     state: Optional[ArrayLike], init: np.ndarray, lead: Tuple[int, ...], device: torch.device
 ) -> Tensor:
     if state is None:
-        init_t = torch.from_numpy(init[0]).to(device)
+        # Cached on the device: a copy from pageable host memory waits for the device's queue
+        # (torch syncs the stream after it), which would stall the engine's scheduling thread
+        # behind the running step at every stream's start.
+        values = np.ascontiguousarray(init[0], dtype=np.float32)
+        init_t = _CONSTANTS.get(("state_init", values.tobytes()), device, lambda: values)
         return init_t.expand(*lead, init.shape[-1])
     state_t = state if isinstance(state, Tensor) else torch.from_numpy(np.asarray(state))
     state_t = state_t.to(device=device, dtype=torch.float32)

@@ -937,6 +937,19 @@ def _unstack(engine: Engine, items: List[_Active], dsp, which: str):
     return parts
 
 
+def _warm_pinned_memory(floats: int, blocks: int = 5) -> None:
+    """Allocate and free ``blocks`` pinned buffers of ``floats`` float32s: torch's pinned
+    (host) allocator keeps freed blocks for reuse, and a step's copies (a batch of read
+    signals to the device, a batch of synthesised pieces back) then take cached blocks
+    instead of calling cudaHostAlloc, which took about 15 ms for each block of 128 MB on the
+    H200 and waited in the scheduling thread. Five: about two steps' copies in flight each
+    way, while the writes of a step's pieces keep its host buffer."""
+    import torch
+
+    held = [torch.empty(floats, dtype=torch.float32, pin_memory=True) for _ in range(blocks)]
+    del held
+
+
 def _start_host_copy(x):
     """Start copying ``x`` to the CPU: from CUDA into pinned memory, asynchronously."""
     import torch
@@ -1024,9 +1037,13 @@ class Engine:
         self.lim = None
         if atten_lim_db is not None and abs(atten_lim_db) > 0:
             self.lim = 10 ** (-abs(atten_lim_db) / 20)
-        # DF_MPS_ENGINE_IO_THREADS: the decode/resample/encode threads (default 2-4).
+        # The decode/resample/encode threads (DF_MPS_ENGINE_IO_THREADS overrides). On the CPU
+        # they share the cores with the step: 2-4. Off it the step leaves the cores free, and
+        # a batch's files all start and end together (64 reads, 64 encodes and fsyncs): on the
+        # H200's 16 cores, 8 threads gave 1.3x the audio-s/s of 4 (h200_session.sh profile).
         io_threads = io_threads or int(os.environ.get("DF_MPS_ENGINE_IO_THREADS") or 0)
-        self.io_threads = io_threads or max(2, min(4, os.cpu_count() or 2))
+        most = 4 if self.model.device.type == "cpu" else 8
+        self.io_threads = io_threads or max(2, min(most, os.cpu_count() or 2))
         # Where the STFT analysis and synthesis run: on the CPU, in the I/O threads, beside
         # the step; on a GPU, on the scheduling thread, so that one thread launches all the
         # device's kernels (I/O threads launching kernels too contend for the GIL with the
@@ -1062,12 +1079,15 @@ class Engine:
         return self._idle[key]
 
     def warm_up(self) -> None:
-        """Pay the device's first-use costs for this engine's batch (see BatchedModel)."""
+        """Pay the device's first-use costs for this engine's batch (see BatchedModel), and
+        on CUDA fill the pinned-memory cache with blocks the size of a step's copies."""
         key = (self.batch, self.piece_frames)
         warmed = _WARMED.setdefault(self.model.model, set())
         if key not in warmed:
             spec = self.df_spec
             self.model.warm_up(self.batch, spec.fft // 2 + 1, spec.nb, self.nb_df)
+            if self.model.device.type == "cuda":
+                _warm_pinned_memory(self.batch * (self.piece_frames + self.right + 8) * spec.hop)
             warmed.add(key)
 
     def new_dsp(self):
