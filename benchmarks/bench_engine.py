@@ -201,6 +201,15 @@ def child(args) -> None:
             "after_last_step_s": marks["last_commit"] - log[-1][1],
             "steps": [[round(end - start, 4), rows, piece] for start, end, rows, piece in log],
         }
+        device = sorted(span for e in engines for span in e.device_timeline())
+        if device:
+            # On CUDA: when the device ran each step's work (start and end reached on its
+            # stream), and how far behind the host's queuing it was at each step's end.
+            timeline["device_in_steps_s"] = sum(end - start for start, end in device)
+            timeline["device_lag_at_step_end_s"] = [
+                round(d_end - end, 4) for (_, end, _, _), (_, d_end) in zip(log, device)
+            ]
+            timeline["device_after_last_step_s"] = marks["last_commit"] - device[-1][1]
     steps = sum(e.steps for e in engines)
     rows_run = sum(e.rows_run for e in engines)
     from _common import peak_rss_mib

@@ -1062,9 +1062,11 @@ class Engine:
         self.timings = collections.Counter()  # seconds per phase of the step
         self.profile = os.environ.get("DF_MPS_ENGINE_PROFILE") == "1"
         # DF_MPS_ENGINE_TIMELINE=1: (start, end, rows, piece) per step, for a benchmark's
-        # timeline (no device syncs added: a step's end is when its work is queued).
+        # timeline (no device syncs added: a step's end is when its work is queued); on CUDA
+        # also timing events recorded on the stream at those points (``device_timeline``).
         timeline = os.environ.get("DF_MPS_ENGINE_TIMELINE") == "1"
         self.step_log: Optional[List[Tuple[float, float, int, int]]] = [] if timeline else None
+        self._step_events: List[tuple] = []
         self.pool: Optional[cf.ThreadPoolExecutor] = None
         self.interrupted: Optional[BaseException] = None  # raised in an I/O thread
         self.steps = 0
@@ -1176,6 +1178,24 @@ class Engine:
                 item.close()
             self.pool = None
 
+    def device_timeline(self) -> List[Tuple[float, float]]:
+        """With DF_MPS_ENGINE_TIMELINE on CUDA: per step, when the device reached its start and
+        its end, in ``time.perf_counter`` seconds (the first step's start taken as reached
+        when it was queued). Waits for the device."""
+        import torch
+
+        if not self._step_events:
+            return []
+        torch.cuda.synchronize(self.model.device)
+        anchor_cpu, anchor, _ = self._step_events[0]
+        return [
+            (
+                anchor_cpu + anchor.elapsed_time(started) / 1000,
+                anchor_cpu + anchor.elapsed_time(ended) / 1000,
+            )
+            for _, started, ended in self._step_events
+        ]
+
     def _free_rows(self, active: List[_Active]) -> int:
         return self.batch - sum(item.channels for item in active)
 
@@ -1261,6 +1281,10 @@ class Engine:
         import torch
 
         t0 = time.perf_counter()
+        timed = self.step_log is not None and self.model.device.type == "cuda"
+        if timed:
+            started = torch.cuda.Event(enable_timing=True)
+            started.record()
         if self.fixed_shape:
             # Two shapes, ever, both made at the warm-up: ``batch`` rows of a full piece, idle
             # rows on zeros, or of the shortest bucket where every row is on a last piece that
@@ -1310,6 +1334,10 @@ class Engine:
         seconds = t3 - t0
         if self.step_log is not None:
             self.step_log.append((t0, t3, len(rows), piece))
+            if timed:
+                ended = torch.cuda.Event(enable_timing=True)
+                ended.record()
+                self._step_events.append((t0, started, ended))
         self.steps += 1
         self.rows_run += len(rows)
         self.step_seconds += seconds
