@@ -53,6 +53,7 @@ kernel launches; the result agrees with libdf's frame loop to float32 rounding.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -98,6 +99,12 @@ def _erb2freq(n_erb: np.float32) -> np.float32:
 
 def erb_fb_widths(sr: int, fft_size: int, nb_bands: int, min_nb_freqs: int = 1) -> np.ndarray:
     """Number of frequency bins per ERB band (libDF ``erb_fb``), computed in float32 like Rust."""
+    return _erb_fb_widths(int(sr), int(fft_size), int(nb_bands), int(min_nb_freqs)).copy()
+
+
+@functools.lru_cache(maxsize=32)
+def _erb_fb_widths(sr: int, fft_size: int, nb_bands: int, min_nb_freqs: int) -> np.ndarray:
+    # Cached: the engine makes DFs per job and per step (a Python loop over the bands each).
     if nb_bands < 1:
         raise ValueError(f"nb_bands must be >= 1, not {nb_bands}")
     with np.errstate(all="ignore"):
