@@ -9,8 +9,10 @@ What is measured, in this order, in one process:
 - plain: what ``df-mps-enhance`` does without ``--ray``: one batched ``Enhancer`` (the CLI's
   defaults: batch 64 on CUDA, CUDA graphs), ``enhance_files`` over the corpus (continuous
   batching, atomic writes), timed from the call to the last file on disk. The model load is
-  reported apart (``load_s``). It runs before Ray and
-  again after (``plain_after``), and Ray's ratio is to the faster of the two.
+  reported apart (``load_s``). Each plain run is a fresh Python process, as a
+  ``df-mps-enhance`` run is (and an actor is); it runs before Ray and again after
+  (``plain_after``); Ray's ``ratio_to_plain`` is to their mean, ``ratio_to_faster_plain`` to
+  the faster.
 - ray: ``df_mps.ray.run_on_ray`` on the same files into another directory, once per
   ``--workers`` entry (paired with ``--gpus-per-worker``). Each row carries when its worker
   started and finished the file, so the span is first decode to last encode, the same count
@@ -108,7 +110,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--batch", type=int, default=None, help="files per Ray batch (default auto)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
-    p.add_argument("--no-plain", action="store_true", help="skip the plain loop (no ratio)")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain runs (no ratio)")
+    p.add_argument("--plain-child", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("inputs", nargs="*", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, default=DEFAULT_SHARED / "models" / "DeepFilterNet3")
     p.add_argument("--audio-dir", type=Path, default=DEFAULT_SHARED / "audio")
     p.add_argument("--workdir", type=Path, help="where the corpus and outputs go (kept)")
@@ -152,6 +156,21 @@ def make_corpus(root: Path, files: int, seconds: float, audio_dir: Path, mixed: 
 
 
 def run_plain(inputs, out: Path, args) -> dict:
+    """``plain_in_this_process`` in a fresh Python process, as each ``df-mps-enhance`` run is
+    one (an actor is one too): its JSON line back."""
+    import subprocess
+
+    child = [sys.executable, str(Path(__file__).resolve()), "--plain-child", str(out)]
+    child += ["--device", args.device, "--threads", str(args.threads), "--model-dir"]
+    child += [str(args.model_dir), "--", *map(str, inputs)]
+    done = subprocess.run(child, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        raise SystemExit(f"bench_ray: the plain run failed:\n{done.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def plain_in_this_process(inputs, out: Path, args) -> dict:
     """What ``df-mps-enhance`` does without ``--ray``: one batched ``Enhancer`` (the CLI's
     defaults for the device), then ``enhance_files`` over the whole corpus, the model load
     timed apart; the span runs from the call to the last file on disk (each result comes once
@@ -268,6 +287,9 @@ def environment(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.plain_child is not None:
+        print(json.dumps(plain_in_this_process(args.inputs, args.plain_child, args)))
+        return 0
     if args.slim_ray_wheel:
         target = slim_ray_wheel(*args.slim_ray_wheel)
         print(f"{target} ({target.stat().st_size / 2**20:.1f} MiB)")
@@ -304,12 +326,14 @@ def main(argv=None) -> int:
             print(f"ray: {json.dumps(run)}", file=sys.stderr)
             runs.append(run)
         if not args.no_plain:
-            # Again after Ray, so warm-up and drift show; Ray's ratio is to the faster of the two.
+            # Again after Ray, so drift shows; Ray's ratio is to the mean of the two (each a
+            # fresh process with its model load, as an actor is) and to the faster one.
             result["plain_after"] = run_plain(inputs, root / "plain_after", args)
             print(f"plain again: {json.dumps(result['plain_after'])}", file=sys.stderr)
-            best = max(result["plain"]["audio_s_per_s"], result["plain_after"]["audio_s_per_s"])
+            both = [result[k]["audio_s_per_s"] for k in ("plain", "plain_after")]
             for run in runs:
-                run["ratio_to_plain"] = run["audio_s_per_s"] / best
+                run["ratio_to_plain"] = run["audio_s_per_s"] / (sum(both) / 2)
+                run["ratio_to_faster_plain"] = run["audio_s_per_s"] / max(both)
         base = runs[0]
         for run in runs:
             scale = run["workers"] / base["workers"]

@@ -1090,7 +1090,31 @@ class Engine:
             self.model.warm_up(self.batch, spec.fft // 2 + 1, spec.nb, self.nb_df)
             if self.model.device.type == "cuda":
                 _warm_pinned_memory(self.batch * (self.piece_frames + self.right + 8) * spec.hop)
+            if not self.dsp_in_io:
+                self._warm_up_dsp()
             warmed.add(key)
+
+    def _warm_up_dsp(self) -> None:
+        """The stacked analysis and synthesis (``analyse_many``, ``synthesise_many``) once on
+        zeros at a batch's shapes: FFT plans (cuFFT builds one per shape) and the features'
+        constants are made here, not in the first steps of real audio."""
+        import torch
+
+        spec, device = self.df_spec, self.model.device
+        dsp = self.new_dsp()
+        for frames in (self.piece_frames + self.right + 4, self.piece_frames, self.tail_frames):
+            dsp.features(
+                torch.zeros((self.batch, frames * spec.hop), device=device),
+                self.nb_df,
+                alpha=self.alpha,
+                reset=True,
+            )
+            dsp.synthesis(
+                torch.zeros((self.batch, frames, spec.fft // 2 + 1, 2), device=device),
+                reset=True,
+            )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def new_dsp(self):
         from . import dsp
