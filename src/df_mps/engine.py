@@ -29,10 +29,16 @@ engine therefore runs many streams through one forward:
   Nothing in DeepFilterNet mixes batch rows in eval mode.
 - **Continuous batching.** When a stream ends its lanes are freed and the next job's lanes take
   them at once, as a serving scheduler refills a slot when a sequence finishes.
-- **Keeping the device busy.** Decoding, resampling and the STFT analysis run in a small thread
-  pool one block ahead of each job; synthesis, resampling back, quantising and writing run
-  there too, in order per job. The step itself is the only thing on the scheduling thread.
-  About ``batch`` × piece of audio is in flight.
+- **Keeping the device busy.** Decoding and resampling run in a small thread pool a piece
+  ahead of each job (a job's first read covers its first piece and that piece's right
+  context); resampling back, quantising and writing run there too, in order per job. On the
+  CPU the STFT analysis and synthesis run in that pool as well; on a GPU they run stacked on
+  the scheduling thread, one call for all the step's jobs. A step waits while a running job's
+  next piece is still being read or analysed (off the CPU a step costs the same whatever its
+  rows), then runs. Off the CPU a step has one of two shapes, made at the warm-up with the
+  model load (with their CUDA graphs, the DSP's FFT plans and pinned host buffers): the full
+  piece, and a short piece for the 2 frames that upstream's end padding leaves after files
+  whose length is a whole number of pieces. About ``batch`` × piece of audio is in flight.
 
 ``Engine.run(jobs)`` yields a result per job as each finishes. ``df_mps.api.Enhancer`` is its
 public face.
