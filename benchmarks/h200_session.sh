@@ -39,10 +39,12 @@ for part in "${parts[@]}"; do
       --files 64 --seconds 30 --batch 64 --threads 4 --json "$OUT/io8_b64.json" 2>&1 | grep -v INFO | cut -c1-160
     cd .. ;;
   timeline)
-    for b in 64 128; do
+    # batch 64 at pieces of 10 s (the default), 5 s and 15 s: where the time goes, host and device.
+    for p in 10 5 15; do
       (cd benchmarks && timeout 100 python3 bench_engine.py --mode corpus --device cuda \
-        --files 64 --seconds 30 --batch $b --threads 4 --json "$OUT/tl_b$b.json" 2>&1 | grep -v INFO | cut -c1-160)
-      python3 -c "import json; r=json.load(open('$OUT/tl_b$b.json'))['rows'][0]; print($b, round(r['audio_s_per_s']), json.dumps(r['timeline']))"
+        --files 64 --seconds 30 --batch 64 --threads 4 --cli-args "--piece-seconds $p" \
+        --json "$OUT/tl_p$p.json" 2>&1 | grep -v INFO | cut -c1-160 | tail -1)
+      python3 -c "import json; r=json.load(open('$OUT/tl_p$p.json'))['rows'][0]; print('piece', $p, round(r['audio_s_per_s']), json.dumps(r['timeline']))"
     done ;;
   syncs)
     (cd benchmarks && timeout 120 python3 cuda_syncs.py --files 64 --seconds 30 --json "$OUT/cuda_syncs.json" 2>&1 | grep -v INFO | tail -25)
