@@ -113,6 +113,8 @@ MIXED = [
 def child(args) -> None:
     t_main = time.perf_counter()
     os.environ["DF_MPS_ENGINE_TIMELINE"] = "1"
+    if os.environ.get("BENCH_SWITCH_INTERVAL"):  # seconds: the GIL's hand-over interval
+        sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
     import df_mps.api as api
     import df_mps.engine as engine_module
     from df_mps import enhance as cli

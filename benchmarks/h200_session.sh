@@ -45,7 +45,10 @@ for part in "${parts[@]}"; do
         --files 64 --seconds 30 --batch 64 --threads 4 --cli-args "--piece-seconds $p" \
         --json "$OUT/tl_p$p.json" 2>&1 | grep -v INFO | cut -c1-160 | tail -1)
       python3 -c "import json; r=json.load(open('$OUT/tl_p$p.json'))['rows'][0]; print('piece', $p, round(r['audio_s_per_s']), json.dumps(r['timeline']))"
-    done ;;
+    done
+    (cd benchmarks && BENCH_SWITCH_INTERVAL=0.0005 timeout 100 python3 bench_engine.py --mode corpus --device cuda \
+      --files 64 --seconds 30 --batch 64 --threads 4 --json "$OUT/tl_si.json" 2>&1 | grep -v INFO | cut -c1-160 | tail -1)
+    python3 -c "import json; r=json.load(open('$OUT/tl_si.json'))['rows'][0]; print('switch 0.5 ms', round(r['audio_s_per_s']), json.dumps(r['timeline']))" ;;
   syncs)
     (cd benchmarks && timeout 120 python3 cuda_syncs.py --files 64 --seconds 30 --json "$OUT/cuda_syncs.json" 2>&1 | grep -v INFO | tail -25)
     for n in 8 16; do
