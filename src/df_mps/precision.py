@@ -22,22 +22,28 @@ noise:
 - fp16, every layer: -0.002 / +0.042 dB, 3.8e-4 / 1.0e-3; with the GRUs fp32: +0.0001 /
   -0.0002 dB, 2.6e-4 / 2.1e-4.
 
+The same audio scaled by 0.9 to 1.1 (other roundings of it) gave bf16 with the GRUs fp32
++0.020 to +0.056 dB on pink (every layer bf16: +0.18 to +0.39). The CPU rounds each layer's
+output as a GPU does, but its kernels accumulate in their own order: a GPU's figures differ
+a little (the H200's, every layer bf16, are above).
+
 Everything else was tried in fp32 one piece at a time (the input features and spectrum, the
 mask, the ERB decoder's last conv, the DF coefficients' layers and the DF stage, the whole ERB
 or DF decoder): with the encoder's GRU in bf16 none brought pink below +0.28 dB. The encoder's
 GRU (its output feeds both decoders) matters most, then the DF decoder's; the policy keeps
 every recurrent layer, the rule that needs no layer names. With the GRUs fp32, the rest of
 the encoder in fp32 too would take pink to +0.001 dB, but the encoder's convolutions are most
-of the bf16 work left, for a shift already within 0.03 dB. The GRUs' input projections could
-stay bf16 only in a GRU written out step by step, far slower than the fused one. What remains
-(1.4e-3) is bf16's own: fp32 math on weights rounded to bf16 already differs by 7.6e-4.
+of the bf16 work left, for a shift of +0.03 dB (at most +0.056 over the gains above). The
+GRUs' input projections could stay bf16 only in a GRU written out step by step, far slower
+than the fused one. What remains (1.4e-3) is bf16's own: fp32 math on weights rounded to bf16
+already differs by 7.6e-4.
 The cost on that CPU (AVX512-BF16; batch 4 of 2.5 s pieces): 40 s of audio in 1.40 s instead
 of 1.29 s (fp32: 1.85 s). On a GPU a GRU step at these sizes is bound by latency more than by
 arithmetic, so fp32 should cost little there; unmeasured.
 
 Why a cast copy and not autocast: the engine carries GRU states between pieces, and autocast
 leaves the dtypes to each op (cuDNN's GRU under fp16 autocast wants fp16 ``h0`` while the
-parameters stay fp32; the CPU's autocast list has no GRU at all). A cast copy runs every layer
+parameters stay fp32; the CPU's autocast list has no GRU at all). A cast copy runs each layer
 in one known dtype, which is what ``tests/test_precision.py`` checks with forward hooks.
 
 fp16's range: on the shared speech normalised to 0 dBFS peak the largest output of any layer
