@@ -197,6 +197,12 @@ def child_quality(args) -> None:
                     "max_abs_diff_vs_fp32": float(np.abs(y - ref).max()),
                     "max_abs_diff_vs_fp32_eager": float(np.abs(y - eager).max()),
                     "finite": bool(np.isfinite(y).all()),
+                    # The layers half precision left in fp32 (df_mps.precision: the GRUs).
+                    "fp32_islands": precision.fp32_islands(
+                        precision.cast_model(enhancer.model, enhancer.precision_choice.dtype)
+                    )
+                    if enhancer.precision != "fp32"
+                    else [],
                 }
             )
     # fp16 headroom: the largest output of each layer on speech at full scale.

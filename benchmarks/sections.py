@@ -119,6 +119,25 @@ def rows_table(rows: List[dict], columns: List[Column], align: Optional[str] = N
     return table([header for header, _, _ in columns], body, align)
 
 
+def half_policy_note(quality: List[dict]) -> str:
+    """Which layers bf16/fp16 ran in fp32, as bench_gpu.py recorded it (rows without the field
+    were measured before half precision kept the GRUs in fp32)."""
+    half = [r for r in quality if r.get("precision") in ("bf16", "fp16")]
+    if not half:
+        return ""
+    if any("fp32_islands" not in r for r in half):
+        return (
+            "Half precision in these rows ran every layer in the dtype: they were measured "
+            "before df-mps kept the GRUs in fp32 (issue 14; `df_mps.precision` gives the CPU "
+            "figures since)."
+        )
+    islands = sorted({name for r in half for name in r["fp32_islands"]})
+    kept = ", ".join(f"`{name}`" for name in islands) or "none"
+    return (
+        f"Half precision kept in fp32 (`df_mps.precision`): {kept}; every other layer in the dtype."
+    )
+
+
 def provenance(meta: dict) -> str:
     """'Measured by `command` on date (seconds); load average at start x.', where known."""
     if not meta.get("command") or not meta.get("date"):
@@ -672,6 +691,9 @@ def h200_gpu(data: dict) -> Rendered:
             "**Quality** against `clean.wav` (goal: bf16 and fp16 within 0.1 dB of fp32):\n\n"
             + rows_table(quality, columns, "lllrrrrr")
         )
+        note = half_policy_note(quality)
+        if note:
+            out.append(note)
     headroom = data.get("fp16_headroom")
     if headroom:
         top = headroom["largest_outputs"][:3]

@@ -317,10 +317,10 @@ class Enhancer:
     device). ``piece_seconds``: the length of the pieces each row runs on (memory; the result
     does not depend on it). ``threads``: torch's CPU threads. ``post_filter``, ``atten_lim_db``,
     ``pad`` (delay compensation), ``epoch`` and ``mask_only`` are upstream's options.
-    ``precision``: the network's dtype in the engine, "fp32", "bf16" or "fp16"
-    (``df_mps.precision``: where the device lacks it, one warning and fp32; upstream's
-    whole-file ``__call__`` stays fp32). ``cuda_graphs``: on CUDA, replay the engine's step as
-    CUDA graphs (``df_mps.graphs``).
+    ``precision``: the network's dtype in the engine, "fp32", "bf16" or "fp16"; its GRUs stay
+    fp32 (``df_mps.precision``: where the device lacks the dtype, one warning and fp32;
+    upstream's whole-file ``__call__`` stays fp32). ``cuda_graphs``: on CUDA, replay the
+    engine's step as CUDA graphs (``df_mps.graphs``).
     """
 
     def __init__(

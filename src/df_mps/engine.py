@@ -59,6 +59,8 @@ from typing import Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tu
 
 import numpy as np
 
+from .precision import model_dtype
+
 # One GRU step costs about the same at batch 1 as at batch 64 on a GPU: these are the batch
 # sizes `--batch auto` picks (rows of one forward). CPU: docs/performance.md's CPU batch table
 # (batch 4 gives 1.3-1.5x the throughput of batch 1; more buys little on few cores and costs
@@ -356,7 +358,7 @@ class BatchedModel:
             )
         self.window = self.left + self.piece + self.right
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = model_dtype(model)
         self._ctx = _StepContext(model, self.left, self.piece)
         self._lock = threading.Lock()
         self._shapes = []
@@ -368,6 +370,9 @@ class BatchedModel:
                     (module.num_layers * dirs, module.hidden_size),
                     (out * dirs,),
                     module.batch_first,
+                    # A recurrent layer's own dtype: in half precision the GRUs stay fp32
+                    # (df_mps.precision), and so do the states carried between pieces.
+                    next(module.parameters()).dtype,
                 )
             )
         if any(isinstance(m, torch.nn.LSTM) for m in self._ctx.recurrent):
@@ -377,15 +382,13 @@ class BatchedModel:
         import torch
 
         h0, history = [], []
-        for index, ((layers, hidden), (out,), batch_first) in enumerate(self._shapes):
+        for index, ((layers, hidden), (out,), batch_first, dtype) in enumerate(self._shapes):
             hs, hist = [], []
             for state in states:
                 if state is None:
-                    hs.append(
-                        torch.zeros((layers, 1, hidden), device=self.device, dtype=self.dtype)
-                    )
+                    hs.append(torch.zeros((layers, 1, hidden), device=self.device, dtype=dtype))
                     shape = (1, self.left, out) if batch_first else (self.left, 1, out)
-                    hist.append(torch.zeros(shape, device=self.device, dtype=self.dtype))
+                    hist.append(torch.zeros(shape, device=self.device, dtype=dtype))
                 else:
                     hs.append(state[0][index])
                     hist.append(state[1][index])
@@ -443,7 +446,7 @@ class BatchedModel:
         for r in range(rows):
             hs = [h[:, r : r + 1] for h in new_h]
             hist = []
-            for h, (_, _, batch_first) in zip(new_history, self._shapes):
+            for h, (_, _, batch_first, _) in zip(new_history, self._shapes):
                 if h is None:
                     hist.append(None)
                 else:

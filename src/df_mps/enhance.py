@@ -640,8 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=("fp32", "bf16", "fp16"),
         default="fp32",
-        help="the network's dtype (STFT, features and synthesis stay fp32); where the device "
-        "lacks it, one warning and fp32 (default fp32)",
+        help="the network's dtype (its GRUs, the STFT, features and synthesis stay fp32); "
+        "where the device lacks it, one warning and fp32 (default fp32)",
     )
     p.add_argument(
         "--no-cuda-graphs",
