@@ -762,13 +762,13 @@ class _Active:
 
     # -- writing (I/O thread, in order per job) --
     def queue_write(self, task: Callable[[], None]) -> None:
-        if self.engine.pool is None:  # driven synchronously (``Engine.stream``)
+        if self.engine.write_pool is None:  # driven synchronously (``Engine.stream``)
             task()
             return
         with self.write_lock:
             self.writes.append(task)
             if self.writing is None:
-                self.writing = self.engine.pool.submit(self._drain)
+                self.writing = self.engine.write_pool.submit(self._drain)
 
     def _drain(self) -> None:
         while True:
@@ -1046,7 +1046,7 @@ class Engine:
         self.lim = None
         if atten_lim_db is not None and abs(atten_lim_db) > 0:
             self.lim = 10 ** (-abs(atten_lim_db) / 20)
-        # The decode/resample/encode threads (DF_MPS_ENGINE_IO_THREADS overrides). On the CPU
+        # Threads per I/O pool, reads and writes (DF_MPS_ENGINE_IO_THREADS overrides). On the CPU
         # they share the cores with the step: 2-4. Off it the step leaves the cores free, and
         # a batch's files all start and end together (64 reads, 64 encodes and fsyncs): on the
         # H200's 16 cores, 8 threads gave 1.3x the audio-s/s of 4 (h200_session.sh profile).
@@ -1076,7 +1076,11 @@ class Engine:
         timeline = os.environ.get("DF_MPS_ENGINE_TIMELINE") == "1"
         self.step_log: Optional[List[Tuple[float, float, int, int]]] = [] if timeline else None
         self._step_events: List[tuple] = []
-        self.pool: Optional[cf.ThreadPoolExecutor] = None
+        # Reads and writes in pools of their own: a write first waits for its step's copy
+        # off the device, and reads queued behind a step's writes would hold up the next
+        # step (measured on the H200: about 120 ms between steps, whatever the piece length).
+        self.pool: Optional[cf.ThreadPoolExecutor] = None  # reads
+        self.write_pool: Optional[cf.ThreadPoolExecutor] = None
         self.interrupted: Optional[BaseException] = None  # raised in an I/O thread
         self.steps = 0
         self.step_seconds = 0.0
@@ -1150,7 +1154,8 @@ class Engine:
         active: List[_Active] = []
         waiting: Optional[_Active] = None  # opened, waiting for enough free rows
         exhausted = False
-        self.pool = cf.ThreadPoolExecutor(self.io_threads, thread_name_prefix="df-mps-io")
+        self.pool = cf.ThreadPoolExecutor(self.io_threads, thread_name_prefix="df-mps-read")
+        self.write_pool = cf.ThreadPoolExecutor(self.io_threads, thread_name_prefix="df-mps-write")
         try:
             while True:
                 # Refill free rows with new jobs (continuous batching). A job wider than the
@@ -1207,9 +1212,10 @@ class Engine:
             for item in active:
                 item.failed = item.failed or "interrupted"
             self.pool.shutdown(wait=True, cancel_futures=True)
+            self.write_pool.shutdown(wait=True, cancel_futures=True)
             for item in active:
                 item.close()
-            self.pool = None
+            self.pool = self.write_pool = None
 
     def device_timeline(self) -> List[Tuple[float, float]]:
         """With DF_MPS_ENGINE_TIMELINE on CUDA: per step, when the device reached its start and
