@@ -38,10 +38,15 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from ._log import logger
-from .api import FileError, FileResult, UserError, load_enhancer
+from .api import Enhancer, FileError, FileResult, UserError
 from .audio import AudioFileError, discard, temps_of
-from .engine import DEFAULT_PIECE_SECONDS
-from .enhance import MAX_DEFAULT_THREADS, PROG, enhance_file, output_is_complete
+from .enhance import (
+    MAX_DEFAULT_THREADS,
+    PROG,
+    enhance_file,
+    enhancer_options,
+    output_is_complete,
+)
 
 __all__ = [
     "COLUMNS",
@@ -84,54 +89,23 @@ COLUMNS = {
 # -- the library: df_mps.api.Enhancer, or upstream's whole-file call file by file ----------------
 
 
-class _FileByFileEngine:
-    """Today's library (``load_enhancer`` + ``enhance_file``) with ``Enhancer.enhance_files``'s
-    interface: yields a ``FileResult`` or a ``FileError`` per job, never raises for a file."""
+class _WholeFileEngine:
+    """An ``Enhancer``'s upstream whole-file call (``--whole-file``), file by file, with
+    ``Enhancer.enhance_files``'s interface: yields a ``FileResult`` or a ``FileError`` per job,
+    never raises for a file."""
 
-    def __init__(
-        self,
-        model=None,
-        *,
-        device=None,
-        post_filter: bool = False,
-        atten_lim_db: Optional[float] = None,
-        pad: bool = True,
-        epoch="best",
-        mask_only: bool = False,
-        piece_seconds: float = DEFAULT_PIECE_SECONDS,
-        threads: Optional[int] = None,
-        whole_file: bool = False,
-    ):
-        del device  # load_enhancer follows df_mps.patch(device=...), which EnhanceFiles sets
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
-        self.enhancer = load_enhancer(
-            model,
-            post_filter=post_filter,
-            epoch=epoch,
-            mask_only=mask_only,
-            pad=pad,
-            atten_lim_db=atten_lim_db,
-        )
-        self.piece_seconds = piece_seconds
-        self.whole_file = whole_file
+    def __init__(self, enhancer: Enhancer):
+        self.enhancer = enhancer
 
     @property
     def device(self):
-        return next(self.enhancer.model.parameters()).device
+        return self.enhancer.device
 
     def enhance_files(self, jobs, *, overwrite: bool = False) -> Iterator:
         for source, target in jobs:
             try:
                 yield enhance_file(
-                    source,
-                    target,
-                    self.enhancer,
-                    overwrite=overwrite,
-                    whole_file=self.whole_file,
-                    piece_seconds=self.piece_seconds,
+                    source, target, self.enhancer, overwrite=overwrite, whole_file=True
                 )
             except AudioFileError as exc:
                 yield FileError(Path(source), Path(target), _one_line(exc))
@@ -142,14 +116,12 @@ class _FileByFileEngine:
 
 
 def make_engine(options: dict):
-    """The engine an actor runs: ``df_mps.api.Enhancer`` (its batched engine); with
-    ``whole_file``, upstream's whole-file call file by file."""
+    """The engine an actor runs: ``df_mps.api.Enhancer(**options)`` (its batched engine); with
+    ``whole_file``, that enhancer's upstream whole-file call, file by file."""
     options = dict(options)
-    if options.pop("whole_file", False):
-        return _FileByFileEngine(**options, whole_file=True)
-    from .api import Enhancer
-
-    return Enhancer(**options)
+    whole_file = options.pop("whole_file", False)
+    enhancer = Enhancer(**options)
+    return _WholeFileEngine(enhancer) if whole_file else enhancer
 
 
 # -- the actor ---------------------------------------------------------------------------------
@@ -157,7 +129,8 @@ class EnhanceFiles:
     """A callable class for ``Dataset.map_batches(EnhanceFiles, batch_format="numpy", ...)``.
 
     ``enhancer_options``: keywords of ``df_mps.api.Enhancer`` (model, device, post_filter,
-    atten_lim_db, pad, epoch, mask_only, piece_seconds, threads), plus ``whole_file``.
+    atten_lim_db, pad, epoch, mask_only, batch, piece_seconds, threads, precision,
+    cuda_graphs), plus ``whole_file``: upstream's whole-file call instead of the engine.
     ``forward_method``: df_mps's route (auto, real, complex), set before the model loads.
     ``existing``: what to do with a target that exists: "skip" it when it is a complete output
     of its source (else the file is an error row: its target exists), or "overwrite" it.
@@ -534,15 +507,10 @@ def run_cli(jobs, args, output_dir: Path) -> int:
     skipped = sum(row["status"] == "skipped" for row in planned)
     if skipped:
         _say(f"{skipped} file(s) skipped: their output exists and is complete")
+    # The local run's options; the device and threads that run_on_ray sizes the actors by.
     options = dict(
-        model=args.model_base_dir,
+        enhancer_options(args),
         device=args.device,
-        post_filter=args.pf,
-        atten_lim_db=args.atten_lim,
-        pad=args.compensate_delay,
-        epoch=args.epoch,
-        mask_only=args.no_df_stage,
-        piece_seconds=args.piece_seconds,
         threads=args.threads,
         whole_file=args.whole_file,
     )
