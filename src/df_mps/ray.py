@@ -84,6 +84,16 @@ COLUMNS = {
     "worker": str,  # host:pid of the actor
     "device": str,
 }
+# The columns of an "ok" row that are its FileResult's figures, by the same names.
+_RESULT_FIGURES = ("audio_seconds", "model_seconds", "rtf", "sample_rate", "channels", "frames")
+_COMPLETE = "output exists and is complete"  # the error column of a skipped file
+
+
+def _new_row(source, target, **columns) -> dict:
+    """A result row for (source, target): ``columns`` given, the others empty ("" or 0)."""
+    row = {name: kind() for name, kind in COLUMNS.items()}
+    row.update(src=str(source), dst=str(target), **columns)
+    return row
 
 
 # -- the library: df_mps.api.Enhancer, or upstream's whole-file call file by file ----------------
@@ -199,17 +209,14 @@ class EnhanceFiles:
         return _columns([rows[_key(*pair)] for pair in pairs])
 
     def _base(self, source: str, target: str) -> dict:
-        row = {name: kind() for name, kind in COLUMNS.items()}
-        row.update(src=source, dst=target, worker=self.worker, device=self.device)
-        return row
+        return _new_row(source, target, worker=self.worker, device=self.device)
 
     def _skipped(self, source: str, target: str) -> dict:
         import soundfile as sf
 
         row = self._base(source, target)
         now = time.time()
-        row.update(status="skipped", error="output exists and is complete", started=now)
-        row.update(finished=now)
+        row.update(status="skipped", error=_COMPLETE, started=now, finished=now)
         try:
             info = sf.info(target)
         except (RuntimeError, OSError):  # checked complete a moment ago; the figures can go
@@ -228,15 +235,7 @@ class EnhanceFiles:
         if isinstance(result, FileError):
             row.update(status="error", error=result.message)
             return row
-        row.update(
-            status="ok",
-            audio_seconds=result.audio_seconds,
-            model_seconds=result.model_seconds,
-            rtf=result.rtf,
-            sample_rate=result.sample_rate,
-            channels=result.channels,
-            frames=result.frames,
-        )
+        row.update(status="ok", **{name: getattr(result, name) for name in _RESULT_FIGURES})
         return row
 
 
@@ -493,14 +492,13 @@ def run_cli(jobs, args, output_dir: Path) -> int:
     planned: List[dict] = []
     todo = []
     for job in jobs:
-        row = {name: kind() for name, kind in COLUMNS.items()}
-        row.update(src=str(job.source), dst=str(job.target or ""))
+        row = _new_row(job.source, job.target or "")
         if job.error is not None:
             row.update(status="error", error=job.error)
             _say(f"error: {job.error} (skipped)")
             planned.append(row)
         elif getattr(job, "skipped", False):
-            row.update(status="skipped", error="output exists and is complete")
+            row.update(status="skipped", error=_COMPLETE)
             planned.append(row)
         else:
             todo.append((job.source, job.target))
