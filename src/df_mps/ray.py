@@ -505,13 +505,8 @@ def run_cli(jobs, args, output_dir: Path) -> int:
     skipped = sum(row["status"] == "skipped" for row in planned)
     if skipped:
         _say(f"{skipped} file(s) skipped: their output exists and is complete")
-    # The local run's options; the device and threads that run_on_ray sizes the actors by.
-    options = dict(
-        enhancer_options(args),
-        device=args.device,
-        threads=args.threads,
-        whole_file=args.whole_file,
-    )
+    # The actors log warnings and worse; the line per file comes from here.
+    actor_log_level = "WARNING" if args.log_level in ("trace", "debug", "info") else args.log_level
     counts = {"ok": 0, "skipped": skipped, "error": len(planned) - skipped}
     audio = model = 0.0
     t0 = time.perf_counter()
@@ -524,13 +519,11 @@ def run_cli(jobs, args, output_dir: Path) -> int:
                 todo,
                 address=args.ray,
                 workers=args.ray_workers,
-                enhancer_options=options,
+                enhancer_options=_actor_options(args),
                 forward_method=args.forward_method,
                 overwrite=args.overwrite,
                 files_per_batch=args.ray_batch,
-                log_level="WARNING"
-                if args.log_level in ("trace", "debug", "info")
-                else args.log_level,
+                log_level=actor_log_level,
             )
         )
         bar = tqdm(total=len(todo), unit="file", disable=None, file=sys.stderr, dynamic_ncols=True)
@@ -561,6 +554,15 @@ def run_cli(jobs, args, output_dir: Path) -> int:
         text += f"; {counts['error']} failed"
     _say(text + f"; report: {report_path}")
     return 1 if counts["error"] else 0
+
+
+def _actor_options(args) -> dict:
+    """What each actor builds its engine from: the local run's Enhancer options
+    (``df_mps.enhance.enhancer_options``), the device and threads that ``run_on_ray`` sizes the
+    actors by, and ``--whole-file``."""
+    return dict(
+        enhancer_options(args), device=args.device, threads=args.threads, whole_file=args.whole_file
+    )
 
 
 def _say(message: str) -> None:
