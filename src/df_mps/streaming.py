@@ -76,7 +76,7 @@ import contextlib
 import dataclasses
 import math
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
@@ -85,6 +85,12 @@ from .audio import (
 )
 from .engine import DEFAULT_PIECE_SECONDS, frames_per_piece
 from .util import PathLike, quiet_resample_rename
+
+if TYPE_CHECKING:
+    from libdf import DF
+    from torch import nn
+
+    from .api import Enhancer
 
 __all__ = [
     "DEFAULT_PIECE_SECONDS",
@@ -353,8 +359,8 @@ class StreamEnhancer:
 
     def __init__(
         self,
-        model,
-        df_state=None,
+        model: Union[Enhancer, nn.Module],
+        df_state: Optional[DF] = None,
         *,
         sample_rate: int,
         channels: int,
@@ -411,8 +417,8 @@ class StreamEnhancer:
 
 
 def enhance_blocks(
-    model,
-    df_state,
+    model: Union[Enhancer, nn.Module],
+    df_state: Optional[DF],
     blocks: Iterable[np.ndarray],
     *,
     sample_rate: int,
@@ -455,8 +461,8 @@ class StreamResult:
 
 
 def enhance_stream(
-    model,
-    df_state,
+    model: Union[Enhancer, nn.Module],
+    df_state: Optional[DF],
     source: PathLike,
     target: PathLike,
     *,
