@@ -84,6 +84,41 @@ def test_default_batch_spreads_the_files():
     assert default_files_per_batch(40, 2) == 5
 
 
+def test_the_ray_path_gets_the_local_runs_enhancer_options(monkeypatch, tmp_path):
+    import inspect
+
+    import df_mps.ray as dray
+    from df_mps.api import Enhancer
+
+    args = cli.build_parser().parse_args(["x.wav", "--ray", "--whole-file", "--threads", "2"])
+    options = cli.enhancer_options(args)
+    # With no options given, the command asks for the Enhancer's own defaults; every Enhancer
+    # keyword has an option, but the process's device and threads.
+    defaults = {
+        name: param.default
+        for name, param in inspect.signature(Enhancer).parameters.items()
+        if name not in ("device", "threads")
+    }
+    assert options == defaults
+
+    seen = {}
+
+    def run_on_ray(jobs, **kwargs):  # a generator, as the real one
+        seen.update(kwargs)
+        yield from ()
+
+    monkeypatch.setattr(dray, "run_on_ray", run_on_ray)
+    args = cli.build_parser().parse_args(
+        ["x.wav", "--ray", "--batch", "3", "--precision", "bf16", "--no-cuda-graphs", "--pf"]
+    )
+    assert dray.run_cli([], args, tmp_path) == 0
+    assert seen["enhancer_options"] == dict(
+        cli.enhancer_options(args), device=None, threads=None, whole_file=False
+    )
+    assert seen["enhancer_options"]["batch"] == 3
+    assert seen["enhancer_options"]["precision"] == "bf16"
+
+
 # -- fixtures ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster():
@@ -467,6 +502,27 @@ def test_enhance_files_rows_without_a_cluster(corpus, plain_outputs, dfn3_model_
     assert rows["frames"][0] == sf.info(str(corpus / "a48_mono.wav")).frames
     assert done.stat().st_mtime_ns == stamp and not stale.exists()
     assert_equals_plain(out, plain_outputs, ["a48_mono.wav", "c16_mono.wav"])
+
+
+@pytestmark_slow
+@warnings_filter
+def test_enhance_files_whole_file_without_a_cluster(
+    corpus, plain_outputs, dfn3_model_dir, tmp_path
+):
+    from df_mps.ray import EnhanceFiles
+
+    out = tmp_path / "out"
+    names = ["a48_mono.wav", "b48_stereo.wav"]
+    batch = {
+        "src": np.array([str(corpus / name) for name in names]),
+        "dst": np.array([str(out / output_name(name)) for name in names]),
+    }
+    options = {"model": str(dfn3_model_dir), "threads": 1, "whole_file": True}
+    actor = EnhanceFiles(options, log_level=None)
+    rows = actor(batch)
+    assert list(rows["status"]) == ["ok", "ok"], list(rows["error"])
+    assert list(rows["channels"]) == [1, 2]
+    assert_equals_plain(out, plain_outputs, names)  # upstream's whole-file call, to rounding
 
 
 def test_an_engine_that_fails_gives_error_rows(monkeypatch, tmp_path):

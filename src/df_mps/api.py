@@ -406,13 +406,12 @@ class Enhancer:
         """A fresh engine over this model (its own scheduling state; the model is shared)."""
         from . import graphs, precision
 
-        hop = int(self.df_state.hop_size())
         piece = self.piece_seconds if piece_seconds in (None, "auto") else float(piece_seconds)
         engine = Engine(
             precision.cast_model(self.model, self.precision_choice.dtype),
             self.df_state,
             batch=batch or self.batch,
-            piece_frames=max(1, round(piece * self.sample_rate / hop)),
+            piece_frames=_engine_module.frames_per_piece(piece, self.df_state),
             pad=self.pad,
             atten_lim_db=self.atten_lim_db,
         )

@@ -887,18 +887,7 @@ def run(args: argparse.Namespace) -> int:
     todo = [job for job in jobs if job.error is None and not job.skipped]
     done: List[FileResult] = []
     if todo:
-        enhancer = Enhancer(
-            args.model_base_dir,
-            post_filter=args.pf,
-            epoch=args.epoch,
-            mask_only=args.no_df_stage,
-            pad=args.compensate_delay,
-            atten_lim_db=args.atten_lim,
-            batch=args.batch,
-            piece_seconds=args.piece_seconds,
-            precision=args.precision,
-            cuda_graphs=args.cuda_graphs,
-        )
+        enhancer = Enhancer(**enhancer_options(args))
         logger.debug(f"batch {enhancer.batch} on {enhancer.device}")
         for result in _run_jobs(
             todo, enhancer, args.overwrite, whole_file=args.whole_file, split_long=args.split_long
@@ -909,6 +898,30 @@ def run(args: argparse.Namespace) -> int:
                 failed += 1
     _summary(done, failed, len(jobs), len(walk_errors))
     return 1 if failed or walk_errors else 0
+
+
+# The df_mps.api.Enhancer keywords that the command's options set, each with the option's
+# argparse dest. --device and --threads are not among them: ``run`` sets them for the whole
+# process before the model loads, and df_mps.ray sizes them per actor.
+_ENHANCER_OPTIONS = {
+    "model": "model_base_dir",
+    "post_filter": "pf",
+    "epoch": "epoch",
+    "mask_only": "no_df_stage",
+    "pad": "compensate_delay",
+    "atten_lim_db": "atten_lim",
+    "batch": "batch",
+    "piece_seconds": "piece_seconds",
+    "precision": "precision",
+    "cuda_graphs": "cuda_graphs",
+}
+
+
+def enhancer_options(args: argparse.Namespace) -> dict:
+    """The ``df_mps.api.Enhancer`` keywords that the parsed options ask for: the one mapping
+    from the command's options to the model and its engine, for this process and for the
+    ``--ray`` actors alike (``df_mps.ray.run_cli``). Without ``device`` and ``threads``."""
+    return {keyword: getattr(args, dest) for keyword, dest in _ENHANCER_OPTIONS.items()}
 
 
 def _run_jobs(

@@ -38,10 +38,15 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from ._log import logger
-from .api import FileError, FileResult, UserError, load_enhancer
+from .api import Enhancer, FileError, FileResult, UserError
 from .audio import AudioFileError, discard, temps_of
-from .engine import DEFAULT_PIECE_SECONDS
-from .enhance import MAX_DEFAULT_THREADS, PROG, enhance_file, output_is_complete
+from .enhance import (
+    MAX_DEFAULT_THREADS,
+    PROG,
+    enhance_file,
+    enhancer_options,
+    output_is_complete,
+)
 
 __all__ = [
     "COLUMNS",
@@ -79,59 +84,38 @@ COLUMNS = {
     "worker": str,  # host:pid of the actor
     "device": str,
 }
+# The columns of an "ok" row that are its FileResult's figures, by the same names.
+_RESULT_FIGURES = ("audio_seconds", "model_seconds", "rtf", "sample_rate", "channels", "frames")
+_COMPLETE = "output exists and is complete"  # the error column of a skipped file
+
+
+def _new_row(source, target, **columns) -> dict:
+    """A result row for (source, target): ``columns`` given, the others empty ("" or 0)."""
+    row = {name: kind() for name, kind in COLUMNS.items()}
+    row.update(src=str(source), dst=str(target), **columns)
+    return row
 
 
 # -- the library: df_mps.api.Enhancer, or upstream's whole-file call file by file ----------------
 
 
-class _FileByFileEngine:
-    """Today's library (``load_enhancer`` + ``enhance_file``) with ``Enhancer.enhance_files``'s
-    interface: yields a ``FileResult`` or a ``FileError`` per job, never raises for a file."""
+class _WholeFileEngine:
+    """An ``Enhancer``'s upstream whole-file call (``--whole-file``), file by file, with
+    ``Enhancer.enhance_files``'s interface: yields a ``FileResult`` or a ``FileError`` per job,
+    never raises for a file."""
 
-    def __init__(
-        self,
-        model=None,
-        *,
-        device=None,
-        post_filter: bool = False,
-        atten_lim_db: Optional[float] = None,
-        pad: bool = True,
-        epoch="best",
-        mask_only: bool = False,
-        piece_seconds: float = DEFAULT_PIECE_SECONDS,
-        threads: Optional[int] = None,
-        whole_file: bool = False,
-    ):
-        del device  # load_enhancer follows df_mps.patch(device=...), which EnhanceFiles sets
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
-        self.enhancer = load_enhancer(
-            model,
-            post_filter=post_filter,
-            epoch=epoch,
-            mask_only=mask_only,
-            pad=pad,
-            atten_lim_db=atten_lim_db,
-        )
-        self.piece_seconds = piece_seconds
-        self.whole_file = whole_file
+    def __init__(self, enhancer: Enhancer):
+        self.enhancer = enhancer
 
     @property
     def device(self):
-        return next(self.enhancer.model.parameters()).device
+        return self.enhancer.device
 
     def enhance_files(self, jobs, *, overwrite: bool = False) -> Iterator:
         for source, target in jobs:
             try:
                 yield enhance_file(
-                    source,
-                    target,
-                    self.enhancer,
-                    overwrite=overwrite,
-                    whole_file=self.whole_file,
-                    piece_seconds=self.piece_seconds,
+                    source, target, self.enhancer, overwrite=overwrite, whole_file=True
                 )
             except AudioFileError as exc:
                 yield FileError(Path(source), Path(target), _one_line(exc))
@@ -142,14 +126,12 @@ class _FileByFileEngine:
 
 
 def make_engine(options: dict):
-    """The engine an actor runs: ``df_mps.api.Enhancer`` (its batched engine); with
-    ``whole_file``, upstream's whole-file call file by file."""
+    """The engine an actor runs: ``df_mps.api.Enhancer(**options)`` (its batched engine); with
+    ``whole_file``, that enhancer's upstream whole-file call, file by file."""
     options = dict(options)
-    if options.pop("whole_file", False):
-        return _FileByFileEngine(**options, whole_file=True)
-    from .api import Enhancer
-
-    return Enhancer(**options)
+    whole_file = options.pop("whole_file", False)
+    enhancer = Enhancer(**options)
+    return _WholeFileEngine(enhancer) if whole_file else enhancer
 
 
 # -- the actor ---------------------------------------------------------------------------------
@@ -157,7 +139,8 @@ class EnhanceFiles:
     """A callable class for ``Dataset.map_batches(EnhanceFiles, batch_format="numpy", ...)``.
 
     ``enhancer_options``: keywords of ``df_mps.api.Enhancer`` (model, device, post_filter,
-    atten_lim_db, pad, epoch, mask_only, piece_seconds, threads), plus ``whole_file``.
+    atten_lim_db, pad, epoch, mask_only, batch, piece_seconds, threads, precision,
+    cuda_graphs), plus ``whole_file``: upstream's whole-file call instead of the engine.
     ``forward_method``: df_mps's route (auto, real, complex), set before the model loads.
     ``existing``: what to do with a target that exists: "skip" it when it is a complete output
     of its source (else the file is an error row: its target exists), or "overwrite" it.
@@ -226,17 +209,14 @@ class EnhanceFiles:
         return _columns([rows[_key(*pair)] for pair in pairs])
 
     def _base(self, source: str, target: str) -> dict:
-        row = {name: kind() for name, kind in COLUMNS.items()}
-        row.update(src=source, dst=target, worker=self.worker, device=self.device)
-        return row
+        return _new_row(source, target, worker=self.worker, device=self.device)
 
     def _skipped(self, source: str, target: str) -> dict:
         import soundfile as sf
 
         row = self._base(source, target)
         now = time.time()
-        row.update(status="skipped", error="output exists and is complete", started=now)
-        row.update(finished=now)
+        row.update(status="skipped", error=_COMPLETE, started=now, finished=now)
         try:
             info = sf.info(target)
         except (RuntimeError, OSError):  # checked complete a moment ago; the figures can go
@@ -255,15 +235,7 @@ class EnhanceFiles:
         if isinstance(result, FileError):
             row.update(status="error", error=result.message)
             return row
-        row.update(
-            status="ok",
-            audio_seconds=result.audio_seconds,
-            model_seconds=result.model_seconds,
-            rtf=result.rtf,
-            sample_rate=result.sample_rate,
-            channels=result.channels,
-            frames=result.frames,
-        )
+        row.update(status="ok", **{name: getattr(result, name) for name in _RESULT_FIGURES})
         return row
 
 
@@ -520,32 +492,21 @@ def run_cli(jobs, args, output_dir: Path) -> int:
     planned: List[dict] = []
     todo = []
     for job in jobs:
-        row = {name: kind() for name, kind in COLUMNS.items()}
-        row.update(src=str(job.source), dst=str(job.target or ""))
+        row = _new_row(job.source, job.target or "")
         if job.error is not None:
             row.update(status="error", error=job.error)
             _say(f"error: {job.error} (skipped)")
             planned.append(row)
         elif getattr(job, "skipped", False):
-            row.update(status="skipped", error="output exists and is complete")
+            row.update(status="skipped", error=_COMPLETE)
             planned.append(row)
         else:
             todo.append((job.source, job.target))
     skipped = sum(row["status"] == "skipped" for row in planned)
     if skipped:
         _say(f"{skipped} file(s) skipped: their output exists and is complete")
-    options = dict(
-        model=args.model_base_dir,
-        device=args.device,
-        post_filter=args.pf,
-        atten_lim_db=args.atten_lim,
-        pad=args.compensate_delay,
-        epoch=args.epoch,
-        mask_only=args.no_df_stage,
-        piece_seconds=args.piece_seconds,
-        threads=args.threads,
-        whole_file=args.whole_file,
-    )
+    # The actors log warnings and worse; the line per file comes from here.
+    actor_log_level = "WARNING" if args.log_level in ("trace", "debug", "info") else args.log_level
     counts = {"ok": 0, "skipped": skipped, "error": len(planned) - skipped}
     audio = model = 0.0
     t0 = time.perf_counter()
@@ -558,13 +519,11 @@ def run_cli(jobs, args, output_dir: Path) -> int:
                 todo,
                 address=args.ray,
                 workers=args.ray_workers,
-                enhancer_options=options,
+                enhancer_options=_actor_options(args),
                 forward_method=args.forward_method,
                 overwrite=args.overwrite,
                 files_per_batch=args.ray_batch,
-                log_level="WARNING"
-                if args.log_level in ("trace", "debug", "info")
-                else args.log_level,
+                log_level=actor_log_level,
             )
         )
         bar = tqdm(total=len(todo), unit="file", disable=None, file=sys.stderr, dynamic_ncols=True)
@@ -595,6 +554,15 @@ def run_cli(jobs, args, output_dir: Path) -> int:
         text += f"; {counts['error']} failed"
     _say(text + f"; report: {report_path}")
     return 1 if counts["error"] else 0
+
+
+def _actor_options(args) -> dict:
+    """What each actor builds its engine from: the local run's Enhancer options
+    (``df_mps.enhance.enhancer_options``), the device and threads that ``run_on_ray`` sizes the
+    actors by, and ``--whole-file``."""
+    return dict(
+        enhancer_options(args), device=args.device, threads=args.threads, whole_file=args.whole_file
+    )
 
 
 def _say(message: str) -> None:

@@ -45,6 +45,16 @@ class Target:
     wrapper: Wrapper
 
 
+def replaced_by(function: Callable[..., object]) -> Wrapper:
+    """The wrapper for a function target that df_mps reimplements whole: the call goes to
+    ``function``, with the same arguments, and never to the original."""
+
+    def wrapper(wrapped, instance, args, kwargs):
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
 @dataclasses.dataclass
 class Patch:
     """A named group of targets, plus optional custom installers for non-wrapper patches."""

@@ -76,14 +76,21 @@ import contextlib
 import dataclasses
 import math
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
 from .audio import (
     AudioFileError,
 )
+from .engine import DEFAULT_PIECE_SECONDS, frames_per_piece
 from .util import PathLike, quiet_resample_rename
+
+if TYPE_CHECKING:
+    from libdf import DF
+    from torch import nn
+
+    from .api import Enhancer
 
 __all__ = [
     "DEFAULT_PIECE_SECONDS",
@@ -98,10 +105,6 @@ __all__ = [
     "sinc_kernel_values",
 ]
 
-# 10 s pieces: measured on one CPU thread, DeepFilterNet3 costs 0.31 ms per frame for pieces of
-# 500-1000 frames and 0.35-0.39 ms for 2000-8000 (larger intermediates fall out of the caches),
-# and a 1000-frame piece adds ~0.2 GB to the process's peak memory.
-DEFAULT_PIECE_SECONDS = 10.0
 # The last piece may run up to this much longer than piece_seconds instead of leaving a short
 # extra piece (a 10.02 s file is one piece, as upstream's call).
 LAST_PIECE_SLACK = 0.5
@@ -324,12 +327,11 @@ def _engine(model, df_state, *, batch, pad, atten_lim_db, piece_seconds, context
     model, df_state, pad, atten_lim_db = _unpack(model, df_state, pad, atten_lim_db)
     if not piece_seconds > 0:
         raise ValueError(f"piece_seconds must be positive, not {piece_seconds}")
-    hop, rate = int(df_state.hop_size()), int(df_state.sr())
     return Engine(
         model,
         df_state,
         batch=batch,
-        piece_frames=max(1, round(piece_seconds * rate / hop)),
+        piece_frames=frames_per_piece(piece_seconds, df_state),
         pad=pad,
         atten_lim_db=atten_lim_db,
         context=context_frames,
@@ -357,8 +359,8 @@ class StreamEnhancer:
 
     def __init__(
         self,
-        model,
-        df_state=None,
+        model: Union[Enhancer, nn.Module],
+        df_state: Optional[DF] = None,
         *,
         sample_rate: int,
         channels: int,
@@ -415,8 +417,8 @@ class StreamEnhancer:
 
 
 def enhance_blocks(
-    model,
-    df_state,
+    model: Union[Enhancer, nn.Module],
+    df_state: Optional[DF],
     blocks: Iterable[np.ndarray],
     *,
     sample_rate: int,
@@ -459,8 +461,8 @@ class StreamResult:
 
 
 def enhance_stream(
-    model,
-    df_state,
+    model: Union[Enhancer, nn.Module],
+    df_state: Optional[DF],
     source: PathLike,
     target: PathLike,
     *,

@@ -30,7 +30,7 @@ from ..audio import (  # noqa: F401
     read_audio,
     write_audio,
 )
-from ..registry import Patch, Target
+from ..registry import Patch, Target, replaced_by
 from ..util import one_line
 
 # What torchaudio's AudioMetaData reported as (bits_per_sample, encoding), by soundfile subtype:
@@ -183,21 +183,13 @@ def save_audio(
         raise RuntimeError(str(exc)) from None
 
 
-def load_audio_wrapper(wrapped, instance, args, kwargs):
-    return load_audio(*args, **kwargs)
-
-
-def save_audio_wrapper(wrapped, instance, args, kwargs):
-    return save_audio(*args, **kwargs)
-
-
 PATCH = Patch(
     name="audio_io",
     # df.io defines both; the registry gives the wrappers to every module that bound them by name
     # (df.enhance, df.evaluation_utils, several df.scripts). df.multiframe imports them inside
     # functions, so it reads df.io's (patched) attribute at call time.
     targets=[
-        Target("df.io", "load_audio", load_audio_wrapper),
-        Target("df.io", "save_audio", save_audio_wrapper),
+        Target("df.io", "load_audio", replaced_by(load_audio)),
+        Target("df.io", "save_audio", replaced_by(save_audio)),
     ],
 )
