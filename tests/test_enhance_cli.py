@@ -268,6 +268,34 @@ def test_a_header_without_a_length_is_not_truncation(run_cli, audio_dir, tmp_pat
     assert sf.info(str(tmp_path / "out" / f"open_{SUFFIX}.wav")).frames == 48000
 
 
+@pytest.mark.parametrize("subtype", ["PCM_16", "FLOAT"])
+@pytest.mark.parametrize("mode", [[], ["--whole-file"]], ids=["streaming", "whole-file"])
+def test_a_cut_w64_is_skipped_unless_allowed(run_cli, audio_dir, tmp_path, subtype, mode):
+    # #13 item 1: only WAV/AIFF/RF64 headers were compared with what the file holds.
+    noisy, sr = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
+    full, cut = tmp_path / "full.w64", tmp_path / "cut.w64"
+    sf.write(str(full), noisy[:sr], sr, format="W64", subtype=subtype)
+    data = full.read_bytes()
+    cut.write_bytes(data[: len(data) // 3])
+    readable = sf.info(str(cut)).frames
+    assert 0 < readable < sr
+    rc, _, err = run_cli(cut, "-o", tmp_path / "out", *mode)
+    assert rc == 1, err
+    assert "Traceback" not in err
+    assert error_lines(err) == [
+        f"{cli.PROG}: error: '{cut}': truncated: header declares 1.0 s, file holds 0.33 s "
+        f"({readable} of {sr} frames) (--allow-truncated enhances what is there) (skipped)"
+    ]
+    assert "enhanced 0 of 1 file(s)" in err and "1 failed" in err
+    rc, _, err = run_cli(cut, "-o", tmp_path / "out", "--allow-truncated", *mode)
+    assert rc == 0, err
+    assert "truncated: header declares 1.0 s" in err and "enhancing what is there" in err
+    info = sf.info(str(tmp_path / "out" / f"cut_{SUFFIX}.w64"))
+    assert (info.format, info.subtype, info.frames) == ("W64", subtype, readable)
+    enhanced, _ = sf.read(str(tmp_path / "out" / f"cut_{SUFFIX}.w64"), dtype="float32")
+    assert np.isfinite(enhanced).all() and np.abs(enhanced).max() > 0
+
+
 def test_output_dir_that_is_a_file_stops_before_the_model(run_cli, audio_dir, tmp_path):
     files = _make_corpus(audio_dir, tmp_path / "in")
     blocker = tmp_path / "out"

@@ -18,11 +18,13 @@ of that moment, and nothing reads the umask. Replacing a file (``overwrite``) ke
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import secrets
 import shutil
 import stat
+import struct
 import time
 from typing import Iterator, List, Optional
 
@@ -273,57 +275,95 @@ def _blocks(reader, path: str, block_frames: int, dtype: str) -> Iterator[np.nda
                 return
 
 
-# -- truncation: what a header declares against what the file holds ---------------------------
-def declared_frames(path: PathLike) -> Optional[int]:
-    """The frames a WAV (RIFF, RIFX, RF64) or AIFF header declares, or None.
+# -- headers: what a WAV, RF64, W64 or AIFF header declares, and where its samples start -------
+# Sony Wave64: RIFF's layout with 16-byte GUIDs for chunk names and 8-byte little-endian sizes
+# that count the chunk's own 24-byte header; chunks start 8-byte aligned.
+_W64_TAIL = bytes.fromhex("f3acd3118cd100c04f8edb8a")
+_W64_RIFF = b"riff" + bytes.fromhex("2e91cf11a5d628db04c10000")
+_W64_WAVE, _W64_FMT, _W64_DATA = b"wave" + _W64_TAIL, b"fmt " + _W64_TAIL, b"data" + _W64_TAIL
+# Data lengths that say "not known": what a recorder writes before it finalises the header.
+_NO_LENGTH = (0, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF)
 
-    None where the header declares no usable length: another format, a header that can't be
-    parsed, or a length of 0 or 0xFFFFFFFF (a recorder that stopped before finalising it).
-    """
-    import struct
 
+@dataclasses.dataclass(frozen=True)
+class _Header:
+    declared: Optional[int]  # frames the header declares; None where it declares no length
+    data_offset: Optional[int] = None  # where the samples start (WAV, RF64, W64)
+    block_align: int = 0  # bytes of one frame
+    big_endian: bool = False
+    no_length: bool = False  # the data length is 0 or 0xFFFFFFFF (...): not finalised
+    empty_data: bool = False  # a RIFF data length of 0 (a real empty chunk, or not finalised)
+
+
+def _data_header(block_align, data_size, offset, big=False, riff=True) -> Optional[_Header]:
+    if not block_align or data_size is None:
+        return None
+    if data_size in _NO_LENGTH:
+        return _Header(None, offset, block_align, big, True, riff and data_size == 0)
+    return _Header(data_size // block_align, offset, block_align, big)
+
+
+def _header(path: PathLike) -> Optional[_Header]:
+    """The header of a WAV (RIFF, RIFX, RF64), W64 or AIFF file; None for another format or a
+    header that can't be parsed."""
     try:
         with open(os.fsencode(path), "rb") as f:
-            head = f.read(12)
+            head = f.read(40)
+            if len(head) >= 40 and head[:16] == _W64_RIFF and head[24:40] == _W64_WAVE:
+                return _w64_header(f)
             if len(head) < 12:
                 return None
             kind, form = head[:4], head[8:12]
+            f.seek(12)
             if kind in (b"RIFF", b"RIFX", b"RF64") and form == b"WAVE":
-                big = kind == b"RIFX"
-                return _wav_declared_frames(f, kind == b"RF64", ">" if big else "<", struct)
+                return _wav_header(f, kind == b"RF64", ">" if kind == b"RIFX" else "<")
             if kind == b"FORM" and form in (b"AIFF", b"AIFC"):
-                return _aiff_declared_frames(f, struct)
+                return _aiff_header(f)
     except (OSError, struct.error):
         return None
     return None
 
 
-def _wav_declared_frames(f, rf64: bool, order: str, struct) -> Optional[int]:
-    block_align = data_size = None
+def _wav_header(f, rf64: bool, order: str) -> Optional[_Header]:
+    block_align = ds64_size = None
     while True:
         chunk = f.read(8)
         if len(chunk) < 8:
             return None
         cid, size = chunk[:4], struct.unpack(order + "I", chunk[4:])[0]
+        body = b""
         if cid == b"ds64" and rf64:
-            body = f.read(size)
-            data_size = struct.unpack("<Q", body[8:16])[0]
-            size = 0
+            body = f.read(min(size, 16))
+            ds64_size = struct.unpack("<Q", body[8:16])[0]
         elif cid == b"fmt ":
-            body = f.read(size)
+            body = f.read(min(size, 16))
             block_align = struct.unpack(order + "H", body[12:14])[0]
-            size = 0
         elif cid == b"data":
-            if not rf64 or data_size is None:
-                data_size = size
-            break
-        f.seek(size + (size & 1), 1)
-    if not block_align or data_size in (None, 0, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF):
-        return None
-    return data_size // block_align
+            data_size = ds64_size if rf64 and ds64_size is not None else size
+            return _data_header(block_align, data_size, f.tell(), order == ">")
+        f.seek(size - len(body) + (size & 1), 1)
 
 
-def _aiff_declared_frames(f, struct) -> Optional[int]:
+def _w64_header(f) -> Optional[_Header]:
+    block_align = None
+    at = 40
+    while True:
+        f.seek(at)
+        chunk = f.read(24)
+        if len(chunk) < 24:
+            return None
+        guid, size = chunk[:16], struct.unpack("<Q", chunk[16:])[0]
+        if guid == _W64_FMT:
+            block_align = struct.unpack("<H", f.read(16)[12:14])[0]
+        elif guid == _W64_DATA:
+            data_size = size - 24 if size >= 24 and size not in _NO_LENGTH else 0
+            return _data_header(block_align, data_size, at + 24, riff=False)
+        if size < 24:
+            return None
+        at += (size + 7) & ~7
+
+
+def _aiff_header(f) -> Optional[_Header]:
     while True:
         chunk = f.read(8)
         if len(chunk) < 8:
@@ -331,12 +371,25 @@ def _aiff_declared_frames(f, struct) -> Optional[int]:
         cid, size = chunk[:4], struct.unpack(">I", chunk[4:])[0]
         if cid == b"COMM":
             frames = struct.unpack(">I", f.read(6)[2:6])[0]
-            return None if frames in (0, 0xFFFFFFFF) else frames
+            if frames in _NO_LENGTH:  # libsndfile reads an AIFF's sound data to its end
+                return _Header(None, no_length=True)
+            return _Header(frames)
         f.seek(size + (size & 1), 1)
 
 
+def declared_frames(path: PathLike) -> Optional[int]:
+    """The frames a WAV (RIFF, RIFX, RF64), W64 or AIFF header declares, or None.
+
+    None where the header declares no usable length: another format, a header that can't be
+    parsed, or a length of 0 or 0xFFFFFFFF (a recorder that stopped before finalising it).
+    """
+    header = _header(path)
+    return None if header is None else header.declared
+
+
+# -- truncation: what a header declares against what the file holds ---------------------------
 def truncation(path: PathLike) -> Optional[str]:
-    """How a WAV or AIFF file falls short of what its header declares, in words, or None.
+    """How a WAV, W64 or AIFF file falls short of what its header declares, in words, or None.
 
     A download that was cut, say: "truncated: header declares 10.0 s, file holds 1.04 s".
     """
