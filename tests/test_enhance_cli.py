@@ -268,6 +268,129 @@ def test_a_header_without_a_length_is_not_truncation(run_cli, audio_dir, tmp_pat
     assert sf.info(str(tmp_path / "out" / f"open_{SUFFIX}.wav")).frames == 48000
 
 
+def _without_length(wav: bytes, size: int) -> bytes:
+    """``wav`` as a recorder that died before finalising it leaves it: RIFF and data sizes
+    ``size`` (0 or 0xFFFFFFFF), the samples all there."""
+    import struct
+
+    data = bytearray(wav)
+    at = data.find(b"data")
+    data[4:8] = data[at + 4 : at + 8] = struct.pack("<I", size)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("size", [0, 0xFFFFFFFF], ids=["zero", "ffffffff"])
+@pytest.mark.parametrize("subtype", ["PCM_16", "FLOAT"])
+@pytest.mark.parametrize("mode", [[], ["--whole-file"]], ids=["streaming", "whole-file"])
+def test_a_wav_without_a_length_is_enhanced_to_its_end(
+    run_cli, audio_dir, tmp_path, size, subtype, mode
+):
+    # #13 item 1: libsndfile reads a data size of 0 as no samples, so the file was skipped.
+    from df_mps.audio import declared_frames
+
+    noisy, sr = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
+    (tmp_path / "in").mkdir()
+    intact, open_ended = tmp_path / "in" / "intact.wav", tmp_path / "in" / "open.wav"
+    sf.write(str(intact), noisy[:sr], sr, subtype=subtype)
+    open_ended.write_bytes(_without_length(intact.read_bytes(), size))
+    out = tmp_path / "out"
+    rc, _, err = run_cli(intact, open_ended, "-o", out, *mode)
+    assert rc == 0, err
+    assert "truncated" not in err and "error" not in err
+    warnings = [line for line in err.splitlines() if "header declares no length" in line]
+    assert len(warnings) == 1 and "open.wav" in warnings[0] and "1.00 s" in warnings[0], err
+    expected, _ = sf.read(str(out / f"intact_{SUFFIX}.wav"), dtype="float32")
+    got, _ = sf.read(str(out / f"open_{SUFFIX}.wav"), dtype="float32")
+    assert got.shape == expected.shape == (sr,)
+    assert np.isfinite(got).all() and np.array_equal(got, expected)
+    assert sf.info(str(out / f"open_{SUFFIX}.wav")).subtype == subtype
+    assert declared_frames(out / f"open_{SUFFIX}.wav") == sr  # the output's header is whole
+    # --skip-existing takes that output for the complete one it is.
+    rc, _, err = run_cli(open_ended, "-o", out, "--skip-existing", *mode)
+    assert rc == 0 and "1 file(s) skipped" in err, err
+
+
+@pytest.mark.parametrize(
+    "fmt,subtype,endian",
+    [("WAV", "PCM_24", "FILE"), ("WAV", "PCM_U8", "FILE"), ("WAV", "PCM_16", "BIG"),
+     ("RF64", "FLOAT", "FILE")],
+)  # fmt: skip
+def test_every_reader_reads_a_wav_without_a_length_to_its_end(tmp_path, fmt, subtype, endian):
+    # The whole-file read, block reads, the info (sizes, --skip-existing, durations) and a
+    # seek all see the samples that are there. RIFX (big-endian) and RF64 (a ds64 of zeros).
+    from df_mps import audio
+    from df_mps.api import sound_info
+
+    x = (np.random.default_rng(0).standard_normal((3001, 2)) * 0.1).astype(np.float32)
+    intact, path = tmp_path / "intact.wav", tmp_path / "open.wav"
+    sf.write(str(intact), x, 48000, subtype=subtype, format=fmt, endian=endian)
+    data = bytearray(intact.read_bytes())
+    if fmt == "RF64":
+        at = data.find(b"ds64")
+        data[at + 8 : at + 32] = bytes(24)
+    else:
+        data = bytearray(_without_length(bytes(data), 0))
+        if endian == "BIG":  # RIFX sizes are big-endian: zero either way
+            assert data[:4] == b"RIFX"
+    path.write_bytes(bytes(data) + b"\x01")  # and half a frame: a recorder stops anywhere
+    assert sf.info(str(path)).frames == 0  # libsndfile alone sees no samples
+    expected, _ = sf.read(str(intact), dtype="float32", always_2d=True)
+    got, info = audio.read_audio(path)
+    assert np.array_equal(got, expected)
+    assert (info.format, info.subtype, info.frames, info.channels) == (fmt, subtype, 3001, 2)
+    assert sound_info(path).frames == audio.audio_info(path).frames == 3001
+    assert audio.audio_info(path).duration == 3001 / 48000
+    assert np.array_equal(np.concatenate(list(audio.read_blocks(path, 1000))), expected)
+    with audio.open_audio(path) as f:
+        f.seek(2000)
+        assert np.array_equal(f.read(dtype="float32", always_2d=True), expected[2000:])
+    assert audio.truncation(path) is None and audio.declared_frames(path) is None
+    assert "header declares no length" in audio.no_length(path)
+    assert audio.no_length(intact) is None
+
+
+def test_an_empty_data_chunk_with_chunks_after_it_stays_empty(tmp_path):
+    # A data size of 0 followed by real chunks (a LIST) is an empty file, not samples.
+    import struct
+
+    from df_mps import audio
+
+    path = tmp_path / "empty.wav"
+    sf.write(str(path), np.zeros((0, 1), np.float32), 48000)
+    with open(path, "ab") as f:
+        f.write(b"LIST" + struct.pack("<I", 9) + b"INFOabcde\x00")
+    assert audio.read_audio(path)[0].shape == (0, 1)
+    assert audio.no_length(path) is None
+
+
+@pytest.mark.parametrize("subtype", ["PCM_16", "FLOAT"])
+@pytest.mark.parametrize("mode", [[], ["--whole-file"]], ids=["streaming", "whole-file"])
+def test_a_cut_w64_is_skipped_unless_allowed(run_cli, audio_dir, tmp_path, subtype, mode):
+    # #13 item 1: only WAV/AIFF/RF64 headers were compared with what the file holds.
+    noisy, sr = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
+    full, cut = tmp_path / "full.w64", tmp_path / "cut.w64"
+    sf.write(str(full), noisy[:sr], sr, format="W64", subtype=subtype)
+    data = full.read_bytes()
+    cut.write_bytes(data[: len(data) // 3])
+    readable = sf.info(str(cut)).frames
+    assert 0 < readable < sr
+    rc, _, err = run_cli(cut, "-o", tmp_path / "out", *mode)
+    assert rc == 1, err
+    assert "Traceback" not in err
+    assert error_lines(err) == [
+        f"{cli.PROG}: error: '{cut}': truncated: header declares 1.0 s, file holds 0.33 s "
+        f"({readable} of {sr} frames) (--allow-truncated enhances what is there) (skipped)"
+    ]
+    assert "enhanced 0 of 1 file(s)" in err and "1 failed" in err
+    rc, _, err = run_cli(cut, "-o", tmp_path / "out", "--allow-truncated", *mode)
+    assert rc == 0, err
+    assert "truncated: header declares 1.0 s" in err and "enhancing what is there" in err
+    info = sf.info(str(tmp_path / "out" / f"cut_{SUFFIX}.w64"))
+    assert (info.format, info.subtype, info.frames) == ("W64", subtype, readable)
+    enhanced, _ = sf.read(str(tmp_path / "out" / f"cut_{SUFFIX}.w64"), dtype="float32")
+    assert np.isfinite(enhanced).all() and np.abs(enhanced).max() > 0
+
+
 def test_output_dir_that_is_a_file_stops_before_the_model(run_cli, audio_dir, tmp_path):
     files = _make_corpus(audio_dir, tmp_path / "in")
     blocker = tmp_path / "out"

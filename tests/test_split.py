@@ -137,6 +137,29 @@ def test_a_bad_long_file_is_one_error_and_leaves_nothing(enhancer, audio_dir, tm
     assert os.listdir(out) == ["good.wav"]  # no temp file, no partial output
 
 
+def test_a_wav_without_a_length_is_split_and_read_to_its_end(enhancer, audio_dir, tmp_path):
+    # #13 item 1: a data size of 0 (a recorder that died) reads as no samples in libsndfile;
+    # the segments read the samples that are there, as from the finalised file.
+    import struct
+
+    noisy, _, sr = made_speech(audio_dir, "white", 6.0)
+    intact, path = tmp_path / "intact.wav", tmp_path / "open.wav"
+    sf.write(str(intact), noisy, sr, "PCM_16")
+    data = bytearray(intact.read_bytes())
+    at = data.find(b"data")
+    data[4:8] = data[at + 4 : at + 8] = struct.pack("<I", 0)
+    path.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    jobs = [(intact, out / "intact.wav"), (path, out / "open.wav")]
+    assert [len(f.bounds) - 1 for f in SplitPlan(jobs, batch=4, overwrite=False,
+                                                 options=SMALL).files] == [2, 2]  # fmt: skip
+    results = list(enhancer.enhance_files(jobs, split_long=SMALL))
+    assert all(isinstance(r, FileResult) for r in results), results
+    a, _ = sf.read(str(out / "intact.wav"), dtype="float32")
+    b, _ = sf.read(str(out / "open.wav"), dtype="float32")
+    assert a.shape == b.shape == noisy.shape and np.array_equal(a, b)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["segments", "assembly", "after_a_segment_is_in"])
 def test_interrupt_removes_every_temp_file(enhancer, audio_dir, tmp_path, monkeypatch, where):

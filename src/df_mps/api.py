@@ -25,7 +25,14 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 import numpy as np
 
 from . import engine as _engine_module
-from .audio import AudioFileError, AudioFileWriter, open_error, read_audio, same_file
+from .audio import (
+    AudioFileError,
+    AudioFileWriter,
+    open_audio,
+    open_error,
+    read_audio,
+    same_file,
+)
 from .engine import ArraySink, ArraySource, Engine, Job, Sink, Source, nonfinite_reason
 from .errors import os_reason, sndfile_reason
 from .models import DEFAULT_MODEL, PRETRAINED_MODELS
@@ -95,7 +102,7 @@ class FileSource(Source):
         self.sample_rate = int(info.samplerate)
         self.channels = int(info.channels)
         try:
-            self._file = sf.SoundFile(os.fsencode(path))
+            self._file = open_audio(path)  # a WAV without a length: to the end of the file
         except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError) as exc:
             raise open_error(path, exc) from None
         self._read = 0

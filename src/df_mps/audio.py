@@ -2,7 +2,9 @@
 
 Everything df_mps reads or writes for a user goes through here: the command line (whole files
 and streamed ones), the ``df.io.load_audio``/``save_audio`` patch, the model cache's directories
-and the shipped sample. soundfile (libsndfile) does the audio I/O.
+and the shipped sample. soundfile (libsndfile) does the audio I/O; a WAV whose header declares
+no data length (a recorder that died before finalising it) is read from its data chunk to the
+end of the file, as RAW (``open_audio``, ``audio_info``).
 
 The writer (``new_temp``, ``publish``, ``discard``; ``atomic_output`` and ``AudioFileWriter``
 on top of them): the output is first a temporary file or directory in the target's directory,
@@ -18,11 +20,13 @@ of that moment, and nothing reads the umask. Replacing a file (``overwrite``) ke
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import secrets
 import shutil
 import stat
+import struct
 import time
 from typing import Iterator, List, Optional
 
@@ -40,12 +44,15 @@ __all__ = [
     "AudioFileError",
     "AudioFileWriter",
     "atomic_output",
+    "audio_info",
     "choose_subtype",
     "declared_frames",
     "discard",
     "format_for_path",
     "is_temp_name",
     "new_temp",
+    "no_length",
+    "open_audio",
     "open_error",
     "open_for_writing",
     "publish",
@@ -196,11 +203,10 @@ def read_audio(
 ):
     """(samples [T, C] as ``dtype``, soundfile info) of an audio file.
 
-    Raises ``AudioFileError`` with a one-line reason for a file that is missing, empty, not
-    audio, or unreadable.
+    A WAV whose header declares no length (a recorder that stopped before finalising it) is
+    read to the end of the file (``open_audio``). Raises ``AudioFileError`` with a one-line
+    reason for a file that is missing, empty, not audio, or unreadable.
     """
-    import soundfile as sf
-
     path = os.fspath(path)
     try:
         st = os.stat(path)
@@ -214,9 +220,8 @@ def read_audio(
     if size == 0:
         raise AudioFileError(f"'{path}': empty file")
     try:
-        # Bytes: soundfile encodes a str strictly, and a Linux name need not be UTF-8.
-        with sf.SoundFile(os.fsencode(path)) as f:
-            info = sf.info(os.fsencode(path))
+        with open_audio(path) as f:
+            info = audio_info(path)
             if frame_offset:
                 f.seek(frame_offset)
             data = f.read(frames=num_frames, dtype=dtype, always_2d=True)
@@ -244,11 +249,9 @@ def read_blocks(
     be shorter). The file is opened here, so a file that can't be opened raises at once;
     ``AudioFileError`` (one line) for that and for a read that fails later. Close the
     generator (``contextlib.closing``) to close the file early."""
-    import soundfile as sf
-
     path = os.fspath(path)
     try:
-        reader = sf.SoundFile(os.fsencode(path))
+        reader = open_audio(path)
     except (*_SOUNDFILE_ERRORS, OSError) as exc:
         raise open_error(path, exc) from None
     return _blocks(reader, path, max(1, int(block_frames)), dtype)
@@ -260,7 +263,7 @@ def _blocks(reader, path: str, block_frames: int, dtype: str) -> Iterator[np.nda
         while True:
             try:
                 data = reader.read(frames=block_frames, dtype=dtype, always_2d=True)
-            except _SOUNDFILE_ERRORS as exc:
+            except (*_SOUNDFILE_ERRORS, OSError) as exc:
                 raise AudioFileError(
                     f"'{path}': read failed at {done / reader.samplerate:.2f} s "
                     f"({sndfile_reason(exc)})"
@@ -273,57 +276,95 @@ def _blocks(reader, path: str, block_frames: int, dtype: str) -> Iterator[np.nda
                 return
 
 
-# -- truncation: what a header declares against what the file holds ---------------------------
-def declared_frames(path: PathLike) -> Optional[int]:
-    """The frames a WAV (RIFF, RIFX, RF64) or AIFF header declares, or None.
+# -- headers: what a WAV, RF64, W64 or AIFF header declares, and where its samples start -------
+# Sony Wave64: RIFF's layout with 16-byte GUIDs for chunk names and 8-byte little-endian sizes
+# that count the chunk's own 24-byte header; chunks start 8-byte aligned.
+_W64_TAIL = bytes.fromhex("f3acd3118cd100c04f8edb8a")
+_W64_RIFF = b"riff" + bytes.fromhex("2e91cf11a5d628db04c10000")
+_W64_WAVE, _W64_FMT, _W64_DATA = b"wave" + _W64_TAIL, b"fmt " + _W64_TAIL, b"data" + _W64_TAIL
+# Data lengths that say "not known": what a recorder writes before it finalises the header.
+_NO_LENGTH = (0, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF)
 
-    None where the header declares no usable length: another format, a header that can't be
-    parsed, or a length of 0 or 0xFFFFFFFF (a recorder that stopped before finalising it).
-    """
-    import struct
 
+@dataclasses.dataclass(frozen=True)
+class _Header:
+    declared: Optional[int]  # frames the header declares; None where it declares no length
+    data_offset: Optional[int] = None  # where the samples start (WAV, RF64, W64)
+    block_align: int = 0  # bytes of one frame
+    big_endian: bool = False
+    no_length: bool = False  # the data length is 0 or 0xFFFFFFFF (...): not finalised
+    empty_data: bool = False  # a RIFF data length of 0 (a real empty chunk, or not finalised)
+
+
+def _data_header(block_align, data_size, offset, big=False, riff=True) -> Optional[_Header]:
+    if not block_align or data_size is None:
+        return None
+    if data_size in _NO_LENGTH:
+        return _Header(None, offset, block_align, big, True, riff and data_size == 0)
+    return _Header(data_size // block_align, offset, block_align, big)
+
+
+def _header(path: PathLike) -> Optional[_Header]:
+    """The header of a WAV (RIFF, RIFX, RF64), W64 or AIFF file; None for another format or a
+    header that can't be parsed."""
     try:
         with open(os.fsencode(path), "rb") as f:
-            head = f.read(12)
+            head = f.read(40)
+            if len(head) >= 40 and head[:16] == _W64_RIFF and head[24:40] == _W64_WAVE:
+                return _w64_header(f)
             if len(head) < 12:
                 return None
             kind, form = head[:4], head[8:12]
+            f.seek(12)
             if kind in (b"RIFF", b"RIFX", b"RF64") and form == b"WAVE":
-                big = kind == b"RIFX"
-                return _wav_declared_frames(f, kind == b"RF64", ">" if big else "<", struct)
+                return _wav_header(f, kind == b"RF64", ">" if kind == b"RIFX" else "<")
             if kind == b"FORM" and form in (b"AIFF", b"AIFC"):
-                return _aiff_declared_frames(f, struct)
+                return _aiff_header(f)
     except (OSError, struct.error):
         return None
     return None
 
 
-def _wav_declared_frames(f, rf64: bool, order: str, struct) -> Optional[int]:
-    block_align = data_size = None
+def _wav_header(f, rf64: bool, order: str) -> Optional[_Header]:
+    block_align = ds64_size = None
     while True:
         chunk = f.read(8)
         if len(chunk) < 8:
             return None
         cid, size = chunk[:4], struct.unpack(order + "I", chunk[4:])[0]
+        body = b""
         if cid == b"ds64" and rf64:
-            body = f.read(size)
-            data_size = struct.unpack("<Q", body[8:16])[0]
-            size = 0
+            body = f.read(min(size, 16))
+            ds64_size = struct.unpack("<Q", body[8:16])[0]
         elif cid == b"fmt ":
-            body = f.read(size)
+            body = f.read(min(size, 16))
             block_align = struct.unpack(order + "H", body[12:14])[0]
-            size = 0
         elif cid == b"data":
-            if not rf64 or data_size is None:
-                data_size = size
-            break
-        f.seek(size + (size & 1), 1)
-    if not block_align or data_size in (None, 0, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF):
-        return None
-    return data_size // block_align
+            data_size = ds64_size if rf64 and ds64_size is not None else size
+            return _data_header(block_align, data_size, f.tell(), order == ">")
+        f.seek(size - len(body) + (size & 1), 1)
 
 
-def _aiff_declared_frames(f, struct) -> Optional[int]:
+def _w64_header(f) -> Optional[_Header]:
+    block_align = None
+    at = 40
+    while True:
+        f.seek(at)
+        chunk = f.read(24)
+        if len(chunk) < 24:
+            return None
+        guid, size = chunk[:16], struct.unpack("<Q", chunk[16:])[0]
+        if guid == _W64_FMT:
+            block_align = struct.unpack("<H", f.read(16)[12:14])[0]
+        elif guid == _W64_DATA:
+            data_size = size - 24 if size >= 24 and size not in _NO_LENGTH else 0
+            return _data_header(block_align, data_size, at + 24, riff=False)
+        if size < 24:
+            return None
+        at += (size + 7) & ~7
+
+
+def _aiff_header(f) -> Optional[_Header]:
     while True:
         chunk = f.read(8)
         if len(chunk) < 8:
@@ -331,12 +372,25 @@ def _aiff_declared_frames(f, struct) -> Optional[int]:
         cid, size = chunk[:4], struct.unpack(">I", chunk[4:])[0]
         if cid == b"COMM":
             frames = struct.unpack(">I", f.read(6)[2:6])[0]
-            return None if frames in (0, 0xFFFFFFFF) else frames
+            if frames in _NO_LENGTH:  # libsndfile reads an AIFF's sound data to its end
+                return _Header(None, no_length=True)
+            return _Header(frames)
         f.seek(size + (size & 1), 1)
 
 
+def declared_frames(path: PathLike) -> Optional[int]:
+    """The frames a WAV (RIFF, RIFX, RF64), W64 or AIFF header declares, or None.
+
+    None where the header declares no usable length: another format, a header that can't be
+    parsed, or a length of 0 or 0xFFFFFFFF (a recorder that stopped before finalising it).
+    """
+    header = _header(path)
+    return None if header is None else header.declared
+
+
+# -- truncation: what a header declares against what the file holds ---------------------------
 def truncation(path: PathLike) -> Optional[str]:
-    """How a WAV or AIFF file falls short of what its header declares, in words, or None.
+    """How a WAV, W64 or AIFF file falls short of what its header declares, in words, or None.
 
     A download that was cut, say: "truncated: header declares 10.0 s, file holds 1.04 s".
     """
@@ -356,6 +410,189 @@ def truncation(path: PathLike) -> Optional[str]:
         f"truncated: header declares {declared / rate:.1f} s, file holds {held / rate:.2f} s "
         f"({held} of {declared} frames)"
     )
+
+
+def no_length(path: PathLike) -> Optional[str]:
+    """Words for a WAV, W64 or AIFF whose header declares no length (0 or 0xFFFFFFFF: a
+    recorder that stopped before finalising it) and that holds samples, or None. Such a file
+    is read to its end (``open_audio``), not taken for a truncated one."""
+    header = _header(path)
+    if header is None or not header.no_length:
+        return None
+    try:
+        info = audio_info(path)
+    except Exception:  # not readable at all: read_audio says why
+        return None
+    if info.frames <= 0 or info.samplerate <= 0:
+        return None
+    return (
+        "header declares no length (not finalised); reading to the end of the file: "
+        f"{info.frames / info.samplerate:.2f} s"
+    )
+
+
+# -- opening for reading: libsndfile, or its RAW reader where the header has no length ---------
+@dataclasses.dataclass(frozen=True)
+class _OpenEnded:
+    offset: int  # where the samples start
+    frames: int  # the whole frames from there to the end of the file
+    samplerate: int
+    channels: int
+    subtype: str
+    endian: str
+
+
+def _open_ended(name: bytes, opened) -> Optional[_OpenEnded]:
+    """Where the samples of a WAV whose header declares no data length start, when libsndfile
+    (``opened``: its SoundFile or info) sees fewer frames there than the file holds: a data
+    length of 0 reads as no samples at all. None for every other file."""
+    import soundfile as sf
+
+    header = _header(name)
+    if header is None or not header.no_length or header.data_offset is None:
+        return None
+    width = _BYTES_PER_SAMPLE.get(opened.subtype)
+    if width is None or header.block_align != width * int(opened.channels):
+        return None  # a compressed subtype, or a layout RAW would not read as libsndfile does
+    size = os.stat(name).st_size
+    frames = (size - header.data_offset) // header.block_align
+    if frames <= int(opened.frames):
+        return None  # libsndfile reads them all already (0xFFFFFFFF: to the end of the file)
+    order = ">" if header.big_endian else "<"
+    if header.empty_data and _chunks_to_the_end(name, header.data_offset, size, order):
+        return None  # a real empty data chunk with chunks after it, not samples
+    endian = "BIG" if header.big_endian else "LITTLE"
+    if not sf.check_format("RAW", opened.subtype, endian):
+        return None
+    rate, channels = int(opened.samplerate), int(opened.channels)
+    return _OpenEnded(header.data_offset, frames, rate, channels, opened.subtype, endian)
+
+
+def _chunks_to_the_end(name: bytes, at: int, size: int, order: str) -> bool:
+    """True when the bytes from ``at`` are RIFF chunks (printable names, sizes that fit) that end
+    at the end of the file."""
+    with open(name, "rb") as f:
+        while at < size:
+            f.seek(at)
+            chunk = f.read(8)
+            if len(chunk) < 8 or not all(32 <= c < 127 for c in chunk[:4]):
+                return False
+            length = struct.unpack(order + "I", chunk[4:])[0]
+            at += 8 + length + (length & 1)
+            if at > size + (length & 1):
+                return False
+    return True
+
+
+class _DataWindow:
+    """The bytes of an open file from ``start`` to its end, as a file object of their own, for
+    libsndfile's virtual I/O. Its methods never raise (cffi would print the traceback and go on
+    with a short read): what they meet is kept in ``error``, for the reader to raise."""
+
+    def __init__(self, raw, start: int):
+        self._raw, self._start = raw, start
+        self.error: Optional[BaseException] = None
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        try:
+            if whence == 0:
+                self._raw.seek(self._start + max(0, offset))
+            else:
+                self._raw.seek(offset, whence)
+            return self._raw.tell() - self._start
+        except BaseException as exc:  # noqa: BLE001 - raised by the reader instead
+            self.error = self.error or exc
+            return -1
+
+    def tell(self) -> int:
+        try:
+            return self._raw.tell() - self._start
+        except BaseException as exc:  # noqa: BLE001
+            self.error = self.error or exc
+            return -1
+
+    def readinto(self, buffer) -> int:
+        try:
+            return self._raw.readinto(buffer) or 0
+        except BaseException as exc:  # noqa: BLE001
+            self.error = self.error or exc
+            return 0
+
+
+def _open_ended_reader(name: bytes, where: _OpenEnded):
+    """A soundfile SoundFile reading ``where``'s samples as RAW, to the end of the file; it
+    closes the file with itself and raises what the file's reads met."""
+    import soundfile as sf
+
+    class OpenEndedReader(sf.SoundFile):
+        def read(self, *args, **kwargs):
+            data = super().read(*args, **kwargs)
+            self._raise_error()
+            return data
+
+        def seek(self, *args, **kwargs):
+            position = super().seek(*args, **kwargs)
+            self._raise_error()
+            return position
+
+        def _raise_error(self):
+            error, window.error = window.error, None
+            if error is not None:
+                raise error
+
+        def close(self):
+            try:
+                super().close()
+            finally:
+                raw.close()
+
+    raw = open(name, "rb")  # noqa: SIM115 - the reader closes it
+    window = _DataWindow(raw, where.offset)
+    try:
+        reader = OpenEndedReader(
+            window, "r", where.samplerate, where.channels, where.subtype, where.endian, "RAW"
+        )
+    except BaseException:
+        raw.close()
+        raise
+    reader._raise_error()
+    return reader
+
+
+def open_audio(path: PathLike):
+    """A soundfile ``SoundFile`` reading ``path``: libsndfile's own, except for a WAV whose
+    header declares no data length (0, or 0xFFFFFFFF where libsndfile sees too few frames),
+    whose samples are read from the data chunk to the end of the file, as RAW with the
+    header's subtype, channels, rate and byte order. Raises what ``sf.SoundFile`` raises, and
+    ``OSError``."""
+    import soundfile as sf
+
+    # Bytes: soundfile encodes a str strictly, and a Linux name need not be UTF-8.
+    name = os.fsencode(path)
+    f = sf.SoundFile(name)
+    try:
+        where = _open_ended(name, f)
+    except BaseException:
+        f.close()
+        raise
+    if where is None:
+        return f
+    f.close()
+    return _open_ended_reader(name, where)
+
+
+def audio_info(path: PathLike):
+    """soundfile's info of ``path``, with the frames ``open_audio`` reads (a WAV whose header
+    declares no length holds what is there to the end of the file)."""
+    import soundfile as sf
+
+    name = os.fsencode(path)
+    info = sf.info(name)
+    where = _open_ended(name, info)
+    if where is not None:
+        info.frames = where.frames
+        info.duration = where.frames / where.samplerate
+    return info
 
 
 # -- which file is which ---------------------------------------------------------------------

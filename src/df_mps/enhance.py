@@ -28,10 +28,12 @@ It takes upstream's options (``-m``, ``--pf``, ``-o``, ``--atten-lim``, ``--no-d
   temporary file in the target directory and renamed into place, so an interrupted run leaves
   either the complete file or none.
 - A file that can't be processed (missing, unreadable, empty, corrupt, not audio, no samples,
-  NaN or Inf, or a WAV/AIFF holding less than its header declares: ``--allow-truncated``
-  enhances what is there) is reported in one line naming the file and the plain cause, and
-  skipped; so is an output that can't be written (disk full, permission denied). Problems with
-  the output location stop the run before the model loads.
+  NaN or Inf, or a WAV/RF64/W64/AIFF holding less than its header declares:
+  ``--allow-truncated`` enhances what is there) is reported in one line naming the file and the
+  plain cause, and skipped; so is an output that can't be written (disk full, permission
+  denied). Problems with the output location stop the run before the model loads. A header
+  that declares no length (0 or 0xFFFFFFFF: a recorder that died before finalising it) is not
+  truncation: the file is read to its end and enhanced, with a one-line warning.
 - Exit status: 0 when every file was enhanced, 1 when any failed or the run could not start,
   2 for a command-line usage error, 130 when interrupted (Ctrl-C), 143 for SIGTERM and 129 for
   SIGHUP (which clean up as Ctrl-C does).
@@ -71,8 +73,10 @@ from .audio import (
     EXTENSION_FORMATS,
     TEMP_SUFFIX,
     AudioFileError,
+    audio_info,
     discard,
     new_temp,
+    no_length,
     read_audio,
     refuse_input_as_output,
     truncation,
@@ -297,7 +301,7 @@ def output_is_complete(source: PathLike, target: PathLike) -> bool:
     import soundfile as sf
 
     try:
-        expected = sf.info(os.fspath(source))
+        expected = audio_info(source)
         with sf.SoundFile(os.fspath(target)) as out:
             if (out.samplerate, out.channels, out.frames) != (
                 expected.samplerate,
@@ -323,9 +327,10 @@ def plan_jobs(
 ) -> List[Job]:
     """Pair each input with its output path, refusing any pairing that could lose a file.
 
-    An input that can't be used (missing, unreadable, a WAV/AIFF holding less than its header
-    declares unless ``allow_truncated``, ...) or an output path that can't be checked gets a
-    one-line ``error`` naming the file and the plain cause; the rest go on.
+    An input that can't be used (missing, unreadable, a WAV/RF64/W64/AIFF holding less than
+    its header declares unless ``allow_truncated``, ...) or an output path that can't be
+    checked gets a one-line ``error`` naming the file and the plain cause; the rest go on. A
+    header that declares no length is a warning: the file is read to its end.
     """
     jobs: List[Job] = []
     input_real: Dict[str, Path] = {}
@@ -352,6 +357,9 @@ def plan_jobs(
             continue
         if cut is not None:
             logger.warning(f"'{source}': {cut}; enhancing what is there (--allow-truncated)")
+        open_ended = no_length(source)
+        if open_ended is not None:
+            logger.warning(f"'{source}': {open_ended}")
         stem, ext = os.path.splitext(source.name)
         name = stem + (f"_{suffix}" if suffix else "") + ext
         target = output_dir / rel / name
@@ -595,8 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-truncated",
         action="store_true",
-        help="enhance a WAV/AIFF that holds less than its header declares (a cut download) "
-        "instead of skipping it; warns",
+        help="enhance a WAV/RF64/W64/AIFF that holds less than its header declares (a cut "
+        "download) instead of skipping it; warns",
     )
     p.add_argument(
         "--piece-seconds",
@@ -1003,10 +1011,8 @@ def _os_error_line(job: Job, exc: OSError) -> str:
 
 
 def _duration(path: Path) -> float:
-    import soundfile as sf
-
     try:
-        info = sf.info(os.fsencode(path))
+        info = audio_info(path)
         return info.frames / info.samplerate if info.frames > 0 else 0.0
     except Exception:  # noqa: BLE001 - unreadable files are reported when they are enhanced
         return 0.0

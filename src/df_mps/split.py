@@ -51,7 +51,9 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .api import FileSink, FileSource, file_job
+from .audio import audio_info, open_audio
 from .engine import Job, JobError, Result, Sink, Source, nonfinite_reason
+from .errors import os_reason
 from .patches.audio_io import TEMP_SUFFIX, AudioFileError
 
 DEFAULT_WARMUP_SECONDS = 5.0
@@ -310,7 +312,7 @@ class SegmentSource(Source):
         self.path = split.source
         self.sample_rate, self.channels = split.sample_rate, split.channels
         try:
-            self._file = sf.SoundFile(os.fspath(self.path))
+            self._file = open_audio(self.path)
             self._file.seek(start)
         except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError) as exc:
             raise AudioFileError(f"'{self.path}': not a readable audio file ({exc})") from None
@@ -329,6 +331,11 @@ class SegmentSource(Source):
         except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
             raise AudioFileError(
                 f"'{self.path}': read failed at {self.pos / self.sample_rate:.2f} s ({exc})"
+            ) from None
+        except OSError as exc:  # open_audio's reader of a WAV without a length
+            raise AudioFileError(
+                f"'{self.path}': read failed at {self.pos / self.sample_rate:.2f} s "
+                f"({os_reason(exc)})"
             ) from None
         if data.shape[0] < n:
             raise AudioFileError(
@@ -450,10 +457,8 @@ class SplitPlan:
 def _probe(path: Path):
     """soundfile's info where ``path`` is audio with samples; None otherwise (it then runs as
     a whole file, which reports what is wrong with it)."""
-    import soundfile as sf
-
     try:
-        info = sf.info(os.fspath(path))
+        info = audio_info(path)
     except Exception:  # noqa: BLE001 - reported when the file is enhanced
         return None
     if info.frames <= 0 or info.samplerate <= 0 or info.channels <= 0:
@@ -462,10 +467,8 @@ def _probe(path: Path):
 
 
 def _seekable(path: Path) -> bool:
-    import soundfile as sf
-
     try:
-        with sf.SoundFile(os.fspath(path)) as f:
+        with open_audio(path) as f:
             return bool(f.seekable())
     except Exception:  # noqa: BLE001
         return False
