@@ -66,6 +66,17 @@ for part in "${parts[@]}"; do
   gpu)
     DF_MPS_DEVICE=cuda python3 -m df_mps doctor > "$OUT/doctor_gpu.txt" 2>&1
     timeout 270 python3 benchmarks/bench_gpu.py --device cuda --deadline-s 240 --json "$OUT/h200_gpu.json" 2>&1 | grep -v "| INFO" | tail -40 ;;
+  final)
+    # The corpus through the CLI (fp32 and bf16), the CUDA tests, then the whole suite: in
+    # parallel, then its failures again one at a time (xdist workers share a cache and a cwd).
+    (cd benchmarks && timeout 60 python3 bench_engine.py --mode corpus --device cuda --files 64 \
+      --seconds 30 --batch 64 --threads 4 --json "$OUT/final_fp32.json" 2>&1 | grep -v INFO | cut -c1-160 | tail -1)
+    (cd benchmarks && timeout 60 python3 bench_engine.py --mode corpus --device cuda --files 64 \
+      --seconds 30 --batch 64 --threads 4 --cli-args "--precision bf16" --json "$OUT/final_bf16.json" 2>&1 | grep -v INFO | cut -c1-160 | tail -1)
+    for f in final_fp32 final_bf16; do python3 -c "import json; r=json.load(open('$OUT/$f.json'))['rows'][0]; print('$f', round(r['audio_s_per_s']), json.dumps({k: v for k, v in r['timeline'].items() if k != 'steps'}))"; done
+    DF_MPS_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py tests/test_precision.py tests/test_engine.py -k "not memory" 2>&1 | tail -4
+    timeout 130 python3 -m pytest -q -n 8 --dist loadfile -o cache_dir=/tmp/pc 2>&1 | tail -8
+    timeout 60 python3 -m pytest -q --lf -o cache_dir=/tmp/pc 2>&1 | tail -4 ;;
   suite)
     # Serial: the fresh-interpreter and docs tests share a cache and a working directory.
     DF_MPS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py tests/test_precision.py tests/test_engine.py -k "not memory" 2>&1 | tail -6
