@@ -782,7 +782,7 @@ def timeline_table(rows: List[dict]) -> str:
         full = [s for s in t["steps"] if s[2] == max(p for _, _, p in t["steps"])]
         lines.append(
             [
-                r["requested_batch"],
+                r.get("config", r["requested_batch"]),
                 f"{r['process_s']:.3f}",
                 f"{t['before_first_step_s']:.3f}",
                 f"{t['in_steps_s']:.3f}",
@@ -790,13 +790,16 @@ def timeline_table(rows: List[dict]) -> str:
                 f"{t['after_last_step_s']:.3f}",
                 f"{len(t['steps'])} ({len(full)} full)",
                 fmt(sum(s[1] for s in t["steps"]) / len(t["steps"]), "g"),
+                "-" if "device_in_steps_s" not in t else f"{t['device_in_steps_s']:.3f}",
             ]
         )
-    headers = ["batch", "process s", "before 1st step", "in steps", "between", "after last"]
-    headers += ["steps", "rows/step"]
+    headers = ["run", "process s", "before 1st step", "in steps", "between", "after last"]
+    headers += ["steps", "rows/step", "device busy in steps, s"]
     intro = (
         "\n\nWhere the time goes (`DF_MPS_ENGINE_TIMELINE`; a step ends when its work is "
-        "queued, so on a GPU its device time can spill into the next phase):\n\n"
+        "queued, so on a GPU its device time can spill into the next phase; on CUDA, timing "
+        "events on the stream give the time the device spent from each step's start to its "
+        "end):\n\n"
     )
     return intro + table(headers, lines) + "\n\n"
 
@@ -865,6 +868,28 @@ def h200_engine(data: dict) -> Rendered:
         f"- CUDA (H200), the CLI on {data['meta'].get('corpus')}: "
         f"{fmt(best['audio_s_per_s'], 'x')} audio-s/s at `--batch {best['requested_batch']}`, "
         "first decode to last encode."
+    ]
+    return text, glance
+
+
+@section(
+    "h200_engine_final",
+    "h200_engine_final.json",
+    "### CUDA (NVIDIA H200): batch 64 after the last engine change",
+)
+def h200_engine_final(data: dict) -> Rendered:
+    meta = data["meta"]
+    rows = data["rows"]
+    columns = [("run", "config", "g")] + [c for c in ENGINE_COLUMNS if c[1] != "repeat"]
+    head = (
+        f"The command line on `{meta.get('corpus', '')}` at `--batch 64`, fp32 (the default) "
+        f"and `--precision bf16`, with CUDA graphs (the default): {meta.get('note', '')}.\n\n"
+    )
+    text = head + rows_table(rows, columns) + timeline_table(rows) + provenance(meta)
+    glance = [
+        f"- CUDA (H200), the CLI on {meta.get('corpus')} at `--batch 64`: "
+        + ", ".join(f"{r['config']} {fmt(r['audio_s_per_s'], 'x')} audio-s/s" for r in rows)
+        + " (goal 3,000; graphs and bf16: goal 6,000)."
     ]
     return text, glance
 
