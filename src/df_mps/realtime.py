@@ -186,14 +186,20 @@ class _ConvBlock:
         self.state = None
 
     def __call__(self, x):
+        y, self.state = self.forward(x, self.state)
+        return y
+
+    def forward(self, x, state):
+        """(output, the state after x) for input frames x and the carried ``state`` (the last
+        ``past`` input frames; None: silence)."""
         import torch
         import torch.nn.functional as F
 
         if self.past:
-            if self.state is None or self.state.shape[0] != x.shape[0]:
-                self.state = x.new_zeros((x.shape[0], x.shape[1], self.past, x.shape[3]))
-            x = torch.cat((self.state, x), dim=2)
-            self.state = x[:, :, x.shape[2] - self.past :]
+            if state is None or state.shape[0] != x.shape[0]:
+                state = x.new_zeros((x.shape[0], x.shape[1], self.past, x.shape[3]))
+            x = torch.cat((state, x), dim=2)
+            state = x[:, :, x.shape[2] - self.past :]
         if self.time_only:
             b, c, _, f = x.shape
             kt = self.weight.shape[2]
@@ -218,7 +224,7 @@ class _ConvBlock:
             )
         else:
             y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
-        return self.activation(y) if self.activation is not None else y
+        return (self.activation(y) if self.activation is not None else y), state
 
 
 def _dense_weight(conv):
@@ -327,32 +333,38 @@ class _GRU:
             self.cells.append((w_ih, w_hh, bias_ih.detach(), bias_hh.detach()))
 
     def __call__(self, x):
+        y, self.state = self.forward(x, self.state)
+        return y
+
+    def forward(self, x, state):
+        """(output, hidden state after x) for input frames x and the carried hidden ``state``
+        [layers, B, H] (None: zeros)."""
         import torch
 
         y = self.linear_in(x)
-        if self.state is None:
-            self.state = y.new_zeros((self.layers, y.shape[0], self.hidden))
+        if state is None:
+            state = y.new_zeros((self.layers, y.shape[0], self.hidden))
         if y.shape[1] == 1:
             h = y[:, 0]
             states = []
             hid = self.hidden
             for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.cells):
-                prev = self.state[k]
+                prev = state[k]
                 gi = torch.addmm(b_ih, h, w_ih)  # [B, 3H]: r, z, n
                 gh = torch.addmm(b_hh, prev, w_hh)
                 rz = torch.sigmoid_(gi[:, : 2 * hid].add_(gh[:, : 2 * hid]))
                 n = torch.tanh_(gi[:, 2 * hid :].addcmul_(rz[:, :hid], gh[:, 2 * hid :]))
                 h = torch.lerp(n, prev, rz[:, hid:])  # n + z (h - n), as torch.gru_cell
                 states.append(h)
-            self.state = torch.stack(states) if self.layers > 1 else h.unsqueeze(0)
+            state = torch.stack(states) if self.layers > 1 else h.unsqueeze(0)
             y = h.unsqueeze(1)
         else:
-            y, self.state = self.gru(y, self.state)
+            y, state = self.gru(y, state)
         if self.linear_out is not None:
             y = self.linear_out(y)
         if self.skip is not None:
             y = y + self.skip(x)
-        return y
+        return y, state
 
 
 class PulsedDfNet:
@@ -473,42 +485,72 @@ class PulsedDfNet:
         return self.step(spec, erb_feat, spec_feat)
 
     def _frames(self, window, feat_erb, feat_spec, skip: int):
+        state = {layer: layer.state for layer in self._grus + self._convs}
+        spec_e, lsnr, self.frames_spec, state = self.frames(
+            window, feat_erb, feat_spec, skip, state
+        )
+        for layer, value in state.items():
+            layer.state = value
+        return spec_e, lsnr
+
+    def frames(self, window, feat_erb, feat_spec, skip: int, state: dict, real_taps=False):
+        """The model frames for these features, as a pure function: ``state`` maps each conv
+        block and GRU to its carried state (None: silence); returns ``(spec_e, lsnr, spec,
+        state after)``, spec the noisy spectrum of the frames returned. ``real_taps``: the
+        deep filter as real products of (re, im) pairs, whatever the route (no complex
+        dtype, for torch.export)."""
         import torch
 
+        state = dict(state)
+
+        def run(layer, x):
+            y, state[layer] = layer.forward(x, state.get(layer))
+            return y
+
         # -- encoder (df.deepfilternet3.Encoder.forward, pulsed)
-        e0 = self.erb_conv[0](feat_erb)
-        e1 = self.erb_conv[1](e0)
-        e2 = self.erb_conv[2](e1)
-        e3 = self.erb_conv[3](e2)
+        e0 = run(self.erb_conv[0], feat_erb)
+        e1 = run(self.erb_conv[1], e0)
+        e2 = run(self.erb_conv[2], e1)
+        e3 = run(self.erb_conv[3], e2)
         x = feat_spec.squeeze(1).permute(0, 3, 1, 2)  # [B, 2, T, F']
-        c0 = self.df_conv[0](x)
-        c1 = self.df_conv[1](c0)
+        c0 = run(self.df_conv[0], x)
+        c1 = run(self.df_conv[1], c0)
         b, _, t, f8 = e3.shape
         cemb = self.df_fc_emb(c1.permute(0, 2, 3, 1).flatten(2))
         emb = e3.permute(0, 2, 3, 1).flatten(2)
         emb = torch.cat((emb, cemb), dim=-1) if self.combine_concat else emb + cemb
-        emb = self.enc_gru(emb)
+        emb = run(self.enc_gru, emb)
         lsnr = self.lsnr_fc(emb) * self.lsnr_scale + self.lsnr_offset
         # -- ERB decoder
-        d = self.dec_gru(emb).view(b, t, f8, -1).permute(0, 3, 1, 2)
-        d = self.dec_t[0](self.dec_p[0](e3) + d)
-        d = self.dec_t[1](self.dec_p[1](e2) + d)
-        d = self.dec_t[2](self.dec_p[2](e1) + d)
-        m = self.dec_out(self.dec_p[3](e0) + d)  # [B, 1, T, E]
+        d = run(self.dec_gru, emb).view(b, t, f8, -1).permute(0, 3, 1, 2)
+        d = run(self.dec_t[0], run(self.dec_p[0], e3) + d)
+        d = run(self.dec_t[1], run(self.dec_p[1], e2) + d)
+        d = run(self.dec_t[2], run(self.dec_p[2], e1) + d)
+        m = run(self.dec_out, run(self.dec_p[3], e0) + d)  # [B, 1, T, E]
         # -- spectrum of the model frames: window[:, :, start : start + t]
         window = window[:, :, skip:]
         start = self.spec_past - self.lookahead
         spec = window[:, :, start : start + t]
-        self.frames_spec = spec  # the noisy spectrum of the frames returned
         spec_m = self.model.mask(spec, m)
         if self.run_df:
-            c = self.df_gru(emb)
+            c = run(self.df_gru, emb)
             if self.df_skip is not None:
                 c = c + self.df_skip(emb)
-            cp = self.df_convp(c0).permute(0, 2, 3, 1)
+            cp = run(self.df_convp, c0).permute(0, 2, 3, 1)
             coefs = self.df_out(c).view(b, t, self.nb_df, self.df_out_ch) + cp
             coefs = coefs.view(b, t, self.nb_df, -1, 2)  # [B, T, F, O, 2]
-            if self.complex_df:
+            if real_taps:
+                # df.multiframe.DF's complex sum over the O taps (frames t - 2 ... t + 2),
+                # one (re, im) product at a time
+                low = window[:, 0, : t + self.df_order - 1, : self.nb_df]  # [B, W, F, 2]
+                taps = low.unfold(1, self.df_order, 1)  # [B, T, F, 2, O]
+                re, im = taps[..., 0, :], taps[..., 1, :]
+                c_re, c_im = coefs[..., 0], coefs[..., 1]
+                filtered = torch.stack(
+                    ((re * c_re - im * c_im).sum(-1), (re * c_im + im * c_re).sum(-1)), dim=-1
+                )  # [B, T, F, 2]
+                spec_e = torch.cat((filtered.unsqueeze(1), spec_m[..., self.nb_df :, :]), dim=3)
+            elif self.complex_df:
                 # upstream's deep filter (df.multiframe.DF: complex, sum over the O taps of
                 # the frames t - 2 ... t + 2), on the window that holds those frames
                 low = torch.view_as_complex(window[:, 0, :, : self.nb_df])  # [B, W, F]
@@ -526,7 +568,7 @@ class PulsedDfNet:
             from .kernels import post_filter_real
 
             spec_e = post_filter_real(spec_e, spec, self.post_filter_beta)
-        return spec_e, lsnr
+        return spec_e, lsnr, spec, state
 
     def _choose_routes(self) -> None:
         """Where df_mps lets the deep filter use complex math (upstream's route), it runs here
