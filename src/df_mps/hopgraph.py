@@ -1,0 +1,345 @@
+"""One hop of ``df_mps.realtime``'s stream as one fixed-shape graph, compiled ahead of time.
+
+Stepped eagerly, a hop of ``RealtimeEnhancer`` is some 150 small PyTorch ops, and on the CPU
+their dispatch costs more than their arithmetic. ``HopGraph`` is the whole hop at the model's
+rate as one pure function of the hop's samples, its options and the carried state: the STFT
+frame, the ERB and unit-norm features, the pulsed model (``PulsedDfNet.frames``, the eager
+code itself, in its graph form), the mask, deep filter, post-filter and attenuation limit, and
+the overlap-add synthesis. Its shapes are fixed (rows x one hop), it has no data-dependent
+control flow and no complex arithmetic, so ``torch.export`` takes it whole and AOTInductor
+compiles it into one shared library with the weights inside: a hop is one call into C++.
+
+``compiled_hop`` returns that step, from df_mps's cache (``<cache>/realtime``) where a package
+for the same weights, row count, PyTorch and processor was built before; the build itself
+takes a minute or so on a small machine, once. Where it can't be had (no C++ compiler, no
+AOTInductor, a failed export or build) it raises ``CompileUnavailable`` and
+``RealtimeEnhancer`` runs eager. The post-filter and the attenuation limit are inputs, so one
+package serves all their settings.
+
+Inputs: the hop's samples [B, hop], the options (``options``), then the state: the analysis
+memory [B, n - hop], the ERB and unit normalisation states [B, E], [B, F'], the spectrum
+window [B, 1, W, F, 2], the synthesis memory [B, hop], and each conv block's and GRU's carried
+state (``PulsedDfNet.stateful_layers``). Outputs: the samples [B, hop], the local SNR
+[B, 1, 1], and the state after the hop in the same order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ._log import logger
+
+# Bumped whenever the graph's code changes what it computes: part of the cache key.
+GRAPH_VERSION = 5
+COMPILE_ENV = "DF_MPS_REALTIME_COMPILE"  # auto | 1 | 0: RealtimeEnhancer's default
+
+
+class CompileUnavailable(RuntimeError):
+    """The compiled hop can't be had here; the message is one line."""
+
+
+def _compiler() -> Optional[str]:
+    """The C++ compiler inductor would use, or None where there is none."""
+    try:
+        from torch._inductor import config
+    except Exception:  # noqa: BLE001 - a PyTorch without inductor
+        return None
+    names = config.cpp.cxx if isinstance(config.cpp.cxx, tuple) else (config.cpp.cxx,)
+    for name in (*names, os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+class HopGraph(torch.nn.Module):
+    """The hop function of a ``_ModelRateStream`` (see the module's docstring), as an
+    ``nn.Module`` for ``torch.export``; run as it is, it is the eager reference."""
+
+    def __init__(self, stream):
+        super().__init__()
+        _init(self, stream)
+
+    def forward(self, x, options, *state):
+        return _forward(self, x, options, state)
+
+
+def _init(graph, stream) -> None:
+
+    pulsed = stream.pulsed
+    if stream.fft_size != 2 * stream.hop:
+        raise CompileUnavailable(
+            f"the compiled hop needs fft_size = 2 x hop (this model: {stream.fft_size}, "
+            f"{stream.hop})"
+        )
+    graph.pulsed = pulsed
+    graph.layers = pulsed.stateful_layers()
+    graph.fft_size, graph.hop = stream.fft_size, stream.hop
+    graph.nb_df = pulsed.nb_df
+    graph.widths = tuple(int(w) for w in stream.dsp.erb_widths())
+    a32 = np.float32(stream.alpha)
+    graph.alpha = float(a32)
+    graph.one_minus = float(np.float32(1.0) - a32)  # libdf computes (1 - alpha) in float32
+    # constants as the eager stream has them: the analysis window times wnorm (df_mps.dsp's
+    # DF.features) and the synthesis window (libdf's; _ModelRateStream._overlap_add)
+    cpu = torch.device("cpu")
+    graph.register_buffer("scaled_window", stream.dsp._scaled_window_t(cpu).clone())
+    graph.register_buffer("window", stream.window.clone())
+    keep = torch.ones(stream.fft_size // 2 + 1)
+    keep[0] = 0.0
+    if stream.fft_size % 2 == 0:
+        keep[-1] = 0.0
+    graph.register_buffer("keep_imag", keep)
+
+
+def _rfft(frames):
+    """view_as_real(torch.fft.rfft(frames)): [B, n] -> [B, n // 2 + 1, 2]."""
+    return torch.view_as_real(torch.fft.rfft(frames, dim=-1))
+
+
+def _irfft(ri, n: int, keep):
+    """realfft's unnormalised inverse, ``torch.fft.irfft(view_as_complex(ri), n=n,
+    norm="forward")`` (the imaginary parts of DC and Nyquist ignored, as realfft and
+    pocketfft do), through one forward real FFT: AOTInductor calls the forward real FFT
+    directly, the inverse only through a slow fallback.
+
+    Over all n bins, with X the Hermitian spectrum, x = Re(DFT(conj X)) = A - Im(B) where A
+    is the DFT of the even real part Zr and B that of the odd negated imaginary part Zi: both
+    real signals, so two rffts (one call) give A (real) and Im(B) for t <= n/2, and their
+    symmetries give t > n/2 (x[t] = A[n - t] + Im(B)[n - t]).
+    """
+    b = ri.shape[0]
+    re, im = ri[..., 0], ri[..., 1] * keep  # keep: 0 at DC and Nyquist, else 1
+    tail = slice(1, (n + 1) // 2)
+    zr = torch.cat((re, re[:, tail].flip(1)), dim=1)  # [B, n], even
+    zi = torch.cat((-im, im[:, tail].flip(1)), dim=1)  # [B, n], odd
+    spec = _rfft(torch.cat((zr, zi), dim=0))
+    a, bi = spec[:b, :, 0], spec[b:, :, 1]  # [B, f]
+    back = (a + bi)[:, tail].flip(1)  # t = n // 2 + 1 ... n - 1
+    return torch.cat((a - bi, back), dim=1)
+
+
+def options(lim: Optional[float], post_filter: bool):
+    """The graph's options input: [lim, 1 - lim, post-filter 0/1] (lim None: 0, so that the
+    mix noisy * 0 + enhanced * 1 is the enhanced spectrum exactly)."""
+    lim = 0.0 if lim is None else float(lim)
+    return torch.tensor([lim, 1.0 - lim, 1.0 if post_filter else 0.0], dtype=torch.float32)
+
+
+def _forward(graph, x, options, state: Sequence):
+    from . import dsp
+    from .kernels import post_filter_real
+
+    analysis, erb_norm, unit_norm, spec_state, ola = state[:5]
+    layer_state = dict(zip(graph.layers, state[5:]))
+    hop, n, nb_df = graph.hop, graph.fft_size, graph.nb_df
+    # -- analysis and features (df_mps.dsp.DF.features for one frame)
+    frame = torch.cat((analysis, x), dim=-1)  # [B, n]
+    ri = _rfft(frame * graph.scaled_window)  # [B, F, 2]
+    erb_db = dsp._erb_ri(ri, graph.widths, db=True)  # [B, E]
+    erb_norm = erb_db * graph.one_minus + erb_norm * graph.alpha
+    erb_feat = (erb_db - erb_norm) / dsp.ERB_NORM_DIVISOR
+    low = ri[:, :nb_df]
+    unit_norm = torch.hypot(low[..., 0], low[..., 1]) * graph.one_minus + unit_norm * graph.alpha
+    spec_feat = low / torch.sqrt(unit_norm).unsqueeze(-1)
+    # -- the pulsed model (PulsedDfNet.step for one frame past the lookahead)
+    window = torch.cat((spec_state, ri[:, None, None]), dim=2)
+    pulsed = graph.pulsed
+    spec_e, lsnr, noisy, layer_state = pulsed.frames(
+        window,
+        erb_feat[:, None, None],
+        spec_feat[:, None, None],
+        0,
+        layer_state,
+        graph=True,
+        post_filter=False,
+    )
+    # the post-filter and the attenuation limit are inputs, so that one graph serves all
+    # their settings: both computed, one kept
+    filtered = post_filter_real(spec_e, noisy, pulsed.post_filter_beta)
+    spec_e = torch.where(options[2] > 0.5, filtered, spec_e)
+    # -- synthesis (_ModelRateStream._synthesise and _overlap_add for one frame)
+    enhanced = noisy[:, 0, 0] * options[0] + spec_e[:, 0, 0] * options[1]  # [B, F, 2]
+    frames = _irfft(enhanced, n, graph.keep_imag) * graph.window  # [B, n]
+    samples = frames[:, :hop] + ola
+    new_state = [
+        frame[:, hop:],
+        erb_norm,
+        unit_norm,
+        window[:, :, 1:],
+        frames[:, hop:],
+        *(layer_state[layer] for layer in graph.layers),
+    ]
+    # Contiguous, as the inputs they become next hop: the compiled code assumes the strides
+    # it was compiled for.
+    return (samples, lsnr, *(t.contiguous() for t in new_state))
+
+
+# -- compiling ---------------------------------------------------------------------------------
+def _cache_key(graph, example: Sequence) -> str:
+    """A digest of everything the compiled code depends on: the weights and constants, the
+    options, the shapes, the graph's code version, PyTorch's version and the machine."""
+    h = hashlib.sha256()
+    h.update(f"v{GRAPH_VERSION}|{torch.__version__}|{_cpu_identity()}|".encode())
+    h.update(repr([tuple(t.shape) for t in example]).encode())
+    h.update(repr((graph.fft_size, graph.hop, graph.widths, graph.alpha)).encode())
+    pulsed = graph.pulsed
+    h.update(repr((pulsed.post_filter_beta, pulsed.run_df)).encode())
+    for t in _tensors(graph):
+        h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+        h.update(np.ascontiguousarray(t.detach().cpu().numpy()).tobytes())
+    return h.hexdigest()[:24]
+
+
+def _cpu_identity() -> str:
+    """The processor, as the compiled code depends on it (inductor builds with
+    -march=native): Linux's model name and flags, else what Python and PyTorch tell."""
+    import platform
+
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    parts = [platform.machine(), platform.processor(), capability() if capability else ""]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features")):
+                    parts.append(line.split(":", 1)[-1].strip())
+                elif not line.strip() and len(parts) > 3:
+                    break  # the first processor's block
+    except OSError:
+        pass
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _tensors(graph) -> List:
+    """Every tensor the graph reads besides its inputs (weights, constants), in a fixed order."""
+    import torch
+
+    seen, out = set(), []
+
+    def add(obj, depth=0):
+        if isinstance(obj, torch.Tensor):
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                out.append(obj)
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                add(item, depth)
+        elif depth < 2 and hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
+            for key in sorted(vars(obj)):
+                if key != "state":
+                    add(vars(obj)[key], depth + 1)
+
+    pulsed = graph.pulsed
+    for layer in (*pulsed._convs, *pulsed._grus, pulsed.df_fc_emb, pulsed.lsnr_fc):
+        add(layer)
+    for layer in (pulsed.df_out, pulsed.df_skip):
+        add(layer)
+    add(list(pulsed.model.mask.buffers()))
+    add(list(graph.buffers()))
+    return out
+
+
+def package_dir() -> Path:
+    from .models.cache import cache_root
+
+    return cache_root() / "realtime"
+
+
+# inductor's options, tried in this order: C++ GEMM templates for the matrix products
+# (max-autotune; measured 0.35 against 0.45 ms a hop with oneMKL's, whose small-matrix calls
+# pack their inputs every time), then inductor's defaults. Epilogue fusion into the GEMM
+# templates is off: in PyTorch 2.14 it fails on this graph (an indexing assertion).
+CONFIGS = (
+    {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "epilogue_fusion": False},
+    {},
+)
+
+
+def _load(path: Path):
+    """The package's run function: a list of input tensors -> the list of outputs. Its
+    loader directly (AOTICompiledModel's __call__ parses its pytree specs on every call), and
+    without importing torch._inductor where PyTorch lets (1.6 s of imports here)."""
+    loader = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    if loader is not None:
+        try:
+            # (path, model name, run single-threaded, runners, device index), as
+            # torch._inductor.package.load_package calls it
+            return loader(str(path), "model", True, 1, -1).run
+        except TypeError:  # another signature: through the public function
+            pass
+    inductor = importlib.import_module("torch._inductor")
+    return inductor.aoti_load_package(str(path), run_single_threaded=True).loader.run
+
+
+def compiled_hop(graph, example: Sequence) -> Tuple[Callable, float, bool]:
+    """(the compiled hop: a list [x, *state] -> [samples, lsnr, *state], seconds spent
+    building or loading it, whether it came from the cache) for ``graph`` at the shapes of
+    ``example``; raises ``CompileUnavailable`` where it can't be had."""
+    t0 = time.perf_counter()
+    key = _cache_key(graph, example)
+    path = package_dir() / f"hop-{key}.pt2"
+    if path.is_file():
+        try:
+            return _load(path), time.perf_counter() - t0, True
+        except Exception as exc:  # noqa: BLE001 - a stale or broken package: build anew
+            logger.debug(f"df_mps: cached hop package {path} did not load ({exc}); rebuilding")
+    try:
+        inductor = importlib.import_module("torch._inductor")
+        importlib.import_module("torch.export")
+    except Exception as exc:  # noqa: BLE001 - a PyTorch without inductor
+        raise CompileUnavailable(f"no torch._inductor here ({_one_line(exc)})") from exc
+    if not hasattr(inductor, "aoti_compile_and_package"):
+        raise CompileUnavailable(f"PyTorch {torch.__version__} has no AOTInductor")
+    if _compiler() is None:
+        raise CompileUnavailable("no C++ compiler (g++, c++, clang++) found")
+    # A warning, so that the command line (whose default level it is) says why its first
+    # start takes a minute.
+    logger.warning(
+        f"df_mps: compiling the real-time hop for this model and channel count, once "
+        f"(about a minute; cached in {path.parent})"
+    )
+    try:
+        with torch.inference_mode(False):
+            with torch.no_grad():
+                # One eager call first: df_mps.dsp's constants exist as real tensors before
+                # the export traces them (as constants of the graph).
+                graph(*example)
+                exported = torch.export.export(graph, tuple(example), strict=False)
+    except Exception as exc:  # noqa: BLE001 - compiling is never required
+        raise CompileUnavailable(f"torch.export failed: {_one_line(exc)}") from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
+    errors = []
+    for options in CONFIGS:
+        try:
+            # Compiled with grad mode on, as inductor's default: with it off, inductor
+            # swaps the matrix products and convolutions for oneDNN's, 2x slower a hop here.
+            with torch.inference_mode(False), warnings.catch_warnings():
+                # the FFT's complex output goes to PyTorch's own FFT (as intended)
+                warnings.filterwarnings("ignore", message=".*complex operators")
+                inductor.aoti_compile_and_package(
+                    exported, package_path=str(tmp), inductor_configs=dict(options)
+                )
+            os.replace(tmp, path)
+            return _load(path), time.perf_counter() - t0, False
+        except Exception as exc:  # noqa: BLE001 - the next options, else eager
+            errors.append(_one_line(exc))
+            logger.debug(f"df_mps: compiling the hop with {options} failed: {errors[-1]}")
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    raise CompileUnavailable(f"AOTInductor failed: {errors[-1]}")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
