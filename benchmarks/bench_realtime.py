@@ -92,41 +92,53 @@ def read_audio(path: Optional[Path], seconds: float) -> np.ndarray:
     return np.ascontiguousarray(audio[:frames])
 
 
-def load(model_path: Path, device: str, streams: Optional[int] = None):
-    from df_mps.enhance import load_enhancer
-    from df_mps.realtime import RealtimeEnhancer
-
-    enhancer = load_enhancer(model_path)
-    return enhancer, RealtimeEnhancer(enhancer, device=device, streams=streams)
-
-
 # -- cpu --------------------------------------------------------------------------------------
 def run_cpu(args) -> Dict:
     import torch
+
+    from df_mps.enhance import load_enhancer
+    from df_mps.realtime import RealtimeEnhancer
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_runtime import RustRuntime  # benchmarks/bench_runtime.py, beside this script
 
     torch.set_num_threads(1)
-    _, rt = load(model_dir(args.model_dir), "cpu")
+    enhancer = load_enhancer(model_dir(args.model_dir))
+    eager = RealtimeEnhancer(enhancer, device="cpu", compile=False)
+    compiled, compile_info = None, {"requested": args.compile}
+    if args.compile:
+        t0 = time.perf_counter()
+        compiled = RealtimeEnhancer(enhancer, device="cpu", compile=True)
+        compile_info.update(
+            {
+                "compiled": compiled.compiled,
+                "note": compiled.compile_note,
+                "construct_seconds": time.perf_counter() - t0,
+                "compile_seconds": compiled.compile_seconds,
+            }
+        )
+        print(f"compiled hop: {compiled.compiled} ({compiled.compile_note})", flush=True)
+        if not compiled.compiled:
+            compiled = None
     files = args.audio or [p for p in DEFAULT_AUDIO_FILES if p.is_file()] or [None]
     runs = []
     for path in files:
         audio = read_audio(path, args.seconds)
-        runs.append(run_cpu_file(args, rt, RustRuntime, audio, path))
+        runs.append(run_cpu_file(args, eager, compiled, RustRuntime, audio, path))
     return {
         "mode": "cpu",
         "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),
+        "compile": compile_info,
         "files": runs,
     }
 
 
-def run_cpu_file(args, rt, RustRuntime, audio: np.ndarray, path) -> Dict:
+def run_cpu_file(args, eager, compiled, RustRuntime, audio: np.ndarray, path) -> Dict:
     hops = audio.shape[0] // HOP
     rust = RustRuntime()
 
-    def df_mps_chunks(size: int):
+    def df_mps_chunks(rt, size: int):
         def run():
             rt.reset()
             for i in range(0, audio.shape[0], size):
@@ -138,10 +150,13 @@ def run_cpu_file(args, rt, RustRuntime, audio: np.ndarray, path) -> Dict:
         rust.process(audio)  # frame by frame, df_process_frame per 480 samples
 
     variants = {
-        "df_mps_hop": df_mps_chunks(HOP),
+        "df_mps_hop": df_mps_chunks(eager, HOP),
         "rust_hop": rust_hops,
-        "df_mps_4hops": df_mps_chunks(4 * HOP),
+        "df_mps_4hops": df_mps_chunks(eager, 4 * HOP),
     }
+    if compiled is not None:
+        variants["df_mps_hop_compiled"] = df_mps_chunks(compiled, HOP)
+        variants["df_mps_4hops_compiled"] = df_mps_chunks(compiled, 4 * HOP)
     for run in variants.values():  # warm-up
         run()
     times: Dict[str, List[float]] = {name: [] for name in variants}
@@ -155,9 +170,9 @@ def run_cpu_file(args, rt, RustRuntime, audio: np.ndarray, path) -> Dict:
     rust.close()
     # The Rust runtime skips its ERB and DF decoders (4 of the 5 GRU layers) on frames whose
     # local SNR is below -10 dB; df_mps, exact to upstream's Python model, never skips.
-    rt.reset()
-    rt.process(audio)
-    below = float(np.mean(rt.lsnr[:, 0] < RUST_MIN_DB_THRESH))
+    eager.reset()
+    eager.process(audio)
+    below = float(np.mean(eager.lsnr[:, 0] < RUST_MIN_DB_THRESH))
     rust_ms = statistics.median(times["rust_hop"]) / hops * 1e3
     results = {}
     for name, ts in times.items():
@@ -251,6 +266,12 @@ def parser() -> argparse.ArgumentParser:
     cpu = sub.add_parser("cpu", help="one stream hop by hop vs the Rust runtime, 1 thread")
     cpu.add_argument("--seconds", type=float, default=5.0)
     cpu.add_argument("--repeats", type=int, default=5)
+    cpu.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the compiled hop (RealtimeEnhancer(compile=True)); default on",
+    )
     gpu = sub.add_parser("gpu", help="how many streams step one hop in under 10 ms")
     gpu.add_argument("--device", default="cuda")
     gpu.add_argument("--streams", type=int, default=1, help="first N (doubled from there)")
