@@ -185,15 +185,17 @@ def _forward(graph, x, options, state: Sequence):
 
 # -- compiling ---------------------------------------------------------------------------------
 def _cache_key(graph, example: Sequence) -> str:
-    """A digest of everything the compiled code depends on: the weights and constants, the
-    options, the shapes, the graph's code version, PyTorch's version and the machine."""
+    """A digest of everything the compiled code depends on: the weights and constants and the
+    layers' settings, the shapes, the graph's code version, PyTorch's version, the processor
+    and the thread count (inductor's loops are parallel for as many threads as it has)."""
     h = hashlib.sha256()
-    h.update(f"v{GRAPH_VERSION}|{torch.__version__}|{_cpu_identity()}|".encode())
+    threads = torch.get_num_threads()
+    h.update(f"v{GRAPH_VERSION}|{torch.__version__}|{_cpu_identity()}|{threads}|".encode())
     h.update(repr([tuple(t.shape) for t in example]).encode())
     h.update(repr((graph.fft_size, graph.hop, graph.widths, graph.alpha)).encode())
-    pulsed = graph.pulsed
-    h.update(repr((pulsed.post_filter_beta, pulsed.run_df)).encode())
-    for t in _tensors(graph):
+    tensors, settings = _contents(graph)
+    h.update(repr(settings).encode())
+    for t in tensors:
         h.update(repr((tuple(t.shape), str(t.dtype))).encode())
         h.update(np.ascontiguousarray(t.detach().cpu().numpy()).tobytes())
     return h.hexdigest()[:24]
@@ -218,33 +220,37 @@ def _cpu_identity() -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _tensors(graph) -> List:
-    """Every tensor the graph reads besides its inputs (weights, constants), in a fixed order."""
-    import torch
+# what the pulsed model and its layers carry that is no setting: stream state, the model
+_NOT_SETTINGS = {"state", "model", "spec_state", "frames_spec", "frames_in", "batch", "device"}
 
-    seen, out = set(), []
 
-    def add(obj, depth=0):
+def _contents(graph) -> Tuple[List, list]:
+    """(every tensor the graph reads besides its inputs, the layers' other settings), in a
+    fixed order: the pulsed model's layers and scalars, the mask's and the graph's buffers."""
+    seen, tensors = set(), []
+
+    def describe(obj, depth=0):
         if isinstance(obj, torch.Tensor):
             if id(obj) not in seen:
                 seen.add(id(obj))
-                out.append(obj)
-        elif isinstance(obj, (list, tuple)):
-            for item in obj:
-                add(item, depth)
-        elif depth < 2 and hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
-            for key in sorted(vars(obj)):
-                if key != "state":
-                    add(vars(obj)[key], depth + 1)
+                tensors.append(obj)
+            return "tensor"
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        if isinstance(obj, (list, tuple)):
+            return [describe(item, depth) for item in obj]
+        if isinstance(obj, torch.nn.Module):
+            return type(obj).__name__  # its tensors are read through the layers' own copies
+        if hasattr(obj, "__dict__") and depth < 4:
+            items = sorted((k, v) for k, v in vars(obj).items() if k not in _NOT_SETTINGS)
+            return [type(obj).__name__, [(k, describe(v, depth + 1)) for k, v in items]]
+        return getattr(obj, "__name__", type(obj).__name__)  # activations: by name
 
     pulsed = graph.pulsed
-    for layer in (*pulsed._convs, *pulsed._grus, pulsed.df_fc_emb, pulsed.lsnr_fc):
-        add(layer)
-    for layer in (pulsed.df_out, pulsed.df_skip):
-        add(layer)
-    add(list(pulsed.model.mask.buffers()))
-    add(list(graph.buffers()))
-    return out
+    settings = [describe(pulsed)]
+    settings.append(describe(list(pulsed.model.mask.buffers())))
+    settings.append(describe(list(graph.buffers())))
+    return tensors, settings
 
 
 def package_dir() -> Path:

@@ -1160,6 +1160,12 @@ class RealtimeEnhancer:
         self._model = None
         if choice is not False and self.device.type == "cpu":
             self._model = self._compiled_stream(make, choice)
+        elif choice is True:
+            from ._log import logger
+
+            logger.warning(
+                f"df_mps: the compiled real-time hop is for the CPU; running eager on {self.device}"
+            )
         if self._model is None:
             self._model = make(False)
         self.hop = self._model.hop
