@@ -11,6 +11,7 @@ import copy
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -434,6 +435,11 @@ def test_compile_is_never_required(enhancer, speech, monkeypatch, tmp_path):
     warnings = [r["message"] for r in messages if r["level"].name == "WARNING"]
     assert len(warnings) == 1 and "no C++ compiler" in warnings[0], warnings
     assert "\n" not in warnings[0]
+    # as docs/troubleshooting.md quotes it
+    assert warnings[0].startswith("df_mps: real-time hop not compiled (")
+    assert warnings[0].endswith("); running eager")
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md").read_text()
+    assert "`df_mps: real-time hop not compiled (...); running eager`" in doc
     audio = at_rate(speech, SR, 1)[: SR // 2]
     np.testing.assert_allclose(
         stream_through(forced, audio, [480] * 50), offline(enhancer, audio, SR), atol=TOL, rtol=0
@@ -476,3 +482,19 @@ def test_cli_compile_flag():
     assert build_parser().parse_args([]).compile is None  # auto
     assert build_parser().parse_args(["--no-compile"]).compile is False
     assert build_parser().parse_args(["--compile"]).compile is True
+
+
+def test_one_compiled_package_serves_every_post_filter_and_limit(enhancer):
+    # the post-filter and the attenuation limit are inputs of the graph, not part of its key
+    from df_mps import hopgraph
+    from df_mps.realtime import _ModelRateStream
+
+    keys = set()
+    for post_filter, atten_lim_db in ((False, None), (True, None), (False, 12.0)):
+        rt = RealtimeEnhancer(
+            enhancer, compile=False, post_filter=post_filter, atten_lim_db=atten_lim_db
+        )
+        stream = _ModelRateStream(rt._pulsed, enhancer.df_state, 1, rt.device, 12.0, True)
+        stream.process(torch.zeros((1, 4800)))  # a stream's state is no part of it either
+        keys.add(hopgraph._cache_key(hopgraph.HopGraph(stream), stream.example_hop()))
+    assert len(keys) == 1

@@ -10,11 +10,18 @@ control flow and no complex arithmetic, so ``torch.export`` takes it whole and A
 compiles it into one shared library with the weights inside: a hop is one call into C++.
 
 ``compiled_hop`` returns that step, from df_mps's cache (``<cache>/realtime``) where a package
-for the same weights, row count, PyTorch and processor was built before; the build itself
-takes a minute or so on a small machine, once. Where it can't be had (no C++ compiler, no
-AOTInductor, a failed export or build) it raises ``CompileUnavailable`` and
+for the same weights, row count, PyTorch, processor and thread count was built before; the
+build itself takes a minute or so on a small machine, once. Where it can't be had (no C++
+compiler, no AOTInductor, a failed export or build) it raises ``CompileUnavailable`` and
 ``RealtimeEnhancer`` runs eager. The post-filter and the attenuation limit are inputs, so one
 package serves all their settings.
+
+What did not pay, measured per hop on one thread (2 cores, shared): ``torch.compile`` of the
+same function (dynamo's guards over ~100 tensors and the Python wrapper cost what the fusion
+saved: about eager's time); inductor's freezing with grad mode off (oneDNN's matrix products
+and convolutions: 2x slower than without); real DFT matrices for the FFTs (slower than
+PyTorch's FFT); ``torch.fft.irfft`` inside the graph (AOTInductor has no C shim for it and
+goes through a slow fallback: hence ``_irfft`` through forward FFTs).
 
 Inputs: the hop's samples [B, hop], the options (``options``), then the state: the analysis
 memory [B, n - hop], the ERB and unit normalisation states [B, E], [B, F'], the spectrum
@@ -220,8 +227,18 @@ def _cpu_identity() -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-# what the pulsed model and its layers carry that is no setting: stream state, the model
-_NOT_SETTINGS = {"state", "model", "spec_state", "frames_spec", "frames_in", "batch", "device"}
+# what the pulsed model and its layers carry that is no setting of the graph: stream state,
+# the model, and the post-filter switch (an input of the graph)
+_NOT_SETTINGS = {
+    "state",
+    "model",
+    "spec_state",
+    "frames_spec",
+    "frames_in",
+    "batch",
+    "device",
+    "post_filter",
+}
 
 
 def _contents(graph) -> Tuple[List, list]:

@@ -55,8 +55,9 @@ steady state (the STFT frame, the features and their normalisations, the pulsed 
 deep filter, post-filter, attenuation limit and overlap-add) as one call of a graph that
 ``torch.export`` and AOTInductor compiled ahead of time, with the convolutions as matrix
 products on their unfolded inputs and the FFTs as real FFTs. The build takes about a minute,
-once per model, row count (channels x streams), PyTorch and processor; the package is cached
-under df_mps's cache directory (``realtime/``), and loads in milliseconds after that. The
+once per model, row count (channels x streams), PyTorch, processor and thread count; the
+package is cached under df_mps's cache directory (``realtime/``), and loads in milliseconds
+after that. The
 compiled and the eager hop share their state (the eager code runs the first hops of a stream
 and its ``flush``), and agree within 1e-5 a sample. Where the compiled hop can't be had (no
 C++ compiler, a failed build) the stream runs eager: quietly for "auto", with one warning for
