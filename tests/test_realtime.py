@@ -498,3 +498,24 @@ def test_one_compiled_package_serves_every_post_filter_and_limit(enhancer):
         stream.process(torch.zeros((1, 4800)))  # a stream's state is no part of it either
         keys.add(hopgraph._cache_key(hopgraph.HopGraph(stream), stream.example_hop()))
     assert len(keys) == 1
+
+
+def test_compiled_hop_cache_directory(tmp_path):
+    import time
+
+    from df_mps import hopgraph
+
+    folder, cached = hopgraph._build_dir(tmp_path / "cache" / "realtime")
+    assert cached and folder.is_dir()
+    (tmp_path / "file").write_bytes(b"")
+    private, cached = hopgraph._build_dir(tmp_path / "file" / "realtime")  # can't be made
+    assert not cached and private.is_dir()  # built uncached in a private directory instead
+    private.rmdir()
+    old, recent, keep = (folder / f"hop-{name}.pt2" for name in ("old", "recent", "keep"))
+    for path in (old, recent, keep):
+        path.write_bytes(b"")
+    stale = time.time() - (hopgraph.PRUNE_DAYS + 1) * 86400
+    os.utime(old, (stale, stale))
+    os.utime(keep, (stale, stale))
+    hopgraph._prune(folder, keep=keep)
+    assert not old.exists() and recent.exists() and keep.exists()

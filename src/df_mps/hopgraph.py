@@ -32,10 +32,12 @@ state (``PulsedDfNet.stateful_layers``). Outputs: the samples [B, hop], the loca
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -314,7 +316,10 @@ def compiled_hop(graph, example: Sequence) -> Tuple[Callable, float, bool]:
     path = package_dir() / f"hop-{key}.pt2"
     if path.is_file():
         try:
-            return _load(path), time.perf_counter() - t0, True
+            runner = _load(path)
+            with contextlib.suppress(OSError):
+                os.utime(path)  # in use: kept by _prune
+            return runner, time.perf_counter() - t0, True
         except Exception as exc:  # noqa: BLE001 - a stale or broken package: build anew
             logger.debug(f"df_mps: cached hop package {path} did not load ({exc}); rebuilding")
     try:
@@ -326,23 +331,45 @@ def compiled_hop(graph, example: Sequence) -> Tuple[Callable, float, bool]:
         raise CompileUnavailable(f"PyTorch {torch.__version__} has no AOTInductor")
     if _compiler() is None:
         raise CompileUnavailable("no C++ compiler (g++, c++, clang++) found")
+    folder, cached = _build_dir(path.parent)
     # A warning, so that the command line (whose default level it is) says why its first
     # start takes a minute.
+    where = f"cached in {folder}" if cached else f"not cached: {path.parent} is not writable"
     logger.warning(
         f"df_mps: compiling the real-time hop for this model and channel count, once "
-        f"(about a minute; cached in {path.parent})"
+        f"(about a minute; {where})"
     )
     try:
-        with torch.inference_mode(False):
-            with torch.no_grad():
-                # One eager call first: df_mps.dsp's constants exist as real tensors before
-                # the export traces them (as constants of the graph).
-                graph(*example)
-                exported = torch.export.export(graph, tuple(example), strict=False)
-    except Exception as exc:  # noqa: BLE001 - compiling is never required
-        raise CompileUnavailable(f"torch.export failed: {_one_line(exc)}") from exc
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
+        try:
+            with torch.inference_mode(False):
+                with torch.no_grad():
+                    # One eager call first: df_mps.dsp's constants exist as real tensors
+                    # before the export traces them (as constants of the graph).
+                    graph(*example)
+                    exported = torch.export.export(graph, tuple(example), strict=False)
+        except Exception as exc:  # noqa: BLE001 - compiling is never required
+            raise CompileUnavailable(f"torch.export failed: {_one_line(exc)}") from exc
+        built = _build(inductor, exported, folder / f".{path.stem}.{os.getpid()}.tmp.pt2")
+        final = folder / path.name
+        try:
+            os.replace(built, final)
+        except OSError:
+            final = built
+        try:
+            runner = _load(final)
+        except Exception as exc:  # noqa: BLE001 - compiling is never required
+            raise CompileUnavailable(f"the built package did not load: {_one_line(exc)}") from exc
+    finally:
+        if not cached:  # a private build directory: the loader has what it needs
+            shutil.rmtree(folder, ignore_errors=True)
+    if cached:
+        _prune(folder, keep=final)
+    return runner, time.perf_counter() - t0, False
+
+
+def _build(inductor, exported, tmp: Path) -> Path:
+    """AOTInductor's package of ``exported`` at ``tmp``, with the first of CONFIGS that
+    builds; CompileUnavailable where none does."""
     errors = []
     for options in CONFIGS:
         try:
@@ -354,15 +381,38 @@ def compiled_hop(graph, example: Sequence) -> Tuple[Callable, float, bool]:
                 inductor.aoti_compile_and_package(
                     exported, package_path=str(tmp), inductor_configs=dict(options)
                 )
-            os.replace(tmp, path)
-            return _load(path), time.perf_counter() - t0, False
+            return tmp
         except Exception as exc:  # noqa: BLE001 - the next options, else eager
             errors.append(_one_line(exc))
             logger.debug(f"df_mps: compiling the hop with {options} failed: {errors[-1]}")
-        finally:
-            if tmp.exists():
+            with contextlib.suppress(OSError):
                 tmp.unlink()
     raise CompileUnavailable(f"AOTInductor failed: {errors[-1]}")
+
+
+def _build_dir(folder: Path) -> Tuple[Path, bool]:
+    """(where to build, whether that is the cache): the cache directory where it can be
+    written, else a private temporary one (the build is then not kept)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+        return folder, True
+    except OSError as exc:
+        logger.debug(f"df_mps: {folder} is not writable ({exc}); the hop is built uncached")
+        return Path(tempfile.mkdtemp(prefix="df-mps-hop-")), False
+
+
+PRUNE_DAYS = 30  # cached packages unused this long go when a new one is built
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Remove the cached packages not loaded for PRUNE_DAYS (older PyTorch, df_mps, models)."""
+    cutoff = time.time() - PRUNE_DAYS * 86400
+    for old in folder.glob("hop-*.pt2"):
+        with contextlib.suppress(OSError):
+            if old != keep and old.stat().st_mtime < cutoff:
+                old.unlink()
 
 
 def _one_line(exc: BaseException) -> str:
