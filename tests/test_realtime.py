@@ -11,6 +11,7 @@ import copy
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -370,3 +371,151 @@ def test_torch_dsp_path_equals_offline_enhance(
     assert rt._model.libdf is None
     out = stream_through(rt, audio, random_chunks(audio.shape[0], 5, 2 * rate))
     np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+
+
+# -- the compiled hop (df_mps.hopgraph) ------------------------------------------------------------
+def needs_compiler():
+    from df_mps import hopgraph
+
+    if hopgraph._compiler() is None:
+        pytest.skip("no C++ compiler: the compiled hop can't be built here")
+
+
+def test_inverse_fft_through_forward_ffts():
+    from df_mps.hopgraph import _irfft
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (960, 16, 15):
+        ri = torch.randn(3, n // 2 + 1, 2, generator=gen)  # DC and Nyquist with imaginary parts
+        keep = torch.ones(n // 2 + 1)
+        keep[0] = 0.0
+        if n % 2 == 0:
+            keep[-1] = 0.0
+        ref = torch.fft.irfft(torch.view_as_complex(ri), n=n, norm="forward")
+        torch.testing.assert_close(_irfft(ri, n, keep), ref, atol=1e-5 * n**0.5, rtol=0)
+
+
+@pytest.mark.parametrize("channels, post_filter, atten_lim_db", [(1, False, None), (2, True, 9.0)])
+def test_compiled_hop_equals_eager_hop_by_hop(
+    enhancer, speech, channels, post_filter, atten_lim_db
+):
+    needs_compiler()
+    options = dict(channels=channels, post_filter=post_filter, atten_lim_db=atten_lim_db)
+    compiled = RealtimeEnhancer(enhancer, compile=True, **options)
+    eager = RealtimeEnhancer(enhancer, compile=False, **options)
+    assert compiled.compiled and not eager.compiled, compiled.compile_note
+    assert compiled.compile_seconds > 0
+    audio = at_rate(speech, SR, channels)
+    for size in (480, 4 * 480, 1000):  # one hop a call, four, and hops split across calls
+        for i in range(0, audio.shape[0], size):
+            chunk = audio[i : i + size]
+            np.testing.assert_allclose(
+                compiled.process(chunk), eager.process(chunk), atol=1e-5, rtol=0, err_msg=str(i)
+            )
+            np.testing.assert_allclose(compiled.lsnr, eager.lsnr, atol=1e-3, rtol=0)
+        np.testing.assert_allclose(compiled.flush(), eager.flush(), atol=1e-5, rtol=0)
+
+
+def test_compile_is_never_required(enhancer, speech, monkeypatch, tmp_path):
+    from df_mps import hopgraph
+    from df_mps._log import logger
+
+    monkeypatch.setenv("DF_MPS_CACHE_DIR", str(tmp_path))  # nothing cached
+    monkeypatch.setattr(hopgraph, "_compiler", lambda: None)
+    messages = []
+    sink = logger.add(lambda m: messages.append(m.record), level="DEBUG")
+    try:
+        auto = RealtimeEnhancer(enhancer)  # compile="auto": quietly eager
+        forced = RealtimeEnhancer(enhancer, compile=True)  # asked for: one warning, eager
+    finally:
+        logger.remove(sink)
+    assert not auto.compiled and not forced.compiled
+    assert "no C++ compiler" in forced.compile_note
+    assert auto._model.libdf is not None  # eager as before: libdf's features
+    warnings = [r["message"] for r in messages if r["level"].name == "WARNING"]
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0], warnings
+    assert "\n" not in warnings[0]
+    # as docs/troubleshooting.md quotes it
+    assert warnings[0].startswith("df_mps: real-time hop not compiled (")
+    assert warnings[0].endswith("); running eager")
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md").read_text()
+    assert "`df_mps: real-time hop not compiled (...); running eager`" in doc
+    audio = at_rate(speech, SR, 1)[: SR // 2]
+    np.testing.assert_allclose(
+        stream_through(forced, audio, [480] * 50), offline(enhancer, audio, SR), atol=TOL, rtol=0
+    )
+
+
+def test_compile_choice(enhancer, monkeypatch):
+    monkeypatch.setenv("DF_MPS_REALTIME_COMPILE", "0")
+    rt = RealtimeEnhancer(enhancer)
+    assert not rt.compiled and rt.compile_note == "compile=False"
+    with pytest.raises(ValueError, match="compile must be"):
+        RealtimeEnhancer(enhancer, compile="sometimes")
+    monkeypatch.delenv("DF_MPS_REALTIME_COMPILE")
+    assert not RealtimeEnhancer(enhancer, compile=False).compiled
+
+
+def test_a_failing_compiled_hop_goes_eager_mid_stream(enhancer, speech):
+    needs_compiler()
+    audio = at_rate(speech, SR, 1)
+    rt = RealtimeEnhancer(enhancer, compile=True)
+    assert rt.compiled, rt.compile_note
+    calls = []
+    run = rt._model.hop_fn
+
+    def flaky(inputs):
+        calls.append(1)
+        if len(calls) > 20:
+            raise RuntimeError("simulated failure")
+        return run(inputs)
+
+    rt._model.hop_fn = flaky
+    out = stream_through(rt, audio, [480] * (audio.shape[0] // 480 + 1))
+    assert len(calls) == 21 and rt._model.hop_fn is None
+    np.testing.assert_allclose(out, offline(enhancer, audio, SR), atol=TOL, rtol=0)
+
+
+def test_cli_compile_flag():
+    from df_mps.realtime import build_parser
+
+    assert build_parser().parse_args([]).compile is None  # auto
+    assert build_parser().parse_args(["--no-compile"]).compile is False
+    assert build_parser().parse_args(["--compile"]).compile is True
+
+
+def test_one_compiled_package_serves_every_post_filter_and_limit(enhancer):
+    # the post-filter and the attenuation limit are inputs of the graph, not part of its key
+    from df_mps import hopgraph
+    from df_mps.realtime import _ModelRateStream
+
+    keys = set()
+    for post_filter, atten_lim_db in ((False, None), (True, None), (False, 12.0)):
+        rt = RealtimeEnhancer(
+            enhancer, compile=False, post_filter=post_filter, atten_lim_db=atten_lim_db
+        )
+        stream = _ModelRateStream(rt._pulsed, enhancer.df_state, 1, rt.device, 12.0, True)
+        stream.process(torch.zeros((1, 4800)))  # a stream's state is no part of it either
+        keys.add(hopgraph._cache_key(hopgraph.HopGraph(stream), stream.example_hop()))
+    assert len(keys) == 1
+
+
+def test_compiled_hop_cache_directory(tmp_path):
+    import time
+
+    from df_mps import hopgraph
+
+    folder, cached = hopgraph._build_dir(tmp_path / "cache" / "realtime")
+    assert cached and folder.is_dir()
+    (tmp_path / "file").write_bytes(b"")
+    private, cached = hopgraph._build_dir(tmp_path / "file" / "realtime")  # can't be made
+    assert not cached and private.is_dir()  # built uncached in a private directory instead
+    private.rmdir()
+    old, recent, keep = (folder / f"hop-{name}.pt2" for name in ("old", "recent", "keep"))
+    for path in (old, recent, keep):
+        path.write_bytes(b"")
+    stale = time.time() - (hopgraph.PRUNE_DAYS + 1) * 86400
+    os.utime(old, (stale, stale))
+    os.utime(keep, (stale, stale))
+    hopgraph._prune(folder, keep=keep)
+    assert not old.exists() and recent.exists() and keep.exists()

@@ -270,6 +270,8 @@ class _Constants:
         if tensor is None:
             value = build()
             tensor = torch.from_numpy(np.ascontiguousarray(value)).to(device)
+            if type(tensor) is not Tensor:
+                return tensor  # made while tracing (torch.export's fake tensors): not kept
             with self._lock:
                 self._cache[full_key] = tensor
         return tensor

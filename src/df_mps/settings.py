@@ -29,6 +29,8 @@ ENV_VARS = {
     "DF_MPS_CACHE_DIR": "df_mps's cache (default: platform user cache dir + df-mps); models/ in it",
     "DF_MPS_COMPILE": "torch.compile mode for the engine's step (reduce-overhead, "
     "max-autotune-no-cudagraphs, default); unset: CUDA graphs on CUDA, else eager",
+    "DF_MPS_REALTIME_COMPILE": "auto, 1 or 0: RealtimeEnhancer's compiled hop (default auto: "
+    "on the CPU where a C++ compiler exists)",
     "PYTORCH_ENABLE_MPS_FALLBACK": "1: ops with no MPS kernel run on the CPU (read at import)",
     "DEVICE": "DeepFilterNet's own device override (same as [train] DEVICE in config.ini)",
 }

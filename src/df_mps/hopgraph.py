@@ -1,0 +1,420 @@
+"""One hop of ``df_mps.realtime``'s stream as one fixed-shape graph, compiled ahead of time.
+
+Stepped eagerly, a hop of ``RealtimeEnhancer`` is some 150 small PyTorch ops, and on the CPU
+their dispatch costs more than their arithmetic. ``HopGraph`` is the whole hop at the model's
+rate as one pure function of the hop's samples, its options and the carried state: the STFT
+frame, the ERB and unit-norm features, the pulsed model (``PulsedDfNet.frames``, the eager
+code itself, in its graph form), the mask, deep filter, post-filter and attenuation limit, and
+the overlap-add synthesis. Its shapes are fixed (rows x one hop), it has no data-dependent
+control flow and no complex arithmetic, so ``torch.export`` takes it whole and AOTInductor
+compiles it into one shared library with the weights inside: a hop is one call into C++.
+
+``compiled_hop`` returns that step, from df_mps's cache (``<cache>/realtime``) where a package
+for the same weights, row count, PyTorch, processor and thread count was built before; the
+build itself takes a minute or so on a small machine, once. Where it can't be had (no C++
+compiler, no AOTInductor, a failed export or build) it raises ``CompileUnavailable`` and
+``RealtimeEnhancer`` runs eager. The post-filter and the attenuation limit are inputs, so one
+package serves all their settings.
+
+What did not pay, measured per hop on one thread (2 cores, shared): ``torch.compile`` of the
+same function (dynamo's guards over ~100 tensors and the Python wrapper cost what the fusion
+saved: about eager's time); inductor's freezing with grad mode off (oneDNN's matrix products
+and convolutions: 2x slower than without); real DFT matrices for the FFTs (slower than
+PyTorch's FFT); ``torch.fft.irfft`` inside the graph (AOTInductor has no C shim for it and
+goes through a slow fallback: hence ``_irfft`` through forward FFTs).
+
+Inputs: the hop's samples [B, hop], the options (``options``), then the state: the analysis
+memory [B, n - hop], the ERB and unit normalisation states [B, E], [B, F'], the spectrum
+window [B, 1, W, F, 2], the synthesis memory [B, hop], and each conv block's and GRU's carried
+state (``PulsedDfNet.stateful_layers``). Outputs: the samples [B, hop], the local SNR
+[B, 1, 1], and the state after the hop in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ._log import logger
+
+# Bumped whenever the graph's code changes what it computes: part of the cache key.
+GRAPH_VERSION = 7
+
+
+class CompileUnavailable(RuntimeError):
+    """The compiled hop can't be had here; the message is one line."""
+
+
+def _compiler() -> Optional[str]:
+    """The C++ compiler inductor would use, or None where there is none."""
+    try:
+        from torch._inductor import config
+    except Exception:  # noqa: BLE001 - a PyTorch without inductor
+        return None
+    names = config.cpp.cxx if isinstance(config.cpp.cxx, tuple) else (config.cpp.cxx,)
+    for name in (*names, os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+class HopGraph(torch.nn.Module):
+    """The hop function of a ``_ModelRateStream`` (see the module's docstring), as an
+    ``nn.Module`` for ``torch.export``; run as it is, it is the eager reference."""
+
+    def __init__(self, stream):
+        super().__init__()
+        _init(self, stream)
+
+    def forward(self, x, options, *state):
+        return _forward(self, x, options, state)
+
+
+def _init(graph, stream) -> None:
+
+    pulsed = stream.pulsed
+    if stream.fft_size != 2 * stream.hop:
+        raise CompileUnavailable(
+            f"the compiled hop needs fft_size = 2 x hop (this model: {stream.fft_size}, "
+            f"{stream.hop})"
+        )
+    graph.pulsed = pulsed
+    graph.layers = pulsed.stateful_layers()
+    graph.fft_size, graph.hop = stream.fft_size, stream.hop
+    graph.nb_df = pulsed.nb_df
+    graph.widths = tuple(int(w) for w in stream.dsp.erb_widths())
+    a32 = np.float32(stream.alpha)
+    graph.alpha = float(a32)
+    graph.one_minus = float(np.float32(1.0) - a32)  # libdf computes (1 - alpha) in float32
+    # constants as the eager stream has them: the analysis window times wnorm (df_mps.dsp's
+    # DF.features) and the synthesis window (libdf's; _ModelRateStream._overlap_add)
+    cpu = torch.device("cpu")
+    graph.register_buffer("scaled_window", stream.dsp._scaled_window_t(cpu).clone())
+    graph.register_buffer("window", stream.window.clone())
+    keep = torch.ones(stream.fft_size // 2 + 1)
+    keep[0] = 0.0
+    if stream.fft_size % 2 == 0:
+        keep[-1] = 0.0
+    graph.register_buffer("keep_imag", keep)
+
+
+def _rfft(frames):
+    """view_as_real(torch.fft.rfft(frames)): [B, n] -> [B, n // 2 + 1, 2]."""
+    return torch.view_as_real(torch.fft.rfft(frames, dim=-1))
+
+
+def _irfft(ri, n: int, keep):
+    """realfft's unnormalised inverse, ``torch.fft.irfft(view_as_complex(ri), n=n,
+    norm="forward")`` (the imaginary parts of DC and Nyquist ignored, as realfft and
+    pocketfft do), through one forward real FFT: AOTInductor calls the forward real FFT
+    directly, the inverse only through a slow fallback.
+
+    Over all n bins, with X the Hermitian spectrum, x = Re(DFT(conj X)) = A - Im(B) where A
+    is the DFT of the even real part Zr and B that of the odd negated imaginary part Zi: both
+    real signals, so two rffts (one call) give A (real) and Im(B) for t <= n/2, and their
+    symmetries give t > n/2 (x[t] = A[n - t] + Im(B)[n - t]).
+    """
+    b = ri.shape[0]
+    re, im = ri[..., 0], ri[..., 1] * keep  # keep: 0 at DC and Nyquist, else 1
+    tail = slice(1, (n + 1) // 2)
+    zr = torch.cat((re, re[:, tail].flip(1)), dim=1)  # [B, n], even
+    zi = torch.cat((-im, im[:, tail].flip(1)), dim=1)  # [B, n], odd
+    spec = _rfft(torch.cat((zr, zi), dim=0))
+    a, bi = spec[:b, :, 0], spec[b:, :, 1]  # [B, f]
+    back = (a + bi)[:, tail].flip(1)  # t = n // 2 + 1 ... n - 1
+    return torch.cat((a - bi, back), dim=1)
+
+
+def options(lim: Optional[float], post_filter: bool):
+    """The graph's options input: [lim, 1 - lim, post-filter 0/1] (lim None: 0, so that the
+    mix noisy * 0 + enhanced * 1 is the enhanced spectrum exactly)."""
+    lim = 0.0 if lim is None else float(lim)
+    return torch.tensor([lim, 1.0 - lim, 1.0 if post_filter else 0.0], dtype=torch.float32)
+
+
+def _forward(graph, x, options, state: Sequence):
+    from . import dsp
+    from .kernels import post_filter_real
+
+    analysis, erb_norm, unit_norm, spec_state, ola = state[:5]
+    layer_state = dict(zip(graph.layers, state[5:]))
+    hop, n, nb_df = graph.hop, graph.fft_size, graph.nb_df
+    # -- analysis and features (df_mps.dsp.DF.features for one frame)
+    frame = torch.cat((analysis, x), dim=-1)  # [B, n]
+    ri = _rfft(frame * graph.scaled_window)  # [B, F, 2]
+    erb_db = dsp._erb_ri(ri, graph.widths, db=True)  # [B, E]
+    erb_norm = erb_db * graph.one_minus + erb_norm * graph.alpha
+    erb_feat = (erb_db - erb_norm) / dsp.ERB_NORM_DIVISOR
+    low = ri[:, :nb_df]
+    unit_norm = torch.hypot(low[..., 0], low[..., 1]) * graph.one_minus + unit_norm * graph.alpha
+    spec_feat = low / torch.sqrt(unit_norm).unsqueeze(-1)
+    # -- the pulsed model (PulsedDfNet.step for one frame past the lookahead)
+    window = torch.cat((spec_state, ri[:, None, None]), dim=2)
+    pulsed = graph.pulsed
+    spec_e, lsnr, noisy, layer_state = pulsed.frames(
+        window,
+        erb_feat[:, None, None],
+        spec_feat[:, None, None],
+        0,
+        layer_state,
+        graph=True,
+        post_filter=False,
+    )
+    # the post-filter and the attenuation limit are inputs, so that one graph serves all
+    # their settings: both computed, one kept
+    filtered = post_filter_real(spec_e, noisy, pulsed.post_filter_beta)
+    spec_e = torch.where(options[2] > 0.5, filtered, spec_e)
+    # -- synthesis (_ModelRateStream._synthesise and _overlap_add for one frame)
+    enhanced = noisy[:, 0, 0] * options[0] + spec_e[:, 0, 0] * options[1]  # [B, F, 2]
+    frames = _irfft(enhanced, n, graph.keep_imag) * graph.window  # [B, n]
+    samples = frames[:, :hop] + ola
+    new_state = [
+        frame[:, hop:],
+        erb_norm,
+        unit_norm,
+        window[:, :, 1:],
+        frames[:, hop:],
+        *(layer_state[layer] for layer in graph.layers),
+    ]
+    # Contiguous, as the inputs they become next hop: the compiled code assumes the strides
+    # it was compiled for.
+    return (samples, lsnr, *(t.contiguous() for t in new_state))
+
+
+# -- compiling ---------------------------------------------------------------------------------
+def _cache_key(graph, example: Sequence) -> str:
+    """A digest of everything the compiled code depends on: the weights and constants and the
+    layers' settings, the shapes, the graph's code version, PyTorch's version, the processor
+    and the thread count (inductor's loops are parallel for as many threads as it has)."""
+    h = hashlib.sha256()
+    threads = torch.get_num_threads()
+    h.update(f"v{GRAPH_VERSION}|{torch.__version__}|{_cpu_identity()}|{threads}|".encode())
+    h.update(repr([tuple(t.shape) for t in example]).encode())
+    h.update(repr((graph.fft_size, graph.hop, graph.widths, graph.alpha)).encode())
+    tensors, settings = _contents(graph)
+    h.update(repr(settings).encode())
+    for t in tensors:
+        h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+        h.update(np.ascontiguousarray(t.detach().cpu().numpy()).tobytes())
+    return h.hexdigest()[:24]
+
+
+def _cpu_identity() -> str:
+    """The processor, as the compiled code depends on it (inductor builds with
+    -march=native): Linux's model name and flags, else what Python and PyTorch tell."""
+    import platform
+
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    parts = [platform.machine(), platform.processor(), capability() if capability else ""]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features")):
+                    parts.append(line.split(":", 1)[-1].strip())
+                elif not line.strip() and len(parts) > 3:
+                    break  # the first processor's block
+    except OSError:
+        pass
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+# what the pulsed model and its layers carry that is no setting of the graph: stream state,
+# the model, and the post-filter switch (an input of the graph)
+_NOT_SETTINGS = {
+    "state",
+    "model",
+    "spec_state",
+    "frames_spec",
+    "frames_in",
+    "batch",
+    "device",
+    "post_filter",
+}
+
+
+def _contents(graph) -> Tuple[List, list]:
+    """(every tensor the graph reads besides its inputs, the layers' other settings), in a
+    fixed order: the pulsed model's layers and scalars, the mask's and the graph's buffers."""
+    seen, tensors = set(), []
+
+    def describe(obj, depth=0):
+        if isinstance(obj, torch.Tensor):
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                tensors.append(obj)
+            return "tensor"
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        if isinstance(obj, (list, tuple)):
+            return [describe(item, depth) for item in obj]
+        if isinstance(obj, torch.nn.Module):
+            return type(obj).__name__  # its tensors are read through the layers' own copies
+        if hasattr(obj, "__dict__") and depth < 4:
+            items = sorted((k, v) for k, v in vars(obj).items() if k not in _NOT_SETTINGS)
+            return [type(obj).__name__, [(k, describe(v, depth + 1)) for k, v in items]]
+        return getattr(obj, "__name__", type(obj).__name__)  # activations: by name
+
+    pulsed = graph.pulsed
+    settings = [describe(pulsed)]
+    settings.append(describe(list(pulsed.model.mask.buffers())))
+    settings.append(describe(list(graph.buffers())))
+    return tensors, settings
+
+
+def package_dir() -> Path:
+    from .models.cache import cache_root
+
+    return cache_root() / "realtime"
+
+
+# inductor's options, tried in this order. C++ GEMM templates for the matrix products
+# (max-autotune: 0.35 ms a hop here, against 0.45 with oneMKL's, whose small-matrix calls
+# pack their inputs every time); one memory pool for the intermediate buffers (memory planning:
+# 5-10% less); epilogue fusion into the templates off (in PyTorch 2.14 it fails on this graph,
+# an indexing assertion). Then without the pool, then inductor's defaults.
+_AUTOTUNE = {
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+    "epilogue_fusion": False,
+}
+CONFIGS = ({**_AUTOTUNE, "memory_planning": True}, _AUTOTUNE, {})
+
+
+def _load(path: Path):
+    """The package's run function: a list of input tensors -> the list of outputs. Its
+    loader directly (AOTICompiledModel's __call__ parses its pytree specs on every call), and
+    without importing torch._inductor where PyTorch lets (1.6 s of imports here)."""
+    loader = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    if loader is not None:
+        try:
+            # (path, model name, run single-threaded, runners, device index), as
+            # torch._inductor.package.load_package calls it
+            return loader(str(path), "model", True, 1, -1).run
+        except TypeError:  # another signature: through the public function
+            pass
+    inductor = importlib.import_module("torch._inductor")
+    return inductor.aoti_load_package(str(path), run_single_threaded=True).loader.run
+
+
+def compiled_hop(graph, example: Sequence) -> Tuple[Callable, float, bool]:
+    """(the compiled hop: a list [x, *state] -> [samples, lsnr, *state], seconds spent
+    building or loading it, whether it came from the cache) for ``graph`` at the shapes of
+    ``example``; raises ``CompileUnavailable`` where it can't be had."""
+    t0 = time.perf_counter()
+    key = _cache_key(graph, example)
+    path = package_dir() / f"hop-{key}.pt2"
+    if path.is_file():
+        try:
+            runner = _load(path)
+            with contextlib.suppress(OSError):
+                os.utime(path)  # in use: kept by _prune
+            return runner, time.perf_counter() - t0, True
+        except Exception as exc:  # noqa: BLE001 - a stale or broken package: build anew
+            logger.debug(f"df_mps: cached hop package {path} did not load ({exc}); rebuilding")
+    try:
+        inductor = importlib.import_module("torch._inductor")
+        importlib.import_module("torch.export")
+    except Exception as exc:  # noqa: BLE001 - a PyTorch without inductor
+        raise CompileUnavailable(f"no torch._inductor here ({_one_line(exc)})") from exc
+    if not hasattr(inductor, "aoti_compile_and_package"):
+        raise CompileUnavailable(f"PyTorch {torch.__version__} has no AOTInductor")
+    if _compiler() is None:
+        raise CompileUnavailable("no C++ compiler (g++, c++, clang++) found")
+    folder, cached = _build_dir(path.parent)
+    # A warning, so that the command line (whose default level it is) says why its first
+    # start takes a minute.
+    where = f"cached in {folder}" if cached else f"not cached: {path.parent} is not writable"
+    logger.warning(
+        f"df_mps: compiling the real-time hop for this model and channel count, once "
+        f"(about a minute; {where})"
+    )
+    try:
+        try:
+            with torch.inference_mode(False):
+                with torch.no_grad():
+                    # One eager call first: df_mps.dsp's constants exist as real tensors
+                    # before the export traces them (as constants of the graph).
+                    graph(*example)
+                    exported = torch.export.export(graph, tuple(example), strict=False)
+        except Exception as exc:  # noqa: BLE001 - compiling is never required
+            raise CompileUnavailable(f"torch.export failed: {_one_line(exc)}") from exc
+        built = _build(inductor, exported, folder / f".{path.stem}.{os.getpid()}.tmp.pt2")
+        final = folder / path.name
+        try:
+            os.replace(built, final)
+        except OSError:
+            final = built
+        try:
+            runner = _load(final)
+        except Exception as exc:  # noqa: BLE001 - compiling is never required
+            raise CompileUnavailable(f"the built package did not load: {_one_line(exc)}") from exc
+    finally:
+        if not cached:  # a private build directory: the loader has what it needs
+            shutil.rmtree(folder, ignore_errors=True)
+    if cached:
+        _prune(folder, keep=final)
+    return runner, time.perf_counter() - t0, False
+
+
+def _build(inductor, exported, tmp: Path) -> Path:
+    """AOTInductor's package of ``exported`` at ``tmp``, with the first of CONFIGS that
+    builds; CompileUnavailable where none does."""
+    errors = []
+    for options in CONFIGS:
+        try:
+            # Compiled with grad mode on, as inductor's default: with it off, inductor
+            # swaps the matrix products and convolutions for oneDNN's, 2x slower a hop here.
+            with torch.inference_mode(False), warnings.catch_warnings():
+                # the FFT's complex output goes to PyTorch's own FFT (as intended)
+                warnings.filterwarnings("ignore", message=".*complex operators")
+                inductor.aoti_compile_and_package(
+                    exported, package_path=str(tmp), inductor_configs=dict(options)
+                )
+            return tmp
+        except Exception as exc:  # noqa: BLE001 - the next options, else eager
+            errors.append(_one_line(exc))
+            logger.debug(f"df_mps: compiling the hop with {options} failed: {errors[-1]}")
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    raise CompileUnavailable(f"AOTInductor failed: {errors[-1]}")
+
+
+def _build_dir(folder: Path) -> Tuple[Path, bool]:
+    """(where to build, whether that is the cache): the cache directory where it can be
+    written, else a private temporary one (the build is then not kept)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+        return folder, True
+    except OSError as exc:
+        logger.debug(f"df_mps: {folder} is not writable ({exc}); the hop is built uncached")
+        return Path(tempfile.mkdtemp(prefix="df-mps-hop-")), False
+
+
+PRUNE_DAYS = 30  # cached packages unused this long go when a new one is built
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Remove the cached packages not loaded for PRUNE_DAYS (older PyTorch, df_mps, models)."""
+    cutoff = time.time() - PRUNE_DAYS * 86400
+    for old in folder.glob("hop-*.pt2"):
+        with contextlib.suppress(OSError):
+            if old != keep and old.stat().st_mtime < cutoff:
+                old.unlink()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
