@@ -231,6 +231,12 @@ def test_cli_split_long_flag(dfn3_model_dir, audio_dir, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "df-mps-enhance: error: --split-long and --whole-file exclude each other"
     )
+    # Ray's actors run whole files: refused in one line, before any cluster starts.
+    assert cli.main(["x.wav", "--split-long", "--ray"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "df-mps-enhance: error: --split-long and --ray exclude each other (Ray's actors run "
+        "whole files)"
+    )
     noisy, _, sr = made_speech(audio_dir, "white", 1.0)
     path = tmp_path / "short.wav"
     sf.write(str(path), noisy, sr)

@@ -857,6 +857,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("-r/--recursive needs -i/--noisy-dir")
     if args.split_long and args.whole_file:
         raise UserError("--split-long and --whole-file exclude each other")
+    if args.split_long and args.ray is not None:
+        # Ray's actors each run whole files (a retried batch redoes whole outputs); a split
+        # file's segments would span actors. Refused rather than silently run exact.
+        raise UserError("--split-long and --ray exclude each other (Ray's actors run whole files)")
 
     _configure_df_mps(args.device, args.forward_method)
     _configure_threads(args.threads)

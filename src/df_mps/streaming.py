@@ -105,11 +105,6 @@ __all__ = [
     "sinc_kernel_values",
 ]
 
-# The last piece may run up to this much longer than piece_seconds instead of leaving a short
-# extra piece (a 10.02 s file is one piece, as upstream's call).
-LAST_PIECE_SLACK = 0.5
-
-
 class BadAudioError(AudioFileError):
     """A readable file whose samples can't be enhanced (none, NaN, Inf)."""
 
