@@ -105,6 +105,7 @@ __all__ = [
     "sinc_kernel_values",
 ]
 
+
 class BadAudioError(AudioFileError):
     """A readable file whose samples can't be enhanced (none, NaN, Inf)."""
 
