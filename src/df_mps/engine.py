@@ -366,6 +366,7 @@ class BatchedModel:
                 f"pieces of {self.piece} frames are shorter than the {self.left}-frame left context"
             )
         self.window = self.left + self.piece + self.right
+        self.tail = _bucket(1, self.piece)  # the short shape: the smallest last-piece bucket
         self.device = next(model.parameters()).device
         self.dtype = model_dtype(model)
         self._ctx = _StepContext(model, self.left, self.piece)
@@ -476,7 +477,7 @@ def warm_up_steps(step, batched, rows, freq_bins, erb_bands, df_bins) -> None:
     bucket, the fixed shape's other shape), then a wait for the device."""
     import torch
 
-    pieces = (batched.piece, _bucket(1, batched.piece))
+    pieces = (batched.piece, batched.tail)
     for piece in dict.fromkeys(pieces):
         window = batched.left + piece + batched.right
         zeros = dict(device=batched.device, dtype=batched.dtype)
@@ -525,7 +526,8 @@ class _Active:
         # The first read also covers the first piece's right context (and the resampler's
         # delay): a piece needs ``piece + right`` frames, so a read of one piece's samples
         # would leave every job one read short of its first step.
-        extra = engine.right + 4 + (0 if self.to_model.identity else 2 * engine.piece_frames // 16)
+        extra = engine.first_read_frames - engine.piece_frames
+        extra += 0 if self.to_model.identity else 2 * engine.piece_frames // 16
         self.first_block = self.block + max(1, round(extra * spec.hop * self.rate / spec.sr))
         self.remainder = torch.zeros((self.channels, 0))
         self.features: Optional[Tuple] = None  # frames from self.base on, on the device
@@ -1081,7 +1083,10 @@ class Engine:
         # Off the CPU every step has one shape (see _step); DF_MPS_ENGINE_FIXED=0|1 overrides.
         fixed = os.environ.get("DF_MPS_ENGINE_FIXED", "")
         self.fixed_shape = fixed == "1" if fixed in ("0", "1") else device_type != "cpu"
-        self.tail_frames = _bucket(1, self.piece_frames)  # the short shape (see _step)
+        self.tail_frames = self.model.tail  # the short shape (see _step)
+        # Frames at the model's rate that a job's first read covers: its first piece, that
+        # piece's right context and a few frames' margin (_Active.first_block, the warm-ups).
+        self.first_read_frames = self.piece_frames + self.right + 4
         self._idle: Dict[tuple, list] = {}
         self.timings = collections.Counter()  # seconds per phase of the step
         self.profile = os.environ.get("DF_MPS_ENGINE_PROFILE") == "1"
@@ -1117,7 +1122,7 @@ class Engine:
             spec = self.df_spec
             self.model.warm_up(self.batch, spec.fft // 2 + 1, spec.nb, self.nb_df)
             if self.model.device.type == "cuda":
-                _warm_pinned_memory(self.batch * (self.piece_frames + self.right + 8) * spec.hop)
+                _warm_pinned_memory(self.batch * self.first_read_frames * spec.hop)
             if not self.dsp_in_io:
                 self._warm_up_dsp()
             warmed.add(key)
@@ -1130,7 +1135,7 @@ class Engine:
 
         spec, device = self.df_spec, self.model.device
         dsp = self.new_dsp()
-        for frames in (self.piece_frames + self.right + 4, self.piece_frames, self.tail_frames):
+        for frames in (self.first_read_frames, self.piece_frames, self.tail_frames):
             dsp.features(
                 torch.zeros((self.batch, frames * spec.hop), device=device),
                 self.nb_df,
