@@ -161,6 +161,12 @@ def child(args) -> None:
     if args.threads:
         argv += ["--threads", str(args.threads)]
     trace = os.environ.get("BENCH_TORCH_PROFILE")  # a path: torch.profiler's top ops there
+    stacks = os.environ.get("BENCH_STACKS")  # a path: where the scheduling thread's time goes
+    sampler = None
+    if stacks:
+        from stack_sampler import StackSampler
+
+        sampler = StackSampler().start()
     functions = os.environ.get("BENCH_CPROFILE")  # a path: the scheduling thread's top calls
     if functions:
         import cProfile
@@ -185,6 +191,8 @@ def child(args) -> None:
     else:
         rc = cli.main(argv)
     t_end = time.perf_counter()
+    if sampler is not None:
+        sampler.stop()
     import soundfile as sf
 
     audio = sum(sf.info(str(p)).duration for p in files)
@@ -212,6 +220,14 @@ def child(args) -> None:
                 round(d_end - end, 4) for (_, end, _, _), (_, d_end) in zip(log, device)
             ]
             timeline["device_after_last_step_s"] = marks["last_commit"] - device[-1][1]
+        if sampler is not None:
+            spans = {
+                "before_first_step": [(marks["first_read"], log[0][0])],
+                "in_steps": [(start, end) for start, end, _, _ in log],
+                "between_steps": [(a[1], b[0]) for a, b in zip(log, log[1:])],
+                "after_last_step": [(log[-1][1], marks["last_commit"])],
+            }
+            Path(stacks).write_text(json.dumps(sampler.summary(spans), indent=1))
     steps = sum(e.steps for e in engines)
     rows_run = sum(e.rows_run for e in engines)
     from _common import peak_rss_mib

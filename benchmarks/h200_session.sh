@@ -12,7 +12,7 @@
 set -uo pipefail
 parts=("${@:-engine}")
 wheels=(.whl/*.whl)
-[[ " ${parts[*]} " == *" ray "* ]] && [ -d .whlray ] && wheels+=(.whlray/*.whl)
+[[ " ${parts[*]} " =~ " "(ray|suite)" " ]] && [ -d .whlray ] && wheels+=(.whlray/*.whl)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${wheels[@]}" || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 DF_MPS_SHARED=$PWD/.devcarry
 M=.devcarry/models/DeepFilterNet3
@@ -49,6 +49,12 @@ for part in "${parts[@]}"; do
     (cd benchmarks && BENCH_SWITCH_INTERVAL=0.0005 timeout 100 python3 bench_engine.py --mode corpus --device cuda \
       --files 64 --seconds 30 --batch 64 --threads 4 --json "$OUT/tl_si.json" 2>&1 | grep -v INFO | cut -c1-160 | tail -1)
     python3 -c "import json; r=json.load(open('$OUT/tl_si.json'))['rows'][0]; print('switch 0.5 ms', round(r['audio_s_per_s']), json.dumps(r['timeline']))" ;;
+  stacks)
+    # Where the scheduling thread and the I/O threads spend the corpus run, by span (before the
+    # first step, in steps, between steps, after the last): benchmarks/stack_sampler.py.
+    (cd benchmarks && BENCH_STACKS=$OUT/stacks_b64.json timeout 100 python3 bench_engine.py --mode corpus \
+      --device cuda --files 64 --seconds 30 --batch 64 --threads 4 --json "$OUT/stacks_run.json" 2>&1 | grep -v INFO | cut -c1-160 | tail -1)
+    python3 benchmarks/stack_sampler.py "$OUT/stacks_b64.json" 6 ;;
   syncs)
     (cd benchmarks && timeout 120 python3 cuda_syncs.py --files 64 --seconds 30 --json "$OUT/cuda_syncs.json" 2>&1 | grep -v INFO | tail -25)
     for n in 8 16; do
@@ -79,8 +85,11 @@ for part in "${parts[@]}"; do
     timeout 60 python3 -m pytest -q --lf -o cache_dir=/tmp/pc 2>&1 | tail -4 ;;
   suite)
     # Serial: the fresh-interpreter and docs tests share a cache and a working directory.
-    DF_MPS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py tests/test_precision.py tests/test_engine.py -k "not memory" 2>&1 | tail -6
-    timeout 420 python3 -m pytest -q -p no:cacheprovider -x 2>&1 | tail -12 ;;
+    # Output to files: a pipe's tail is lost when the call's time runs out.
+    DF_MPS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py \
+      tests/test_precision.py tests/test_engine.py -k "not memory" > "$OUT/suite_cuda.txt" 2>&1; tail -6 "$OUT/suite_cuda.txt"
+    timeout "${SUITE_TIMEOUT:-420}" python3 -m pytest -q -rs -p no:cacheprovider --durations=20 > "$OUT/suite.txt" 2>&1
+    tail -45 "$OUT/suite.txt" ;;
   esac
 done
 ls -la "$OUT"
