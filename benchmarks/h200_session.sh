@@ -49,6 +49,14 @@ for part in "${parts[@]}"; do
     (cd benchmarks && BENCH_SWITCH_INTERVAL=0.0005 timeout 100 python3 bench_engine.py --mode corpus --device cuda \
       --files 64 --seconds 30 --batch 64 --threads 4 --json "$OUT/tl_si.json" 2>&1 | grep -v INFO | cut -c1-160 | tail -1)
     python3 -c "import json; r=json.load(open('$OUT/tl_si.json'))['rows'][0]; print('switch 0.5 ms', round(r['audio_s_per_s']), json.dumps(r['timeline']))" ;;
+  corpus)
+    # The corpus through the CLI, fp32 (the default) and bf16: audio-s/s and the timeline.
+    for cfg in fp32 bf16; do
+      extra=""; [ $cfg = bf16 ] && extra="--precision bf16"
+      (cd benchmarks && timeout 60 python3 bench_engine.py --mode corpus --device cuda --files 64 \
+        --seconds 30 --batch 64 --threads 4 --cli-args "$extra" --json "$OUT/corpus_$cfg.json" 2>&1 | grep -v INFO | cut -c1-160 | tail -1)
+      python3 -c "import json; r=json.load(open('$OUT/corpus_$cfg.json'))['rows'][0]; print('$cfg', round(r['audio_s_per_s']), json.dumps({k: v for k, v in r['timeline'].items() if k != 'steps'}))"
+    done ;;
   stacks)
     # Where the scheduling thread and the I/O threads spend the corpus run, by span (before the
     # first step, in steps, between steps, after the last): benchmarks/stack_sampler.py.
@@ -84,12 +92,25 @@ for part in "${parts[@]}"; do
     timeout 130 python3 -m pytest -q -n 8 --dist loadfile -o cache_dir=/tmp/pc 2>&1 | tail -8
     timeout 60 python3 -m pytest -q --lf -o cache_dir=/tmp/pc 2>&1 | tail -4 ;;
   suite)
-    # Serial: the fresh-interpreter and docs tests share a cache and a working directory.
-    # Output to files: a pipe's tail is lost when the call's time runs out.
+    # The CUDA tests on the GPU, then the whole suite (the CPU default) in four shards of
+    # whole files at once, each with its own cache and temp directories (the fresh-interpreter
+    # and docs tests of one shard never meet another's). -v to files: each test's result is
+    # there even where the call's time runs out.
     DF_MPS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py \
-      tests/test_precision.py tests/test_engine.py -k "not memory" > "$OUT/suite_cuda.txt" 2>&1; tail -6 "$OUT/suite_cuda.txt"
-    timeout "${SUITE_TIMEOUT:-420}" python3 -m pytest -q -rs -p no:cacheprovider --durations=20 > "$OUT/suite.txt" 2>&1
-    tail -45 "$OUT/suite.txt" ;;
+      tests/test_precision.py tests/test_engine.py -k "not memory" > "$OUT/suite_cuda.txt" 2>&1; tail -4 "$OUT/suite_cuda.txt"
+    shards=("test_realtime test_audit test_capabilities test_kernels test_device test_mps_hardware test_doctor"
+      "test_ray test_engine test_split test_dfop test_audio"
+      "test_enhance_cli test_streaming test_compute test_launcher test_cuda_graphs test_routing"
+      "test_patching test_docs test_models test_dsp test_precision test_audio_io")
+    for k in 0 1 2 3; do
+      files=$(for f in ${shards[$k]}; do echo tests/$f.py; done)
+      mkdir -p /tmp/shard$k/cache /tmp/shard$k/tmp
+      DF_MPS_CACHE_DIR=/tmp/shard$k/cache TMPDIR=/tmp/shard$k/tmp timeout "${SUITE_TIMEOUT:-420}" \
+        python3 -m pytest -v -rfEs -p no:cacheprovider --durations=8 $files > "$OUT/suite_$k.txt" 2>&1 &
+    done
+    wait
+    for k in 0 1 2 3; do echo "-- shard $k"; grep -E "FAILED|ERROR" "$OUT/suite_$k.txt" | grep -v "^tests.*PASSED" | head -20; tail -2 "$OUT/suite_$k.txt"; done
+    n=$(ls tests/test_*.py | wc -l); m=$(echo ${shards[@]} | wc -w); echo "test files: $n, in shards: $m" ;;
   esac
 done
 ls -la "$OUT"

@@ -50,7 +50,7 @@ class StackSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stack-sampler", daemon=True)
 
-    def start(self) -> "StackSampler":
+    def start(self) -> StackSampler:
         self._thread.start()
         return self
 
@@ -113,9 +113,11 @@ class StackSampler:
 
 if __name__ == "__main__":  # print a summary file: stack_sampler.py SUMMARY.json [TOP]
     import json
+    from pathlib import Path
 
     top_n = int(sys.argv[2]) if len(sys.argv) > 2 else 6
-    for span, value in json.load(open(sys.argv[1])).items():
-        print(f"{span}: {value['seconds']} s, {value['samples']}/{value['expected_samples']} samples")
-        for entry in value["top"][:top_n]:
-            print(f"   {entry['seconds']:8.4f} s {entry['share']:6.1%}  {entry['df_mps']}  <  {entry['leaf']}")
+    for span, value in json.loads(Path(sys.argv[1]).read_text()).items():
+        taken, expected = value["samples"], value["expected_samples"]
+        print(f"{span}: {value['seconds']} s, {taken}/{expected} samples")
+        for e in value["top"][:top_n]:
+            print(f"   {e['seconds']:8.4f} s {e['share']:6.1%}  {e['df_mps']}  <  {e['leaf']}")

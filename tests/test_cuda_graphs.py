@@ -51,6 +51,14 @@ def enhancer(dfn3_model_dir):
 
 
 @pytest.fixture(scope="module")
+def cpu_model(enhancer):
+    """The network on the CPU, for the emulated graphs (whatever DF_MPS_TEST_DEVICE says)."""
+    if next(enhancer.model.parameters()).device.type == "cpu":
+        return enhancer.model
+    return copy.deepcopy(enhancer.model).to("cpu").eval()
+
+
+@pytest.fixture(scope="module")
 def clips(audio_dir):
     """Three clips of different lengths: rows start and end at different steps."""
     noisy, sr = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
@@ -267,14 +275,14 @@ def _emulate_cuda_graphs(monkeypatch):
     monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
 
 
-def test_replay_bookkeeping_with_an_emulated_graph(enhancer, clips, monkeypatch):
+def test_replay_bookkeeping_with_an_emulated_graph(cpu_model, enhancer, clips, monkeypatch):
     """Static inputs in, static outputs copied out, rows padded, states carried between
     replays, shapes captured ahead and checked on a probe: with the graph emulated on the
     CPU (``_EmulatedGraph``), the graphed engine's outputs equal the eager engine's."""
     short = ([x[: len(x) // 4] for x in clips[0]], clips[1])
-    reference = _run(_engine(enhancer.model, enhancer.df_state, piece_frames=20), short)
+    reference = _run(_engine(cpu_model, enhancer.df_state, piece_frames=20), short)
     _emulate_cuda_graphs(monkeypatch)
-    engine = _engine(enhancer.model, enhancer.df_state, piece_frames=20)
+    engine = _engine(cpu_model, enhancer.df_state, piece_frames=20)
     engine.model = graphs.GraphedModel(engine.model, max_rows=4)
     spec = engine.df_spec
     engine.model.warm_up(4, spec.fft // 2 + 1, spec.nb, engine.nb_df)
@@ -286,12 +294,14 @@ def test_replay_bookkeeping_with_an_emulated_graph(enhancer, clips, monkeypatch)
         assert np.abs(a - b).max() <= 1e-5
 
 
-def test_a_graph_that_differs_on_the_warm_up_probe_runs_eager(enhancer, clips, monkeypatch):
+def test_a_graph_that_differs_on_the_warm_up_probe_runs_eager(
+    cpu_model, enhancer, clips, monkeypatch
+):
     """The check against eager happens at the warm-up, on seeded random features and states:
     a graph whose replay is off by 1e-3 is dropped there (its shape runs eager), before any
     real audio, and the engine's outputs still equal eager's."""
     short = ([x[: len(x) // 4] for x in clips[0]], clips[1])
-    reference = _run(_engine(enhancer.model, enhancer.df_state, piece_frames=20), short)
+    reference = _run(_engine(cpu_model, enhancer.df_state, piece_frames=20), short)
     _emulate_cuda_graphs(monkeypatch)
     replay = graphs._Captured.replay
 
@@ -300,7 +310,7 @@ def test_a_graph_that_differs_on_the_warm_up_probe_runs_eager(enhancer, clips, m
         return enhanced + 1e-3, lsnr, new_h, new_history
 
     monkeypatch.setattr(graphs._Captured, "replay", off_by_a_little)
-    engine = _engine(enhancer.model, enhancer.df_state, piece_frames=20)
+    engine = _engine(cpu_model, enhancer.df_state, piece_frames=20)
     engine.model = graphs.GraphedModel(engine.model, max_rows=4)
     spec = engine.df_spec
     engine.model.warm_up(4, spec.fft // 2 + 1, spec.nb, engine.nb_df)
@@ -310,3 +320,24 @@ def test_a_graph_that_differs_on_the_warm_up_probe_runs_eager(enhancer, clips, m
     got = _run(engine, short)
     for a, b in zip(got, reference):
         assert np.abs(a - b).max() <= 1e-5
+
+
+def test_a_copy_of_a_graphed_network_starts_with_no_graphs(cpu_model, enhancer):
+    """The graphs live in the network's __dict__; copy.deepcopy and pickle (torch.save) of
+    the network give the copy an empty store (a CUDA graph, its pool and a lock can't be
+    copied; the copy captures its own). This failed on the H200 with "cannot pickle
+    'CUDAGraph' object"."""
+    import pickle
+    import threading
+
+    model = copy.deepcopy(cpu_model)
+    engine = _engine(model, enhancer.df_state)
+    store = graphs.graph_store(engine.model)
+    store.graphs[(3, 50)] = threading.Lock()  # stands in for a captured graph: uncopyable
+    store.replays = 7
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        stores = clone.__dict__[graphs.STORE_ATTR]
+        assert list(stores) == list(model.__dict__[graphs.STORE_ATTR])
+        (copied,) = stores.values()
+        assert copied is not store and copied.graphs == {} and copied.replays == 0
+        assert copied.tolerance == store.tolerance

@@ -107,6 +107,7 @@ def test_cli_bf16_runs_or_falls_back_with_one_line(
     reset_warnings()
     capsys.readouterr()
     argv = [str(src), "-o", str(tmp_path / "out"), "-m", str(dfn3_model_dir), "--threads", "1"]
+    argv += ["--device", "cpu"]  # the CPU's fallback, also where a GPU is the default
     assert cli.main([*argv, "--precision", "bf16", "--piece-seconds", "0.5"]) == 0
     out, rate = sf.read(str(tmp_path / "out" / "in_DeepFilterNet3.wav"), dtype="float32")
     assert rate == sr and out.shape == (sr,) and np.isfinite(out).all()

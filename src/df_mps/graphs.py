@@ -177,6 +177,15 @@ class GraphStore:
         self.pool = None
         self.lock = threading.Lock()  # one replay at a time: the static buffers are shared
 
+    # The store lives in the network's __dict__: a copy of the network (copy.deepcopy, pickle,
+    # torch.save) gets an empty store and captures its own graphs. A CUDA graph, its memory
+    # pool and a lock can't be copied, and a copy's parameters are other tensors anyway.
+    def __reduce__(self):
+        return (GraphStore, (self.tolerance, self.warmup))
+
+    def __deepcopy__(self, memo):
+        return GraphStore(self.tolerance, self.warmup)
+
 
 def graph_store(batched) -> GraphStore:
     """The store kept on ``batched.model`` (so it lives as long as the network) for its
