@@ -96,6 +96,12 @@ for part in "${parts[@]}"; do
     # whole files at once, each with its own cache and temp directories (the fresh-interpreter
     # and docs tests of one shard never meet another's). -v to files: each test's result is
     # there even where the call's time runs out.
+    # As an installed df-mps would be: on every interpreter's path (the launcher's and the
+    # patching tests' children set PYTHONPATH of their own), and the upstream model cache
+    # that DeepFilterNet's own download fills (the README's examples name the model).
+    site=$(python3 -c "import site; print(site.getsitepackages()[0])")
+    printf '/tmp/site\n%s\n' "$PWD/src" > "$site/df_mps_h200.pth"
+    mkdir -p ~/.cache/DeepFilterNet && cp -r $M ~/.cache/DeepFilterNet/
     DF_MPS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py \
       tests/test_precision.py tests/test_engine.py -k "not memory" > "$OUT/suite_cuda.txt" 2>&1; tail -4 "$OUT/suite_cuda.txt"
     shards=("test_realtime test_audit test_capabilities test_kernels test_device test_mps_hardware test_doctor"

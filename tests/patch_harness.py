@@ -74,12 +74,13 @@ def install_old_torchaudio() -> None:
 
 
 def import_all(names) -> list:
-    """Import each module that imports here (some df.scripts need h5py, icecream, ...)."""
+    """Import each module that imports here (some df.scripts need h5py, icecream, ...; with
+    h5py, df.scripts.list_attrs_in_hdf5 parses sys.argv at import and exits)."""
     loaded = []
     for name in names:
         try:
             importlib.import_module(name)
-        except Exception:
+        except (Exception, SystemExit):
             continue
         loaded.append(name)
     return loaded

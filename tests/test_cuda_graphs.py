@@ -117,9 +117,14 @@ def cuda_model(enhancer):
 @needs_cuda
 @pytest.mark.parametrize("name", ["fp32", "bf16"])
 def test_graphed_engine_equals_eager(name, cuda_model, enhancer, clips):
-    """Files that start and end at different steps (rows padded 3 -> 4, the short last piece's
-    own shape): every output within 1e-5 of the eager engine's, every shape captured."""
+    """Files that start and end at different steps (the short last piece's own shape): every
+    output within 1e-5 of the eager engine's in fp32, every shape captured. In bf16 the bound
+    is 1e-3: a bf16 rounding that falls the other way (the graph's kernels are not eager's:
+    cuBLAS picks its algorithms under capture with another workspace) is 2**-8 of a value,
+    and the carried GRU state spreads it over the following frames; measured on the H200,
+    3.0e-4 on these clips, with the warm-up's probe check within 1e-5."""
     model = precision.cast_model(cuda_model, precision.dtype_of(name))
+    bound = 1e-5 if name == "fp32" else 1e-3
     reference = _run(_engine(model, enhancer.df_state), clips)
     engine = graphs.accelerate(_engine(model, enhancer.df_state), cuda_graphs=True)
     assert isinstance(engine.model, graphs.GraphedModel)
@@ -128,7 +133,7 @@ def test_graphed_engine_equals_eager(name, cuda_model, enhancer, clips):
     assert stats["shapes_eager"] == [], stats
     assert stats["replays"] > 0 and stats["max_difference_vs_eager"] <= graphs.TOLERANCE
     for a, b in zip(got, reference):
-        assert np.abs(a - b).max() <= 1e-5
+        assert np.abs(a - b).max() <= bound
     # A second engine over the same network replays the same graphs: no new capture.
     again = graphs.accelerate(_engine(model, enhancer.df_state), cuda_graphs=True)
     captured = len(stats["shapes_captured"])
@@ -142,7 +147,7 @@ def test_graphed_engine_equals_eager(name, cuda_model, enhancer, clips):
     warmed = {tuple(k) for k in graphs.stats(ahead)["shapes_captured"]}
     assert {(3, 60), (3, 16)} <= warmed
     for a, b in zip(_run(ahead, clips), reference):
-        assert np.abs(a - b).max() <= 1e-5
+        assert np.abs(a - b).max() <= bound
     checked = graphs.stats(ahead)
     assert checked["shapes_eager"] == [] and checked["max_difference_vs_eager"] <= 1e-5
 

@@ -519,3 +519,34 @@ def test_compiled_hop_cache_directory(tmp_path):
     os.utime(keep, (stale, stale))
     hopgraph._prune(folder, keep=keep)
     assert not old.exists() and recent.exists() and keep.exists()
+
+
+@pytest.mark.parametrize("crash", ["error", "segfault"])
+def test_a_package_that_fails_its_trial_process_runs_eager(enhancer, monkeypatch, tmp_path, crash):
+    """A compiled hop is first loaded and run once in a child process: a package whose loader
+    raises or kills the process (as AOTInductor's did on the H200 machine's PyTorch 2.11, a
+    segmentation fault) leaves the caller alive with CompileUnavailable, is marked failed, and
+    the next start refuses it at once instead of building it again."""
+    from df_mps import hopgraph
+    from df_mps.realtime import _ModelRateStream
+
+    monkeypatch.setattr(hopgraph, "package_dir", lambda: tmp_path)
+    rt = RealtimeEnhancer(enhancer, compile=False)
+    stream = _ModelRateStream(rt._pulsed, enhancer.df_state, 1, rt.device, 12.0, True)
+    graph, example = hopgraph.HopGraph(stream), stream.example_hop()
+    path = tmp_path / f"hop-{hopgraph._cache_key(graph, example)}.pt2"
+    path.write_bytes(b"not a package")
+    if crash == "segfault":  # the child's interpreter dies as a crashing loader's would
+        child = tmp_path / "child.py"
+        child.write_text("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)\n")
+        real_run = subprocess.run
+        monkeypatch.setattr(
+            hopgraph.subprocess, "run", lambda argv, **kw: real_run([argv[0], str(child)], **kw)
+        )
+    with pytest.raises(hopgraph.CompileUnavailable, match="trial process"):
+        hopgraph.compiled_hop(graph, example)
+    assert (tmp_path / (path.name + ".failed")).is_file()
+    assert not (tmp_path / (path.name + ".ok")).exists()
+    monkeypatch.setattr(hopgraph, "_build", lambda *a: pytest.fail("built again"))
+    with pytest.raises(hopgraph.CompileUnavailable, match="delete .* to try again"):
+        hopgraph.compiled_hop(graph, example)

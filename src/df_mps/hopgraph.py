@@ -35,8 +35,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -314,7 +317,12 @@ def compiled_hop(graph, example: Sequence) -> Tuple[Callable, float, bool]:
     t0 = time.perf_counter()
     key = _cache_key(graph, example)
     path = package_dir() / f"hop-{key}.pt2"
+    failed = path.with_name(path.name + ".failed")
+    if failed.is_file():  # the same package here crashed a trial process: don't build it again
+        why = failed.read_text(errors="replace").strip() or "a trial process failed"
+        raise CompileUnavailable(f"{why}; delete {failed} to try again")
     if path.is_file():
+        _check_in_child(path, example)
         try:
             runner = _load(path)
             with contextlib.suppress(OSError):
@@ -355,6 +363,7 @@ def compiled_hop(graph, example: Sequence) -> Tuple[Callable, float, bool]:
             os.replace(built, final)
         except OSError:
             final = built
+        _check_in_child(final, example)
         try:
             runner = _load(final)
         except Exception as exc:  # noqa: BLE001 - compiling is never required
@@ -365,6 +374,45 @@ def compiled_hop(graph, example: Sequence) -> Tuple[Callable, float, bool]:
     if cached:
         _prune(folder, keep=final)
     return runner, time.perf_counter() - t0, False
+
+
+def _check_in_child(path: Path, example: Sequence) -> None:
+    """Load the package and run one hop on zeros in a child process, once per package (a
+    marker file beside it records the pass, another a failure): a package that crashes its
+    loader takes the child down, not the caller, and the stream runs eager
+    (CompileUnavailable). Measured: on
+    the H200 machine's PyTorch 2.11 a package built there crashed the process that loaded it
+    (a segmentation fault in the AOTInductor loader)."""
+    marker = path.with_name(path.name + ".ok")
+    if marker.is_file():
+        return
+    spec = [(list(t.shape), str(t.dtype).replace("torch.", "")) for t in example]
+    code = (
+        "import json, sys, torch\n"
+        "from df_mps.hopgraph import _load\n"
+        "run = _load(sys.argv[1])\n"
+        "run([torch.zeros(s, dtype=getattr(torch, d)) for s, d in json.loads(sys.argv[2])])\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(path), json.dumps(spec)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise CompileUnavailable(f"the compiled hop could not be tried: {_one_line(exc)}") from exc
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        why = lines[-1].strip() if lines else f"exit status {proc.returncode}"
+        message = f"the compiled hop failed in a trial process ({why[:200]})"
+        with contextlib.suppress(OSError):
+            path.with_name(path.name + ".failed").write_text(message + "\n")
+        raise CompileUnavailable(message)
+    with contextlib.suppress(OSError):
+        marker.touch()
 
 
 def _build(inductor, exported, tmp: Path) -> Path:
@@ -413,6 +461,8 @@ def _prune(folder: Path, keep: Path) -> None:
         with contextlib.suppress(OSError):
             if old != keep and old.stat().st_mtime < cutoff:
                 old.unlink()
+                for mark in (".ok", ".failed"):
+                    old.with_name(old.name + mark).unlink(missing_ok=True)
 
 
 def _one_line(exc: BaseException) -> str:

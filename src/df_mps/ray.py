@@ -462,6 +462,9 @@ def run_on_ray(
                     num_cpus=size.cpus,
                     max_restarts=max_restarts,
                     max_task_retries=max_task_retries,
+                    # The driver's DF_MPS_* settings (the device, the engine's knobs) hold in
+                    # the actors too, which a cluster starts with its own environment.
+                    runtime_env={"env_vars": _settings_env()},
                 )
             stack.callback(_stop_execution, dataset)
             for row in dataset.iter_rows():
@@ -554,6 +557,11 @@ def run_cli(jobs, args, output_dir: Path) -> int:
         text += f"; {counts['error']} failed"
     _say(text + f"; report: {report_path}")
     return 1 if counts["error"] else 0
+
+
+def _settings_env() -> dict:
+    """This process's DF_MPS_* environment variables, for the actors."""
+    return {name: value for name, value in os.environ.items() if name.startswith("DF_MPS_")}
 
 
 def _actor_options(args) -> dict:
