@@ -53,9 +53,9 @@ for part in "${parts[@]}"; do
     # The corpus through the CLI, fp32 (the default) and bf16: audio-s/s and the timeline.
     for cfg in fp32 bf16; do
       extra=""; [ $cfg = bf16 ] && extra="--precision bf16"
-      (cd benchmarks && timeout 60 python3 bench_engine.py --mode corpus --device cuda --files 64 \
-        --seconds 30 --batch 64 --threads 4 --cli-args "$extra" --json "$OUT/corpus_$cfg.json" 2>&1 | grep -v INFO | cut -c1-160 | tail -1)
-      python3 -c "import json; r=json.load(open('$OUT/corpus_$cfg.json'))['rows'][0]; print('$cfg', round(r['audio_s_per_s']), json.dumps({k: v for k, v in r['timeline'].items() if k != 'steps'}))"
+      (cd benchmarks && timeout 150 python3 bench_engine.py --mode corpus --device cuda --files 64 \
+        --seconds 30 --batch 64 --threads 4 --repeats "${REPEATS:-1}" --cli-args "$extra" --json "$OUT/corpus_$cfg.json" 2>&1 | grep -v INFO | cut -c1-160 | tail -1)
+      python3 -c "import json; [print('$cfg', round(r['audio_s_per_s']), json.dumps({k: round(v, 3) for k, v in r['timeline'].items() if k not in ('steps', 'device_lag_at_step_end_s')})) for r in json.load(open('$OUT/corpus_$cfg.json'))['rows']]"
     done ;;
   stacks)
     # Where the scheduling thread and the I/O threads spend the corpus run, by span (before the

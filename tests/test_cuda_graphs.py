@@ -119,10 +119,10 @@ def cuda_model(enhancer):
 def test_graphed_engine_equals_eager(name, cuda_model, enhancer, clips):
     """Files that start and end at different steps (the short last piece's own shape): every
     output within 1e-5 of the eager engine's in fp32, every shape captured. In bf16 the bound
-    is 1e-3: a bf16 rounding that falls the other way (the graph's kernels are not eager's:
-    cuBLAS picks its algorithms under capture with another workspace) is 2**-8 of a value,
-    and the carried GRU state spreads it over the following frames; measured on the H200,
-    3.0e-4 on these clips, with the warm-up's probe check within 1e-5."""
+    is 1e-3: one bf16 rounding that falls the other way is 2**-8 of a value, and the carried
+    GRU state spreads it over the following frames. Measured on the H200: 3.0e-4 on these
+    clips, while the warm-up's probe check agreed within 1e-5 (which kernel rounds
+    differently was not found)."""
     model = precision.cast_model(cuda_model, precision.dtype_of(name))
     bound = 1e-5 if name == "fp32" else 1e-3
     reference = _run(_engine(model, enhancer.df_state), clips)
