@@ -36,6 +36,11 @@ PROGRAM = textwrap.dedent(
         "loaded": loaded,
         "user_site_mark": os.environ.get("USER_SITE_MARK"),
         "sitecustomize": getattr(sys.modules.get("sitecustomize"), "__file__", None),
+        # the sitecustomize this interpreter has besides ours (a distribution's, as Ubuntu's
+        # /usr/lib/python3.X/sitecustomize.py), which the bootstrap chains to
+        "other_sitecustomize": getattr(__import__("importlib.machinery").machinery.PathFinder
+            .find_spec("sitecustomize", [p for p in sys.path if "_bootstrap" not in p]),
+            "origin", None),
     }))
     """
 )
@@ -71,7 +76,9 @@ def test_program_that_imports_df_is_patched(tmp_path, audio_dir):
     assert report["df_mps_imported"] and report["patched"] and report["get_device_wrapped"]
     # df.io reads through soundfile: no torchaudio backend, torchcodec or FFmpeg involved.
     assert report["loaded"] == [[1, 480000], 48000]
-    assert report["sitecustomize"] == os.path.join(launcher.BOOTSTRAP_DIR, "sitecustomize.py")
+    # ours, or the next one it chained to (where the interpreter has one of its own)
+    ours = os.path.join(launcher.BOOTSTRAP_DIR, "sitecustomize.py")
+    assert report["sitecustomize"] == (report["other_sitecustomize"] or ours)
 
 
 @pytest.mark.subprocess

@@ -76,6 +76,44 @@ def test_remove_stale_temp_files_removes_only_that_targets(tmp_path):
     assert not stale.exists() and other.exists() and target.exists()
 
 
+@pytest.mark.parametrize("env, expected", [("cpu", "cpu"), ("auto", "cuda"), ("", "cuda")])
+def test_without_device_the_drivers_df_mps_device_decides(monkeypatch, tmp_path, env, expected):
+    """No --device: DF_MPS_DEVICE in the driver decides where the actors run, as it does for
+    the plain CLI (the engine's choice, or the cluster's GPUs where it says auto or nothing).
+    On the H200 a DF_MPS_DEVICE=cpu run put its actors on the GPU."""
+    from df_mps import ray as df_ray
+    from df_mps import settings
+
+    class Cluster:
+        @staticmethod
+        def cluster_resources():
+            return {"CPU": 4, "GPU": 1}
+
+    class Stop(Exception):
+        pass
+
+    sized = {}
+    real_sizes = df_ray._sizes
+
+    def sizes(ray, device, *args):
+        sized["size"] = real_sizes(ray, device, *args)
+        raise Stop  # sized: the rest would start actors
+
+    monkeypatch.setenv("DF_MPS_DEVICE", env)
+    settings.refresh()
+    monkeypatch.setattr(df_ray, "_import_ray", lambda: Cluster)
+    monkeypatch.setattr(df_ray, "_connect", lambda *a: False)
+    monkeypatch.setattr(df_ray, "_sizes", sizes)
+    try:
+        with pytest.raises(Stop):
+            list(df_ray.run_on_ray([(tmp_path / "a.wav", tmp_path / "b.wav")]))
+    finally:
+        monkeypatch.undo()
+        settings.refresh()
+    size = sized["size"]
+    assert size.device == expected and (size.gpus > 0) == (expected == "cuda")
+
+
 def test_default_batch_spreads_the_files():
     from df_mps.ray import default_files_per_batch
 

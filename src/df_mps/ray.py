@@ -420,9 +420,12 @@ def run_on_ray(
         started_here = _connect(ray, address, num_cpus)
         try:
             options = dict(enhancer_options or {})
-            size = _sizes(
-                ray, options.get("device"), workers, options.get("threads"), gpus_per_worker
-            )
+            # No --device: the driver's DF_MPS_DEVICE decides, as it does for the plain CLI
+            # (on the H200 a test's DF_MPS_DEVICE=cpu run went to the GPU).
+            from . import settings
+
+            device = options.get("device") or settings.get().device
+            size = _sizes(ray, device, workers, options.get("threads"), gpus_per_worker)
             options.update(threads=size.threads, device=size.device)
             from .engine import default_batch
 
