@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Where the CPU's batched step goes: each top-level part of DFN3 (the encoder's convs and its
+GRU, the ERB and DF decoders' GRUs and convs), timed with forward hooks, at batch 1 of 10 s
+pieces (the engine's --batch 1) and at batch 4 of 2.5 s pieces (its --batch 4 on the CPU),
+the same frames x rows, interleaved ``--repeats`` times. It says why --batch 4 buys so little
+on the CPU: the GRUs, which set the pace at batch 1, cost about 2.2x as much per time step at 4
+rows (oneMKL's small GEMM, 20 -> 44 us for the hidden product of one layer, and the gates'
+element-wise ops on 4 rows), while the convolutions cost the same per frame and row.
+
+    python benchmarks/cpu_step_parts.py --threads 1 --repeats 3 --json docs/data/cpu_step_parts.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+
+from _common import audio_path, command_line, machine, model_dir, now_iso, write_json
+
+PARTS = (
+    "enc.erb",
+    "enc.df",
+    "enc.emb_gru",
+    "erb_dec.emb_gru",
+    "erb_dec.conv",
+    "df_dec.df_gru",
+    "df_dec.other",
+)
+
+
+def part_of(name: str):
+    """The PARTS entry a module of DFN3 belongs to (top-level children only), or None."""
+    if name.count(".") != 1:
+        return None
+    if name.startswith("enc.erb_conv"):
+        return "enc.erb"
+    if name.startswith(("enc.df_conv", "enc.df_fc_emb")):
+        return "enc.df"
+    if name in ("enc.emb_gru", "erb_dec.emb_gru", "df_dec.df_gru"):
+        return name
+    if name.startswith("erb_dec."):
+        return "erb_dec.conv"
+    if name.startswith("df_dec."):
+        return "df_dec.other"
+    return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    import numpy as np
+    import soundfile as sf
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import df_mps
+    from df_mps.api import Enhancer
+    from df_mps.engine import Engine
+
+    df_mps.patch(device="cpu")
+    enhancer = Enhancer(model_dir(args.model_dir), batch=1, device="cpu")
+    audio, sr = sf.read(str(audio_path()), dtype="float32")
+    x = torch.from_numpy(np.tile(audio, 2)[: 10 * sr + 16 * 480][None].copy())
+    spent = collections.Counter()
+    started = {}
+    modules = dict(enhancer.model.named_modules())
+    for name, module in modules.items():
+        part = part_of(name)
+        if part is None:
+            continue
+        module.register_forward_pre_hook(
+            lambda m, a, n=name: started.__setitem__(n, time.perf_counter())
+        )
+        module.register_forward_hook(
+            lambda m, a, o, n=name, part=part: spent.update(
+                {part: time.perf_counter() - started[n]}
+            )
+        )
+    configs = {}
+    for rows, piece in ((1, 1000), (4, 250)):
+        engine = Engine(enhancer.model, enhancer.df_state, batch=rows, piece_frames=piece)
+        spec, erb, feat = engine.new_dsp().features(x, engine.nb_df, alpha=engine.alpha)
+        window = engine.left + piece + engine.right
+        inputs = [
+            f[:, :, :window].expand(rows, f.shape[1], window, *f.shape[3:]).contiguous()
+            for f in (spec, erb, feat)
+        ]
+        engine.model.step(*(t.clone() for t in inputs), [False] * rows, [None] * rows)
+        configs[(rows, piece)] = (engine, inputs)
+    runs = collections.defaultdict(list)
+    for _ in range(args.repeats):
+        for (rows, piece), (engine, inputs) in configs.items():
+            spent.clear()
+            t0 = time.perf_counter()
+            for _ in range(1000 // piece):  # 1,000 frames of every row
+                engine.model.step(*(t.clone() for t in inputs), [False] * rows, [None] * rows)
+            total = time.perf_counter() - t0
+            # per 1,000 frames of one row
+            runs[(rows, piece)].append(
+                {"total": total / rows, **{k: v / rows for k, v in spent.items()}}
+            )
+    out = []
+    for part in ("total", *PARTS):
+        b1 = statistics.median(r.get(part, 0.0) for r in runs[(1, 1000)])
+        b4 = statistics.median(r.get(part, 0.0) for r in runs[(4, 250)])
+        out.append(
+            {
+                "part": part,
+                "batch1_ms": b1 * 1e3,
+                "batch4_ms": b4 * 1e3,
+                "batch4_over_batch1": b4 / b1 if b1 else None,
+            }
+        )
+        print(
+            f"{part:18s} batch 1 (10 s pieces) {b1 * 1e3:7.1f} ms   "
+            f"batch 4 (2.5 s) {b4 * 1e3:7.1f} ms   ratio {b4 / b1 if b1 else float('nan'):.2f}"
+        )
+    meta = {
+        "command": command_line(),
+        "date": now_iso(),
+        "machine": machine(),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "unit": "ms per 1,000 frames (10 s) of one row, median of the repeats",
+    }
+    write_json(args.json, out, meta)
+
+
+if __name__ == "__main__":
+    main()
