@@ -939,6 +939,35 @@ def h200_engine_final(data: dict) -> Rendered:
     return text, glance
 
 
+@section(
+    "h200_stacks",
+    "h200_stacks.json",
+    "### CUDA (NVIDIA H200): what the scheduling thread does outside the steps",
+)
+def h200_stacks(data: dict) -> Rendered:
+    meta = data["meta"]
+    parts = [
+        f"Sampled stacks (`benchmarks/stack_sampler.py`): {meta.get('note', '')}. Per span of "
+        "the run, the milliseconds the scheduling thread spent at each df_mps line (the innermost "
+        "df_mps frame; a wait in C shows at the line that made it), top 5:\n"
+    ]
+    for span in ("before_first_step", "between_steps", "after_last_step"):
+        body = []
+        for row in data["rows"]:
+            value = row["spans"][span]
+            top = "; ".join(
+                f"`{e['df_mps']}` {fmt(e['seconds'] * 1e3, 'x')}" for e in value["top"][:5]
+            )
+            span_ms = fmt(value["seconds"] * 1e3, "x")
+            body.append([row["run"], fmt(row["audio_s_per_s"], "x"), span_ms, top])
+        parts.append(
+            f"**{span.replace('_', ' ')}**\n\n"
+            + table(["run", "audio-s/s", "span, ms", "where (ms)"], body, align="lrrl")
+        )
+    parts.append(provenance(meta))
+    return "\n\n".join(parts), []
+
+
 # -- real time (benchmarks/bench_realtime.py) --------------------------------------------------
 @section(
     "realtime",
