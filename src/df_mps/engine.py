@@ -943,7 +943,7 @@ def synthesise_many(engine: Engine) -> None:
         frames = entry[1].shape[1]
         if entry[2] and engine.fixed_shape:  # a final piece
             frames = engine.tail_frames if frames <= engine.tail_frames else engine.piece_frames
-        groups[max(frames, entry[1].shape[1])].append(entry)
+        groups[frames].append(entry)
     engine.to_synthesise = []
     for frames, group in groups.items():
         t0 = time.perf_counter()
