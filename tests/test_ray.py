@@ -76,11 +76,14 @@ def test_remove_stale_temp_files_removes_only_that_targets(tmp_path):
     assert not stale.exists() and other.exists() and target.exists()
 
 
-@pytest.mark.parametrize("env, expected", [("cpu", "cpu"), ("auto", "cuda"), ("", "cuda")])
+@pytest.mark.parametrize(
+    "env, expected", [("cpu", "cpu"), ("auto", "cuda"), ("", "cuda"), ("mps", "cuda")]
+)
 def test_without_device_the_drivers_df_mps_device_decides(monkeypatch, tmp_path, env, expected):
     """No --device: DF_MPS_DEVICE in the driver decides where the actors run, as it does for
-    the plain CLI (the engine's choice, or the cluster's GPUs where it says auto or nothing).
-    On the H200 a DF_MPS_DEVICE=cpu run put its actors on the GPU."""
+    the plain CLI (the engine's choice, or the cluster's GPUs where it says auto or nothing;
+    mps is the driver's own machine's, a Mac joining a GPU cluster). On the H200 a
+    DF_MPS_DEVICE=cpu run put its actors on the GPU."""
     from df_mps import ray as df_ray
     from df_mps import settings
 
@@ -112,6 +115,15 @@ def test_without_device_the_drivers_df_mps_device_decides(monkeypatch, tmp_path,
         settings.refresh()
     size = sized["size"]
     assert size.device == expected and (size.gpus > 0) == (expected == "cuda")
+
+
+def test_actors_get_the_drivers_settings_but_not_its_paths(monkeypatch):
+    from df_mps import ray as df_ray
+
+    monkeypatch.setenv("DF_MPS_ENGINE_IO_THREADS", "3")
+    monkeypatch.setenv("DF_MPS_CACHE_DIR", "/Users/alice/cache")
+    env = df_ray._settings_env()
+    assert env["DF_MPS_ENGINE_IO_THREADS"] == "3" and "DF_MPS_CACHE_DIR" not in env
 
 
 def test_default_batch_spreads_the_files():

@@ -528,6 +528,55 @@ def test_a_package_that_fails_its_trial_process_runs_eager(enhancer, monkeypatch
     segmentation fault) leaves the caller alive with CompileUnavailable, is marked failed, and
     the next start refuses it at once instead of building it again."""
     from df_mps import hopgraph
+
+    graph, example, path = _hop_package(enhancer, monkeypatch, tmp_path)
+    if crash == "segfault":  # the child dies in the loader, as a crashing loader's would
+        _fake_child(
+            monkeypatch,
+            tmp_path,
+            f"print({hopgraph._TRIAL_STARTED!r}, flush=True)\n"
+            "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)\n",
+        )
+    with pytest.raises(hopgraph.CompileUnavailable, match="failed in a trial process"):
+        hopgraph.compiled_hop(graph, example)
+    passed, failed = hopgraph._markers(path)
+    assert failed.is_file() and not passed.exists()
+    monkeypatch.setattr(hopgraph, "_build", lambda *a: pytest.fail("built again"))
+    with pytest.raises(hopgraph.CompileUnavailable, match="delete .* to try again"):
+        hopgraph.compiled_hop(graph, example)
+
+
+@pytest.mark.parametrize("child", ["no python", "import error", "killed", "no executable"])
+def test_a_trial_that_never_reaches_the_loader_marks_nothing(
+    enhancer, monkeypatch, tmp_path, child
+):
+    """Where the trial child is no Python that gets to the loader (a frozen program's own
+    binary, another environment's interpreter, a child killed from outside, no interpreter at
+    all), nothing is known of the package: this start runs eager, and no marker is written
+    that would refuse the package to every other process sharing the cache."""
+    import signal as signals
+
+    from df_mps import hopgraph
+
+    graph, example, path = _hop_package(enhancer, monkeypatch, tmp_path)
+    if child == "no executable":
+        monkeypatch.setattr(hopgraph.sys, "executable", None)
+    else:
+        code = {
+            "no python": "pass\n",  # exits 0 and says nothing
+            "import error": "raise ImportError('No module named df_mps')\n",
+            "killed": f"print({hopgraph._TRIAL_STARTED!r}, flush=True)\n"
+            f"import os; os.kill(os.getpid(), {int(signals.SIGKILL)})\n",
+        }[child]
+        _fake_child(monkeypatch, tmp_path, code)
+    with pytest.raises(hopgraph.CompileUnavailable, match="could not be tried|no Python"):
+        hopgraph.compiled_hop(graph, example)
+    assert not any(mark.exists() for mark in hopgraph._markers(path))
+
+
+def _hop_package(enhancer, monkeypatch, tmp_path):
+    """(graph, example, path) of a real-time hop whose cached package is junk, in tmp_path."""
+    from df_mps import hopgraph
     from df_mps.realtime import _ModelRateStream
 
     monkeypatch.setattr(hopgraph, "package_dir", lambda: tmp_path)
@@ -536,17 +585,16 @@ def test_a_package_that_fails_its_trial_process_runs_eager(enhancer, monkeypatch
     graph, example = hopgraph.HopGraph(stream), stream.example_hop()
     path = tmp_path / f"hop-{hopgraph._cache_key(graph, example)}.pt2"
     path.write_bytes(b"not a package")
-    if crash == "segfault":  # the child's interpreter dies as a crashing loader's would
-        child = tmp_path / "child.py"
-        child.write_text("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)\n")
-        real_run = subprocess.run
-        monkeypatch.setattr(
-            hopgraph.subprocess, "run", lambda argv, **kw: real_run([argv[0], str(child)], **kw)
-        )
-    with pytest.raises(hopgraph.CompileUnavailable, match="trial process"):
-        hopgraph.compiled_hop(graph, example)
-    assert (tmp_path / (path.name + ".failed")).is_file()
-    assert not (tmp_path / (path.name + ".ok")).exists()
-    monkeypatch.setattr(hopgraph, "_build", lambda *a: pytest.fail("built again"))
-    with pytest.raises(hopgraph.CompileUnavailable, match="delete .* to try again"):
-        hopgraph.compiled_hop(graph, example)
+    return graph, example, path
+
+
+def _fake_child(monkeypatch, tmp_path, code: str) -> None:
+    """The trial child runs ``code`` instead of loading the package."""
+    from df_mps import hopgraph
+
+    script = tmp_path / "child.py"
+    script.write_text(code)
+    real_run = subprocess.run
+    monkeypatch.setattr(
+        hopgraph.subprocess, "run", lambda argv, **kw: real_run([argv[0], str(script)], **kw)
+    )

@@ -187,10 +187,14 @@ def quantize(data: np.ndarray, subtype: str) -> np.ndarray:
         return data if subtype == "FLOAT" else np.clip(data, -1.0, 1.0)
     scale = float(1 << (bits - 1))
     # float32 holds every integer of up to 24 bits and scaling by a power of two is exact, so
-    # up to 24-bit PCM rounds the same in float32 as in float64, at half the memory traffic
-    # (an encode of a step's pieces is on the critical path at a corpus's end).
-    dtype = np.float32 if bits <= 24 else np.float64
-    q = np.asarray(data, dtype=dtype) * dtype(scale)
+    # float32 samples round the same in float32 as in float64 up to 24-bit PCM, at half the
+    # memory traffic (an encode of a step's pieces is on the critical path at a corpus's end).
+    # float64 samples stay float64: narrowing them first would round twice.
+    data = np.asarray(data)
+    narrow = bits <= 24 and data.dtype.kind == "f" and data.dtype.itemsize <= 4
+    dtype = np.float32 if narrow else np.float64
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, clipped below as before
+        q = np.asarray(data, dtype=dtype) * dtype(scale)
     np.round(q, out=q)
     np.clip(q, -scale, scale - 1, out=q)
     if bits == 16:

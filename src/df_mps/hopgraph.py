@@ -38,6 +38,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -317,7 +318,7 @@ def compiled_hop(graph, example: Sequence) -> Tuple[Callable, float, bool]:
     t0 = time.perf_counter()
     key = _cache_key(graph, example)
     path = package_dir() / f"hop-{key}.pt2"
-    failed = path.with_name(path.name + ".failed")
+    failed = _markers(path)[1]
     if failed.is_file():  # the same package here crashed a trial process: don't build it again
         why = failed.read_text(errors="replace").strip() or "a trial process failed"
         raise CompileUnavailable(f"{why}; delete {failed} to try again")
@@ -339,6 +340,9 @@ def compiled_hop(graph, example: Sequence) -> Tuple[Callable, float, bool]:
         raise CompileUnavailable(f"PyTorch {torch.__version__} has no AOTInductor")
     if _compiler() is None:
         raise CompileUnavailable("no C++ compiler (g++, c++, clang++) found")
+    for mark in _markers(path):  # a rebuild at this name gets its own trial
+        with contextlib.suppress(OSError):
+            mark.unlink(missing_ok=True)
     folder, cached = _build_dir(path.parent)
     # A warning, so that the command line (whose default level it is) says why its first
     # start takes a minute.
@@ -376,22 +380,39 @@ def compiled_hop(graph, example: Sequence) -> Tuple[Callable, float, bool]:
     return runner, time.perf_counter() - t0, False
 
 
+_TRIAL_STARTED = "df-mps-trial: loading"  # printed by the trial child before the loader runs
+_TRIAL_PASSED = "df-mps-trial: ok"  # and after the hop ran
+# Exit statuses that say the child was stopped from outside (killed for memory, interrupted),
+# not that the package failed: no failure marker for those.
+_STOPPED = {-signal.SIGKILL, -signal.SIGINT, -signal.SIGTERM}
+
+
+def _markers(path: Path) -> Tuple[Path, Path]:
+    """(the trial's pass marker, its failure marker) of the package at ``path``."""
+    return path.with_name(path.name + ".ok"), path.with_name(path.name + ".failed")
+
+
 def _check_in_child(path: Path, example: Sequence) -> None:
     """Load the package and run one hop on zeros in a child process, once per package (a
-    marker file beside it records the pass, another a failure): a package that crashes its
-    loader takes the child down, not the caller, and the stream runs eager
-    (CompileUnavailable). Measured: on
-    the H200 machine's PyTorch 2.11 a package built there crashed the process that loaded it
-    (a segmentation fault in the AOTInductor loader)."""
-    marker = path.with_name(path.name + ".ok")
-    if marker.is_file():
+    marker file beside it records the pass, another a failure of the package itself): a
+    package that crashes its loader takes the child down, not the caller, and the stream runs
+    eager (CompileUnavailable). Measured: on the H200 machine's PyTorch 2.11 a package built
+    there crashed the process that loaded it (a segmentation fault in the AOTInductor loader).
+    Where no child Python can be started (a frozen or embedded program), the hop isn't
+    compiled."""
+    passed, failed = _markers(path)
+    if passed.is_file():
         return
+    if getattr(sys, "frozen", False) or not sys.executable:
+        raise CompileUnavailable("no Python interpreter to try the compiled hop in")
     spec = [(list(t.shape), str(t.dtype).replace("torch.", "")) for t in example]
     code = (
         "import json, sys, torch\n"
         "from df_mps.hopgraph import _load\n"
+        f"print({_TRIAL_STARTED!r}, flush=True)\n"
         "run = _load(sys.argv[1])\n"
         "run([torch.zeros(s, dtype=getattr(torch, d)) for s, d in json.loads(sys.argv[2])])\n"
+        f"print({_TRIAL_PASSED!r}, flush=True)\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     try:
@@ -402,17 +423,23 @@ def _check_in_child(path: Path, example: Sequence) -> None:
             text=True,
             timeout=300,
         )
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (OSError, ValueError, TypeError, subprocess.SubprocessError) as exc:
         raise CompileUnavailable(f"the compiled hop could not be tried: {_one_line(exc)}") from exc
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        why = lines[-1].strip() if lines else f"exit status {proc.returncode}"
-        message = f"the compiled hop failed in a trial process ({why[:200]})"
+    out = proc.stdout.splitlines()
+    if proc.returncode == 0 and _TRIAL_PASSED in out:
         with contextlib.suppress(OSError):
-            path.with_name(path.name + ".failed").write_text(message + "\n")
-        raise CompileUnavailable(message)
+            passed.touch()
+        return
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    why = lines[-1].strip() if lines else f"exit status {proc.returncode}"
+    if _TRIAL_STARTED not in out or proc.returncode in _STOPPED or proc.returncode == 0:
+        # The child never reached the loader (another interpreter, an import error), was
+        # stopped from outside, or is no Python child at all: nothing is known of the package.
+        raise CompileUnavailable(f"the compiled hop could not be tried ({why[:200]})")
+    message = f"the compiled hop failed in a trial process ({why[:200]})"
     with contextlib.suppress(OSError):
-        marker.touch()
+        failed.write_text(message + "\n")
+    raise CompileUnavailable(message)
 
 
 def _build(inductor, exported, tmp: Path) -> Path:
@@ -461,8 +488,8 @@ def _prune(folder: Path, keep: Path) -> None:
         with contextlib.suppress(OSError):
             if old != keep and old.stat().st_mtime < cutoff:
                 old.unlink()
-                for mark in (".ok", ".failed"):
-                    old.with_name(old.name + mark).unlink(missing_ok=True)
+                for mark in _markers(old):
+                    mark.unlink(missing_ok=True)
 
 
 def _one_line(exc: BaseException) -> str:

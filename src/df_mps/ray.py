@@ -420,11 +420,16 @@ def run_on_ray(
         started_here = _connect(ray, address, num_cpus)
         try:
             options = dict(enhancer_options or {})
-            # No --device: the driver's DF_MPS_DEVICE decides, as it does for the plain CLI
-            # (on the H200 a test's DF_MPS_DEVICE=cpu run went to the GPU).
+            # No --device: the driver's DF_MPS_DEVICE decides where it names a device every
+            # machine can have (cpu, cuda), as it does for the plain CLI (on the H200 a test's
+            # DF_MPS_DEVICE=cpu run went to the GPU). mps or auto there is about the driver's
+            # own machine (a Mac joining a GPU cluster): the cluster's GPUs decide.
             from . import settings
 
-            device = options.get("device") or settings.get().device
+            device = options.get("device")
+            chosen = settings.get().device
+            if device is None and chosen and chosen.split(":")[0] in ("cpu", "cuda"):
+                device = chosen
             size = _sizes(ray, device, workers, options.get("threads"), gpus_per_worker)
             options.update(threads=size.threads, device=size.device)
             from .engine import default_batch
@@ -562,9 +567,18 @@ def run_cli(jobs, args, output_dir: Path) -> int:
     return 1 if counts["error"] else 0
 
 
+# Settings that name this machine's paths: not sent to actors, which may run on other machines
+# (those of a local cluster inherit this environment anyway).
+_LOCAL_SETTINGS = ("DF_MPS_CACHE_DIR", "DF_MPS_SHARED")
+
+
 def _settings_env() -> dict:
-    """This process's DF_MPS_* environment variables, for the actors."""
-    return {name: value for name, value in os.environ.items() if name.startswith("DF_MPS_")}
+    """This process's DF_MPS_* environment variables, for the actors (not its paths)."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name.startswith("DF_MPS_") and name not in _LOCAL_SETTINGS
+    }
 
 
 def _actor_options(args) -> dict:
