@@ -881,7 +881,7 @@ def _to_device(x, device):
 def analyse_many(engine: Engine, items: List[_Active]) -> None:
     """Analyse the read signals of ``items`` in as few ``features`` calls as their lengths
     allow: the jobs' DSP states stacked along the channel dim, one call, split back. Off the
-    CPU each call has one of a few shapes (``Engine.dsp_shape``)."""
+    CPU each call has one of a few shapes (``Engine.dsp_rows``, ``Engine.dsp_length``)."""
     import torch
 
     groups: Dict[int, List[Tuple[_Active, int]]] = collections.defaultdict(list)
@@ -904,10 +904,8 @@ def analyse_many(engine: Engine, items: List[_Active]) -> None:
         items_ = [item for item, _ in group]
         rows = sum(item.channels for item in items_)
         spare = engine.dsp_rows(rows) - rows
-        signals = [_pad_last(item.unanalysed[0], length) for item in items_]
-        if spare:
-            signals.append(torch.zeros((spare, length), device=signals[0].device))
-        signals = torch.cat(signals, dim=0)
+        signals = torch.cat([_pad_to(item.unanalysed[0], length, -1) for item in items_])
+        signals = _pad_to(signals, rows + spare, 0)
         dsp = _stacked(engine, items_, "analysis", spare)
         features = dsp.features(
             _to_device(signals, device), engine.nb_df, alpha=engine.alpha, reset=False
@@ -921,14 +919,17 @@ def analyse_many(engine: Engine, items: List[_Active]) -> None:
             item.seconds += share
 
 
-def _pad_last(signal, length: int):
-    """``signal`` [C, n] with zeros after it to ``length`` samples."""
+def _pad_to(x, size: int, dim: int):
+    """``x`` with zeros after it along ``dim`` up to ``size`` (``x`` itself where it is that
+    long): the padding of the stacked DSP's rows, last reads and last pieces."""
     import torch
 
-    extra = length - signal.shape[-1]
+    extra = size - x.shape[dim]
     if extra <= 0:
-        return signal
-    return torch.cat([signal, signal.new_zeros((signal.shape[0], extra))], dim=-1)
+        return x
+    pad = [0, 0] * (x.ndim - dim % x.ndim)
+    pad[-1] = extra  # F.pad's pairs run from the last dim backwards
+    return torch.nn.functional.pad(x, pad)
 
 
 def synthesise_many(engine: Engine) -> None:
@@ -941,8 +942,8 @@ def synthesise_many(engine: Engine) -> None:
     groups: Dict[int, list] = collections.defaultdict(list)
     for entry in engine.to_synthesise:
         frames = entry[1].shape[1]
-        if entry[2] and engine.fixed_shape:  # a final piece
-            frames = engine.tail_frames if frames <= engine.tail_frames else engine.piece_frames
+        if entry[2] and engine.fixed_shape:  # a final piece: the step's shape it ran at
+            frames = engine.fixed_step_frames(frames)
         groups[frames].append(entry)
     engine.to_synthesise = []
     for frames, group in groups.items():
@@ -950,16 +951,9 @@ def synthesise_many(engine: Engine) -> None:
         items = [item for item, _, _ in group]
         rows = sum(item.channels for item in items)
         spare = engine.dsp_rows(rows) - rows
-        specs = []
-        for _, spec, _ in group:
-            if spec.shape[1] < frames:
-                pad = spec.new_zeros((spec.shape[0], frames - spec.shape[1], *spec.shape[2:]))
-                spec = torch.cat([spec, pad], dim=1)
-            specs.append(spec)
-        if spare:
-            specs.append(specs[0].new_zeros((spare, *specs[0].shape[1:])))
+        specs = torch.cat([_pad_to(spec, frames, 1) for _, spec, _ in group])
         dsp = _stacked(engine, items, "synthesis", spare)
-        samples = dsp.synthesis(torch.cat(specs, dim=0), reset=False)
+        samples = dsp.synthesis(_pad_to(specs, rows + spare, 0), reset=False)
         copy = _start_host_copy(samples)
         parts = _unstack(engine, items, dsp, "synthesis")
         share = (time.perf_counter() - t0) / len(group)
@@ -1129,6 +1123,7 @@ class Engine:
         # piece's right context and a few frames' margin (_Active.first_block, the warm-ups).
         self.first_read_frames = self.piece_frames + self.right + 4
         self._idle: Dict[tuple, list] = {}
+        self._initial_states: Dict[int, dict] = {}  # rows -> a stream's initial DSP state
         self.timings = collections.Counter()  # seconds per phase of the step
         self.profile = os.environ.get("DF_MPS_ENGINE_PROFILE") == "1"
         # DF_MPS_ENGINE_TIMELINE=1: (start, end, rows, piece) per step, for a benchmark's
@@ -1146,6 +1141,11 @@ class Engine:
         self.steps = 0
         self.step_seconds = 0.0
         self.rows_run = 0
+
+    def fixed_step_frames(self, frames: int) -> int:
+        """Off the CPU, the frames a step of pieces at most ``frames`` long runs at: the short
+        shape where they fit it, else the full piece (see ``_step``)."""
+        return self.tail_frames if frames <= self.tail_frames else self.piece_frames
 
     # -- the stacked DSP's shapes --
     def dsp_rows(self, rows: int) -> int:
@@ -1168,10 +1168,10 @@ class Engine:
 
     def initial_dsp_state(self, rows: int):
         """A stream's initial DSP state for ``rows`` rows on the device (cached: padding)."""
-        key = ("dsp", rows)
-        if key not in self._idle:
-            self._idle[key] = self.new_dsp().stream_state(rows, self.nb_df, self.model.device)
-        return self._idle[key]
+        if rows not in self._initial_states:
+            state = self.new_dsp().stream_state(rows, self.nb_df, self.model.device)
+            self._initial_states[rows] = state
+        return self._initial_states[rows]
 
     def _idle_rows(self, rows: int, piece: int, like):
         """Zero windows for ``rows`` idle rows (kept: the same tensors every step)."""
@@ -1427,8 +1427,7 @@ class Engine:
             # almost nothing. The short shape is for the ends of files in step with each other
             # (equal lengths): upstream's end padding leaves a 2-frame piece after a length
             # that is a whole number of pieces, which the full shape would run as a full step.
-            longest = max(item.piece_frames() for item, _ in rows)
-            piece = self.tail_frames if longest <= self.tail_frames else self.piece_frames
+            piece = self.fixed_step_frames(max(item.piece_frames() for item, _ in rows))
         else:
             # The CPU pays per frame and row: the full piece, unless every row is on its
             # stream's last, shorter piece (a few bucketed lengths).
