@@ -122,8 +122,10 @@ def test_actors_get_the_drivers_settings_but_not_its_paths(monkeypatch):
 
     monkeypatch.setenv("DF_MPS_ENGINE_IO_THREADS", "3")
     monkeypatch.setenv("DF_MPS_CACHE_DIR", "/Users/alice/cache")
+    monkeypatch.setenv("DF_MPS_DEVICE", "mps")  # decided in run_on_ray, passed explicitly
     env = df_ray._settings_env()
-    assert env["DF_MPS_ENGINE_IO_THREADS"] == "3" and "DF_MPS_CACHE_DIR" not in env
+    assert env["DF_MPS_ENGINE_IO_THREADS"] == "3"
+    assert "DF_MPS_CACHE_DIR" not in env and "DF_MPS_DEVICE" not in env
 
 
 def test_default_batch_spreads_the_files():

@@ -470,8 +470,8 @@ def run_on_ray(
                     num_cpus=size.cpus,
                     max_restarts=max_restarts,
                     max_task_retries=max_task_retries,
-                    # The driver's DF_MPS_* settings (the device, the engine's knobs) hold in
-                    # the actors too, which a cluster starts with its own environment.
+                    # The driver's DF_MPS_* settings (the engine's knobs, the forward method)
+                    # hold in the actors too, which a cluster starts with its own environment.
                     runtime_env={"env_vars": _settings_env()},
                 )
             stack.callback(_stop_execution, dataset)
@@ -567,9 +567,10 @@ def run_cli(jobs, args, output_dir: Path) -> int:
     return 1 if counts["error"] else 0
 
 
-# Settings that name this machine's paths: not sent to actors, which may run on other machines
-# (those of a local cluster inherit this environment anyway).
-_LOCAL_SETTINGS = ("DF_MPS_CACHE_DIR", "DF_MPS_SHARED")
+# Not sent to actors, which may run on other machines (those of a local cluster inherit this
+# environment anyway): this machine's paths, and its device choice, which run_on_ray turns
+# into each actor's device itself (an mps here means nothing to a Linux GPU worker).
+_LOCAL_SETTINGS = ("DF_MPS_CACHE_DIR", "DF_MPS_SHARED", "DF_MPS_DEVICE")
 
 
 def _settings_env() -> dict:
