@@ -280,6 +280,16 @@ def _emulate_cuda_graphs(monkeypatch):
     monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
 
 
+def _emulated_graph_engine(cpu_model, enhancer):
+    """A CPU engine whose step is a GraphedModel, with torch's GRUs: the emulation records
+    torch's ops, and the C kernel (the CPU engine's default) writes outside them. On CUDA the
+    graphs capture the Triton kernel's launches, which the real capture records."""
+    engine = _engine(cpu_model, enhancer.df_state, piece_frames=20)
+    engine.model.use_recurrence(None)
+    engine.model = graphs.GraphedModel(engine.model, max_rows=4)
+    return engine
+
+
 def test_replay_bookkeeping_with_an_emulated_graph(cpu_model, enhancer, clips, monkeypatch):
     """Static inputs in, static outputs copied out, rows padded, states carried between
     replays, shapes captured ahead and checked on a probe: with the graph emulated on the
@@ -287,8 +297,7 @@ def test_replay_bookkeeping_with_an_emulated_graph(cpu_model, enhancer, clips, m
     short = ([x[: len(x) // 4] for x in clips[0]], clips[1])
     reference = _run(_engine(cpu_model, enhancer.df_state, piece_frames=20), short)
     _emulate_cuda_graphs(monkeypatch)
-    engine = _engine(cpu_model, enhancer.df_state, piece_frames=20)
-    engine.model = graphs.GraphedModel(engine.model, max_rows=4)
+    engine = _emulated_graph_engine(cpu_model, enhancer)
     spec = engine.df_spec
     engine.model.warm_up(4, spec.fft // 2 + 1, spec.nb, engine.nb_df)
     got = _run(engine, short)
@@ -315,8 +324,7 @@ def test_a_graph_that_differs_on_the_warm_up_probe_runs_eager(
         return enhanced + 1e-3, lsnr, new_h, new_history
 
     monkeypatch.setattr(graphs._Captured, "replay", off_by_a_little)
-    engine = _engine(cpu_model, enhancer.df_state, piece_frames=20)
-    engine.model = graphs.GraphedModel(engine.model, max_rows=4)
+    engine = _emulated_graph_engine(cpu_model, enhancer)
     spec = engine.df_spec
     engine.model.warm_up(4, spec.fft // 2 + 1, spec.nb, engine.nb_df)
     warmed = graphs.stats(engine)

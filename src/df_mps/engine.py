@@ -282,6 +282,9 @@ class _StepContext:
         # them; a new closure per step would recompile per step).
         self._forwards = [self._forward(index) for index in range(len(self.recurrent))]
         self._maskers = {dim: self._masker(dim) for dim in (-2, -3)}
+        # What runs a recurrent module on a piece: its class's forward (torch's GRU), or
+        # df_mps.gru's step kernel where the engine's step is a CUDA graph (df_mps.graphs).
+        self.recurrence: Optional[Callable] = None
 
     @contextlib.contextmanager
     def active(self, h0: List[object], history: List[object], mask, piece: int):
@@ -329,7 +332,7 @@ class _StepContext:
         def forward(self_, x, hx=None):
             time_dim = 1 if self_.batch_first else 0
             left, piece = ctx.left, ctx.piece
-            cls_forward = type(self_).forward
+            cls_forward = ctx.recurrence or type(self_).forward
             out_piece, state = cls_forward(self_, x.narrow(time_dim, left, piece), ctx.h0[index])
             ctx.new_h[index] = state
             # A piece shorter than the left context is a stream's last: no next piece.
@@ -387,6 +390,26 @@ class BatchedModel:
             )
         if any(isinstance(m, torch.nn.LSTM) for m in self._ctx.recurrent):
             raise ValueError("the engine carries GRU/RNN states; LSTMs are not supported")
+        # The GRUs through df_mps.gru's C kernel on the CPU (on CUDA its Triton kernel, where
+        # df_mps.graphs captures the step), else torch's.
+        from . import gru
+
+        self.use_recurrence(gru.recurrence(self.device.type, self._ctx.recurrent, graphed=False))
+
+    @property
+    def recurrent(self) -> list:
+        """The network's recurrent modules (DFN3: three ``nn.GRU``)."""
+        return self._ctx.recurrent
+
+    @property
+    def recurrence(self) -> Optional[Callable]:
+        """What runs the recurrent modules in a step: None for their own forward."""
+        return self._ctx.recurrence
+
+    def use_recurrence(self, forward: Optional[Callable]) -> None:
+        """Run every recurrent module as ``forward(module, x, h0) -> (output, state)`` in
+        the steps (``df_mps.gru.gru_forward``), or by its own forward again (None)."""
+        self._ctx.recurrence = forward
 
     def _stack_states(self, states: Sequence[Optional[tuple]]):
         import torch

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from ._log import logger
+from .util import cpu_identity
 
 # Bumped whenever the graph's code changes what it computes: part of the cache key.
 GRAPH_VERSION = 7
@@ -203,7 +204,7 @@ def _cache_key(graph, example: Sequence) -> str:
     and the thread count (inductor's loops are parallel for as many threads as it has)."""
     h = hashlib.sha256()
     threads = torch.get_num_threads()
-    h.update(f"v{GRAPH_VERSION}|{torch.__version__}|{_cpu_identity()}|{threads}|".encode())
+    h.update(f"v{GRAPH_VERSION}|{torch.__version__}|{cpu_identity()}|{threads}|".encode())
     h.update(repr([tuple(t.shape) for t in example]).encode())
     h.update(repr((graph.fft_size, graph.hop, graph.widths, graph.alpha)).encode())
     tensors, settings = _contents(graph)
@@ -212,25 +213,6 @@ def _cache_key(graph, example: Sequence) -> str:
         h.update(repr((tuple(t.shape), str(t.dtype))).encode())
         h.update(np.ascontiguousarray(t.detach().cpu().numpy()).tobytes())
     return h.hexdigest()[:24]
-
-
-def _cpu_identity() -> str:
-    """The processor, as the compiled code depends on it (inductor builds with
-    -march=native): Linux's model name and flags, else what Python and PyTorch tell."""
-    import platform
-
-    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
-    parts = [platform.machine(), platform.processor(), capability() if capability else ""]
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("model name", "flags", "Features")):
-                    parts.append(line.split(":", 1)[-1].strip())
-                elif not line.strip() and len(parts) > 3:
-                    break  # the first processor's block
-    except OSError:
-        pass
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 # what the pulsed model and its layers carry that is no setting of the graph: stream state,

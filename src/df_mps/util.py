@@ -12,7 +12,14 @@ import subprocess
 import warnings
 from typing import Iterator, Optional, Union
 
-__all__ = ["PathLike", "installed_version", "one_line", "quiet_resample_rename", "sysctl"]
+__all__ = [
+    "PathLike",
+    "cpu_identity",
+    "installed_version",
+    "one_line",
+    "quiet_resample_rename",
+    "sysctl",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -63,3 +70,27 @@ def quiet_resample_rename() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*resampling method name is being")
         yield
+
+
+def cpu_identity() -> str:
+    """A digest of the processor, for caches of code built for it (-march=native: the
+    compiled real-time hop, the C GRU kernel): Linux's model name and flags, else what Python
+    and, where it is loaded, PyTorch tell."""
+    import hashlib
+    import platform
+    import sys
+
+    torch = sys.modules.get("torch")  # not imported here (see the module's docstring)
+    backends = getattr(torch, "backends", None)
+    capability = getattr(getattr(backends, "cpu", None), "get_cpu_capability", None)
+    parts = [platform.machine(), platform.processor(), capability() if capability else ""]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features")):
+                    parts.append(line.split(":", 1)[-1].strip())
+                elif not line.strip() and len(parts) > 3:
+                    break  # the first processor's block
+    except OSError:
+        pass
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
