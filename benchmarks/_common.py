@@ -152,6 +152,138 @@ def peak_rss_mib() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB else
 
 
+class EngineProbe:
+    """Where an engine run's time goes, in this process: ``with EngineProbe() as probe:`` around
+    ``Enhancer`` calls (the CLI, ``enhance_files``, a Ray actor's batch), then ``probe.result()``.
+
+    It times the first decode (first ``FileSource.read``) and the last encode (last
+    ``FileSink.commit``), turns on the engine's DF_MPS_ENGINE_TIMELINE (engines made inside the
+    block read it) and keeps the engines that ran, and with ``stacks`` samples the threads'
+    stacks (``stack_sampler``). ``result()``: process_s (first decode to last encode), the
+    timeline (before the first step, in steps, between steps, after the last, and on CUDA the
+    device's busy time), step counts, the stack summary, and this process's threads.
+    """
+
+    def __init__(self, stacks: bool = False):
+        self.stacks = stacks
+        self.first_read: Optional[float] = None
+        self.last_commit: Optional[float] = None
+        self.engines: list = []
+        self.sampler = None
+        self._saved: list = []
+
+    def __enter__(self) -> EngineProbe:
+        import threading
+
+        import df_mps.api as api
+        import df_mps.engine as engine_module
+
+        read, commit, run = api.FileSource.read, api.FileSink.commit, engine_module.Engine.run
+        probe = self
+
+        def timed_read(source, frames):
+            if probe.first_read is None:
+                probe.first_read = time.perf_counter()
+            return read(source, frames)
+
+        def timed_commit(sink):
+            commit(sink)
+            probe.last_commit = time.perf_counter()
+
+        def recording_run(engine, *a, **k):
+            probe.engines.append(engine)
+            return run(engine, *a, **k)
+
+        self._saved = [
+            (api.FileSource, "read", read),
+            (api.FileSink, "commit", commit),
+            (engine_module.Engine, "run", run),
+        ]
+        api.FileSource.read, api.FileSink.commit = timed_read, timed_commit
+        engine_module.Engine.run = recording_run
+        self._env = os.environ.get("DF_MPS_ENGINE_TIMELINE")
+        os.environ["DF_MPS_ENGINE_TIMELINE"] = "1"
+        # Python's garbage collections inside the block: count and seconds per generation
+        # (a collection holds the GIL: in a process with many objects, a Ray worker's, a full
+        # one can stall the scheduling thread).
+        import gc
+
+        self.gc = {"count": [0, 0, 0], "seconds": [0.0, 0.0, 0.0], "objects": len(gc.get_objects())}
+        self._gc_started = 0.0
+
+        def on_gc(phase, info):
+            if phase == "start":
+                probe._gc_started = time.perf_counter()
+            else:
+                generation = info["generation"]
+                probe.gc["count"][generation] += 1
+                probe.gc["seconds"][generation] += time.perf_counter() - probe._gc_started
+
+        self._on_gc = on_gc
+        gc.callbacks.append(on_gc)
+        if self.stacks:
+            from stack_sampler import StackSampler
+
+            self.sampler = StackSampler(threading.get_ident()).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import gc
+
+        gc.callbacks.remove(self._on_gc)
+        if self.sampler is not None:
+            self.sampler.stop()
+        for owner, name, value in self._saved:
+            setattr(owner, name, value)
+        if self._env is None:
+            os.environ.pop("DF_MPS_ENGINE_TIMELINE", None)
+        else:
+            os.environ["DF_MPS_ENGINE_TIMELINE"] = self._env
+
+    def result(self) -> dict:
+        import threading
+
+        out: dict = {"process_s": None, "timeline": None}
+        if self.first_read is None or self.last_commit is None:
+            return out
+        out["process_s"] = self.last_commit - self.first_read
+        engines = self.engines
+        log = sorted(entry for e in engines for entry in (e.step_log or []))
+        out["steps"] = sum(e.steps for e in engines)
+        out["rows_run"] = sum(e.rows_run for e in engines)
+        out["step_s"] = sum(e.step_seconds for e in engines)
+        out["threads"] = sorted(t.name for t in threading.enumerate())
+        out["gc"] = self.gc
+        if not log:
+            return out
+        timeline = {
+            "before_first_step_s": log[0][0] - self.first_read,
+            "in_steps_s": sum(end - start for start, end, _, _ in log),
+            "between_steps_s": sum(b[0] - a[1] for a, b in zip(log, log[1:])),
+            "after_last_step_s": self.last_commit - log[-1][1],
+            "steps": [[round(end - start, 4), rows, piece] for start, end, rows, piece in log],
+        }
+        device = sorted(span for e in engines for span in e.device_timeline())
+        if device:
+            # On CUDA: when the device ran each step's work (start and end reached on its
+            # stream), and how far behind the host's queuing it was at each step's end.
+            timeline["device_in_steps_s"] = sum(end - start for start, end in device)
+            timeline["device_lag_at_step_end_s"] = [
+                round(d_end - end, 4) for (_, end, _, _), (_, d_end) in zip(log, device)
+            ]
+            timeline["device_after_last_step_s"] = self.last_commit - device[-1][1]
+        out["timeline"] = timeline
+        if self.sampler is not None:
+            spans = {
+                "before_first_step": [(self.first_read, log[0][0])],
+                "in_steps": [(start, end) for start, end, _, _ in log],
+                "between_steps": [(a[1], b[0]) for a, b in zip(log, log[1:])],
+                "after_last_step": [(log[-1][1], self.last_commit)],
+            }
+            out["stacks"] = self.sampler.summary(spans)
+        return out
+
+
 # -- the record -------------------------------------------------------------------------------
 def now_iso() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")

@@ -31,6 +31,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ import time
 from pathlib import Path
 
 from _common import (
+    EngineProbe,
     audio_path,
     comma_list,
     command_line,
@@ -112,30 +114,13 @@ MIXED = [
 # -- the child: the CLI in-process, timed ------------------------------------------------------
 def child(args) -> None:
     t_main = time.perf_counter()
-    os.environ["DF_MPS_ENGINE_TIMELINE"] = "1"
     if os.environ.get("BENCH_SWITCH_INTERVAL"):  # seconds: the GIL's hand-over interval
         sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
     import df_mps.api as api
-    import df_mps.engine as engine_module
     from df_mps import enhance as cli
 
-    marks = {"first_read": None, "last_commit": None, "model_load": 0.0}
-    engines = []
-    read, commit, init, run = (
-        api.FileSource.read,
-        api.FileSink.commit,
-        api.Enhancer.__init__,
-        engine_module.Engine.run,
-    )
-
-    def timed_read(self, frames):
-        if marks["first_read"] is None:
-            marks["first_read"] = time.perf_counter()
-        return read(self, frames)
-
-    def timed_commit(self):
-        commit(self)
-        marks["last_commit"] = time.perf_counter()
+    marks = {"model_load": 0.0}
+    init = api.Enhancer.__init__
 
     def timed_init(self, *a, **k):
         t0 = time.perf_counter()
@@ -147,12 +132,7 @@ def child(args) -> None:
         stats = graphs.stats(self.engine())
         marks["setup_at_load"] = stats.get("capture_seconds") or stats.get("compile_seconds") or 0
 
-    def recording_run(self, *a, **k):
-        engines.append(self)
-        return run(self, *a, **k)
-
-    api.FileSource.read, api.FileSink.commit = timed_read, timed_commit
-    api.Enhancer.__init__, engine_module.Engine.run = timed_init, recording_run
+    api.Enhancer.__init__ = timed_init
     files = sorted(Path(args.child_files).iterdir())
     out = Path(args.out)
     argv = [*map(str, files), "-o", str(out), "-m", str(model_dir(args.model_dir))]
@@ -162,74 +142,45 @@ def child(args) -> None:
         argv += ["--threads", str(args.threads)]
     trace = os.environ.get("BENCH_TORCH_PROFILE")  # a path: torch.profiler's top ops there
     stacks = os.environ.get("BENCH_STACKS")  # a path: where the scheduling thread's time goes
-    sampler = None
-    if stacks:
-        from stack_sampler import StackSampler
-
-        sampler = StackSampler().start()
     functions = os.environ.get("BENCH_CPROFILE")  # a path: the scheduling thread's top calls
-    if functions:
-        import cProfile
-        import io
-        import pstats
+    with EngineProbe(stacks=bool(stacks)) as probe:
+        if functions:
+            import cProfile
+            import io
+            import pstats
 
-        profile = cProfile.Profile()
-        rc = profile.runcall(cli.main, argv)
-        text = io.StringIO()
-        stats = pstats.Stats(profile, stream=text).sort_stats("tottime")
-        stats.print_stats(35)
-        stats.sort_stats("cumulative").print_stats(45)
-        Path(functions).write_text(text.getvalue())
-    elif trace:
-        import torch.profiler as tp
+            profile = cProfile.Profile()
+            rc = profile.runcall(cli.main, argv)
+            text = io.StringIO()
+            stats = pstats.Stats(profile, stream=text).sort_stats("tottime")
+            stats.print_stats(35)
+            stats.sort_stats("cumulative").print_stats(45)
+            Path(functions).write_text(text.getvalue())
+        elif trace:
+            import torch.profiler as tp
 
-        with tp.profile(activities=[tp.ProfilerActivity.CPU, tp.ProfilerActivity.CUDA]) as prof:
+            activities = [tp.ProfilerActivity.CPU, tp.ProfilerActivity.CUDA]
+            with tp.profile(activities=activities) as prof:
+                rc = cli.main(argv)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+            table += prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20)
+            Path(trace).write_text(table)
+        else:
             rc = cli.main(argv)
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-        table += prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20)
-        Path(trace).write_text(table)
-    else:
-        rc = cli.main(argv)
     t_end = time.perf_counter()
-    if sampler is not None:
-        sampler.stop()
     import soundfile as sf
 
     audio = sum(sf.info(str(p)).duration for p in files)
     channel_audio = sum(sf.info(str(p)).duration * sf.info(str(p)).channels for p in files)
-    process = marks["last_commit"] - marks["first_read"]
-    # Where process_s goes (the engine's DF_MPS_ENGINE_TIMELINE, set above): before the first
-    # step (the first reads and analyses), the steps, the gaps between them, after the last
-    # (the last writes).
-    log = sorted(entry for e in engines for entry in (e.step_log or []))
-    timeline = None
-    if log:
-        timeline = {
-            "before_first_step_s": log[0][0] - marks["first_read"],
-            "in_steps_s": sum(end - start for start, end, _, _ in log),
-            "between_steps_s": sum(b[0] - a[1] for a, b in zip(log, log[1:])),
-            "after_last_step_s": marks["last_commit"] - log[-1][1],
-            "steps": [[round(end - start, 4), rows, piece] for start, end, rows, piece in log],
-        }
-        device = sorted(span for e in engines for span in e.device_timeline())
-        if device:
-            # On CUDA: when the device ran each step's work (start and end reached on its
-            # stream), and how far behind the host's queuing it was at each step's end.
-            timeline["device_in_steps_s"] = sum(end - start for start, end in device)
-            timeline["device_lag_at_step_end_s"] = [
-                round(d_end - end, 4) for (_, end, _, _), (_, d_end) in zip(log, device)
-            ]
-            timeline["device_after_last_step_s"] = marks["last_commit"] - device[-1][1]
-        if sampler is not None:
-            spans = {
-                "before_first_step": [(marks["first_read"], log[0][0])],
-                "in_steps": [(start, end) for start, end, _, _ in log],
-                "between_steps": [(a[1], b[0]) for a, b in zip(log, log[1:])],
-                "after_last_step": [(log[-1][1], marks["last_commit"])],
-            }
-            Path(stacks).write_text(json.dumps(sampler.summary(spans), indent=1))
-    steps = sum(e.steps for e in engines)
-    rows_run = sum(e.rows_run for e in engines)
+    # Where process_s goes (the engine's DF_MPS_ENGINE_TIMELINE): before the first step (the
+    # first reads and analyses), the steps, the gaps between them, after the last (the last
+    # writes).
+    probed = probe.result()
+    process = probed["process_s"]
+    if stacks and "stacks" in probed:
+        Path(stacks).write_text(json.dumps(probed["stacks"], indent=1))
+    engines = probe.engines
+    steps = probed.get("steps", 0)
     from _common import peak_rss_mib
 
     from df_mps import graphs
@@ -245,15 +196,15 @@ def child(args) -> None:
                 "channel_audio_s": channel_audio,
                 "audio_s_per_s": audio / process,
                 "rtf": process / audio,
-                "step_s": sum(e.step_seconds for e in engines),
+                "step_s": probed.get("step_s", 0.0),
                 "steps": steps,
-                "rows_per_step": rows_run / steps if steps else 0.0,
+                "rows_per_step": probed.get("rows_run", 0) / steps if steps else 0.0,
                 "batch": engines[0].batch if engines else None,
                 "phases_s": {
                     k: sum(e.timings[k] for e in engines) for k in ("windows", "forward", "after")
                 },
                 "peak_rss_mib": peak_rss_mib(),
-                "timeline": timeline,
+                "timeline": probed["timeline"],
                 # CUDA graphs or torch.compile: capture/compile seconds in all (the stats) and
                 # with the model load; the rest is inside process_s.
                 "step_stats": [graphs.stats(e) for e in engines],
@@ -341,6 +292,27 @@ def run_once(args, files_dir: Path, batch, work: Path) -> dict:
     return result
 
 
+def _variant(text: str):
+    """ "NAME:VAR=VALUE,VAR=VALUE" -> (NAME, {VAR: VALUE})."""
+    name, _, assignments = text.partition(":")
+    env = dict(item.split("=", 1) for item in assignments.split(",") if item)
+    return name, env
+
+
+@contextlib.contextmanager
+def _environment(env: dict):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("corpus", "mixed", "memory", "step"), default="corpus")
@@ -364,6 +336,14 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-files", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        help="run every batch once per variant (its environment variables set), interleaved "
+        "within each repeat; e.g. torch:DF_MPS_GRU_KERNEL=0 kernel:DF_MPS_GRU_KERNEL=1",
+    )
     args = p.parse_args()
     if args.child:
         return child(args)
@@ -384,16 +364,26 @@ def main() -> None:
     make_corpus(files_dir, spec)
     rows = []
     started = now_iso()
+    variants = [_variant(text) for text in args.variants] if args.variants else [(None, {})]
     for repeat in range(args.repeats):
         first = None
-        for batch in args.batch:
-            row = run_once(args, files_dir, batch, work)
-            row["repeat"] = repeat
-            first = first or row
-            row["wall_ratio_to_first"] = row["process_s"] / first["process_s"]
-            rows.append(row)
-            print_rows([row])
-            sys.stdout.flush()
+        for name, env in variants:
+            first_batch = None
+            for batch in args.batch:
+                with _environment(env):
+                    row = run_once(args, files_dir, batch, work)
+                row["repeat"] = repeat
+                if name is not None:
+                    row["variant"] = name
+                first = first or row
+                first_batch = first_batch or row
+                # To the first run of this repeat (the first variant's first batch), and to
+                # this variant's first batch.
+                row["wall_ratio_to_first"] = row["process_s"] / first["process_s"]
+                row["wall_ratio_to_variant_first"] = row["process_s"] / first_batch["process_s"]
+                rows.append(row)
+                print_rows([row])
+                sys.stdout.flush()
     meta = {
         "command": command_line(),
         "date": started,

@@ -111,6 +111,13 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="files per Ray batch (default auto)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
     p.add_argument("--no-plain", action="store_true", help="skip the plain runs (no ratio)")
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="where the time goes inside the plain run and inside each actor's batch: the "
+        "engine's timeline, the scheduling thread's stacks, the process's threads (_common."
+        "EngineProbe); in the JSON as 'probe' (plain) and 'probes' (one per actor batch)",
+    )
     p.add_argument("--plain-child", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("inputs", nargs="*", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, default=DEFAULT_SHARED / "models" / "DeepFilterNet3")
@@ -162,7 +169,8 @@ def run_plain(inputs, out: Path, args) -> dict:
 
     child = [sys.executable, str(Path(__file__).resolve()), "--plain-child", str(out)]
     child += ["--device", args.device, "--threads", str(args.threads), "--model-dir"]
-    child += [str(args.model_dir), "--", *map(str, inputs)]
+    child += [str(args.model_dir), *(["--probe"] if args.probe else []), "--"]
+    child += list(map(str, inputs))
     done = subprocess.run(child, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
@@ -186,15 +194,19 @@ def plain_in_this_process(inputs, out: Path, args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     audio = model = 0.0
     errors = []
+    probe = _probe(args.probe)
     start = time.perf_counter()
-    for result in enhancer.enhance_files([(src, out / src.name) for src in inputs]):
-        if isinstance(result, FileError):
-            errors.append(result.message)
-        else:
-            audio += result.audio_seconds
-            model += result.model_seconds
+    with probe:
+        for result in enhancer.enhance_files([(src, out / src.name) for src in inputs]):
+            if isinstance(result, FileError):
+                errors.append(result.message)
+            else:
+                audio += result.audio_seconds
+                model += result.model_seconds
     span = time.perf_counter() - start
+    extra = {"probe": probe.result()} if args.probe else {}
     return dict(
+        **extra,
         load_s=load_s,
         span_s=span,
         audio_s=audio,
@@ -207,9 +219,63 @@ def plain_in_this_process(inputs, out: Path, args) -> dict:
     )
 
 
+def _probe(on: bool):
+    """An ``EngineProbe`` (with stacks) where ``on``, else a context that does nothing."""
+    import contextlib
+
+    if not on:
+        probe = contextlib.nullcontext()
+        probe.result = dict
+        return probe
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import EngineProbe
+
+    return EngineProbe(stacks=True)
+
+
+PROBE_DIR_ENV = "BENCH_RAY_PROBE_DIR"  # where each probed actor batch writes its JSON
+
+
+def _probed_actor_class():
+    """``df_mps.ray.EnhanceFiles`` with each batch run inside an ``EngineProbe``, its result
+    written to $BENCH_RAY_PROBE_DIR (the local cluster's actors share this file system). Made
+    here, in the driver's script, so that Ray ships it by value to the actors."""
+    from df_mps.ray import EnhanceFiles
+
+    class ProbedEnhanceFiles(EnhanceFiles):
+        def __call__(self, batch):
+            import threading
+
+            sys.path.insert(0, os.environ["BENCH_RAY_BENCHMARKS"])
+            from _common import EngineProbe
+
+            with EngineProbe(stacks=True) as probe:
+                rows = super().__call__(batch)
+            result = probe.result()
+            result["pid"] = os.getpid()
+            names = ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "LD_PRELOAD", "MALLOC_ARENA_MAX")
+            result["environment"] = {k: os.environ.get(k) for k in names}
+            result["switch_interval"] = sys.getswitchinterval()
+            result["affinity"] = len(os.sched_getaffinity(0))
+            result["thread"] = threading.current_thread().name
+            path = Path(os.environ[PROBE_DIR_ENV]) / f"probe_{os.getpid()}_{time.time_ns()}.json"
+            path.write_text(json.dumps(result))
+            return rows
+
+    return ProbedEnhanceFiles
+
+
 def run_ray(inputs, out: Path, args, workers: int, gpus_per_worker) -> dict:
+    import df_mps.ray as df_ray
     from df_mps.ray import run_on_ray
 
+    probe_dir = None
+    original = df_ray.EnhanceFiles
+    if args.probe:
+        probe_dir = Path(tempfile.mkdtemp(prefix="df-mps-ray-probe."))
+        os.environ[PROBE_DIR_ENV] = str(probe_dir)
+        os.environ["BENCH_RAY_BENCHMARKS"] = str(Path(__file__).resolve().parent)
+        df_ray.EnhanceFiles = _probed_actor_class()
     out.mkdir(parents=True, exist_ok=True)
     options = dict(model=str(args.model_dir), device=args.device, threads=args.threads)
     t0 = time.time()
@@ -224,6 +290,11 @@ def run_ray(inputs, out: Path, args, workers: int, gpus_per_worker) -> dict:
         )
     )
     wall = time.time() - t0
+    df_ray.EnhanceFiles = original
+    probes = []
+    if probe_dir is not None:
+        probes = [json.loads(p.read_text()) for p in sorted(probe_dir.glob("probe_*.json"))]
+        shutil.rmtree(probe_dir, ignore_errors=True)
     status = {}
     for row in rows:
         status[row["status"]] = status.get(row["status"], 0) + 1
@@ -244,6 +315,7 @@ def run_ray(inputs, out: Path, args, workers: int, gpus_per_worker) -> dict:
         actors=sorted({row["worker"] for row in rows}),
         devices=sorted({row["device"] for row in rows}),
         errors=[row["error"] for row in rows if row["status"] == "error"][:5],
+        **({"probes": probes} if args.probe else {}),
     )
 
 

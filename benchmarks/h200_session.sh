@@ -57,6 +57,48 @@ for part in "${parts[@]}"; do
         --seconds 30 --batch 64 --threads 4 --repeats "${REPEATS:-1}" --cli-args "$extra" --json "$OUT/corpus_$cfg.json" 2>&1 | grep -v INFO | cut -c1-160 | tail -1)
       python3 -c "import json; [print('$cfg', round(r['audio_s_per_s']), json.dumps({k: round(v, 3) for k, v in r['timeline'].items() if k not in ('steps', 'device_lag_at_step_end_s')})) for r in json.load(open('$OUT/corpus_$cfg.json'))['rows']]"
     done ;;
+  gru)
+    # DFN3's GRU layer: cuDNN against df_mps.gru's step kernel, eager and as CUDA graphs.
+    (cd benchmarks && timeout 150 python3 bench_gru.py --rows 1 16 64 --frames 1016 --eager-kernel \
+      --json "$OUT/h200_gru.json" 2>&1 | grep -v INFO | tail -8) ;;
+  kernel)
+    # The corpus through the CLI with torch's GRUs (DF_MPS_GRU_KERNEL=0) and with the step
+    # kernel (the default on CUDA), fp32 and bf16, interleaved REPEATS times.
+    for r in $(seq "${REPEATS:-1}"); do for prec in fp32 bf16; do for gk in 0 1; do
+      extra=""; [ $prec = bf16 ] && extra="--precision bf16"
+      (cd benchmarks && DF_MPS_GRU_KERNEL=$gk timeout 100 python3 bench_engine.py --mode corpus --device cuda \
+        --files 64 --seconds 30 --batch 64 --threads 4 --cli-args "$extra" \
+        --json "$OUT/kernel_${prec}_gk${gk}_r$r.json" > /dev/null 2>&1)
+      python3 -c "import json; r=json.load(open('$OUT/kernel_${prec}_gk${gk}_r$r.json'))['rows'][0]; print('$prec gru_kernel=$gk', round(r['audio_s_per_s']), 'load', round(r['model_load_s'], 2), json.dumps({k: round(v, 3) for k, v in r['timeline'].items() if k not in ('steps', 'device_lag_at_step_end_s')}))"
+    done; done; done ;;
+  cudatests)
+    # The CUDA-only tests (the GRU kernel against cuDNN, graphs, precision, the engine on CUDA).
+    DF_MPS_TEST_DEVICE=cuda timeout "${CUDA_TESTS_TIMEOUT:-240}" python3 -m pytest -q -rs -p no:cacheprovider \
+      tests/test_gru.py tests/test_cuda_graphs.py tests/test_precision.py tests/test_engine.py \
+      -k "not memory" > "$OUT/cudatests.txt" 2>&1; tail -15 "$OUT/cudatests.txt" ;;
+  rayprobe)
+    # Ray against the plain CLI path, with the engine's timeline, stacks, threads and garbage
+    # collections inside the plain run and inside the actor's batch (bench_ray.py --probe).
+    timeout 300 python3 benchmarks/bench_ray.py --device cuda --model-dir $M --audio-dir .devcarry/audio \
+      --files 64 --seconds 30 --threads 4 --workers 1 --gpus-per-worker 1 --probe \
+      --json "$OUT/h200_ray_probe.json" > "$OUT/bench_ray_probe.log" 2>&1; tail -3 "$OUT/bench_ray_probe.log"
+    python3 - "$OUT/h200_ray_probe.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+show = lambda p: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in (p.get("timeline") or {}).items() if k not in ("steps", "device_lag_at_step_end_s")}
+for name in ("plain", "plain_after"):
+    p = d[name]; print(name, round(p["audio_s_per_s"]), "span", round(p["span_s"], 3), show(p["probe"]), "gc", p["probe"].get("gc"), p["probe"].get("threads"))
+for run in d["ray"]:
+    print("ray", round(run["audio_s_per_s"]), "span", round(run["span_s"], 3), "ratio", round(run.get("ratio_to_plain", 0), 3))
+    for p in run.get("probes", []):
+        print("  actor", show(p), "gc", p.get("gc"), p.get("threads"), p.get("environment"), p.get("thread"), p.get("affinity"))
+        for span, top in (p.get("stacks") or {}).items():
+            print("   ", span, str(top)[:600])
+for name in ("plain",):
+    for span, top in (d[name]["probe"].get("stacks") or {}).items():
+        print("  plain", span, str(top)[:600])
+PY
+    ;;
   stacks)
     # Where the scheduling thread and the I/O threads spend the corpus run, by span (before the
     # first step, in steps, between steps, after the last): benchmarks/stack_sampler.py.
@@ -102,15 +144,15 @@ for part in "${parts[@]}"; do
     site=$(python3 -c "import site; print(site.getsitepackages()[0])")
     printf '/tmp/site\n%s\n' "$PWD/src" > "$site/df_mps_h200.pth"
     mkdir -p ~/.cache/DeepFilterNet && cp -r $M ~/.cache/DeepFilterNet/
-    DF_MPS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py \
-      tests/test_precision.py tests/test_engine.py -k "not memory" > "$OUT/suite_cuda.txt" 2>&1; tail -4 "$OUT/suite_cuda.txt"
+    DF_MPS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gru.py \
+      tests/test_cuda_graphs.py tests/test_precision.py tests/test_engine.py -k "not memory" > "$OUT/suite_cuda.txt" 2>&1; tail -4 "$OUT/suite_cuda.txt"
     # test_realtime alone: its compiled-hop tests build packages cold in a fresh cache (it
     # ran out of 290 s in a shard with others on 2026-12-02).
     shards=("test_realtime"
       "test_ray test_engine test_split test_dfop test_audio test_audit"
       "test_enhance_cli test_streaming test_compute test_launcher test_cuda_graphs test_routing"
       "test_patching test_docs test_models test_dsp test_precision test_audio_io"
-      "test_capabilities test_kernels test_device test_mps_hardware test_doctor")
+      "test_capabilities test_kernels test_device test_mps_hardware test_doctor test_gru")
     for k in 0 1 2 3 4; do
       files=$(for f in ${shards[$k]}; do echo tests/$f.py; done)
       mkdir -p /tmp/shard$k/cache /tmp/shard$k/tmp
@@ -122,4 +164,6 @@ for part in "${parts[@]}"; do
     n=$(ls tests/test_*.py | wc -l); m=$(echo ${shards[@]} | wc -w); echo "test files: $n, in shards: $m" ;;
   esac
 done
+# The device tool brings back at most 8 files: everything in one archive.
+(cd "$OUT" && tar czf /tmp/all.tgz . && find . -mindepth 1 -delete && mv /tmp/all.tgz all.tgz)
 ls -la "$OUT"
