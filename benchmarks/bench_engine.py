@@ -133,6 +133,10 @@ def child(args) -> None:
         marks["setup_at_load"] = stats.get("capture_seconds") or stats.get("compile_seconds") or 0
 
     api.Enhancer.__init__ = timed_init
+    if os.environ.get("BENCH_SYNC_BYTES"):  # the writer's early flushes, every N bytes (0: none)
+        from df_mps import audio
+
+        audio.AudioFileWriter.SYNC_BYTES = int(os.environ["BENCH_SYNC_BYTES"]) or 1 << 62
     files = sorted(Path(args.child_files).iterdir())
     out = Path(args.out)
     argv = [*map(str, files), "-o", str(out), "-m", str(model_dir(args.model_dir))]

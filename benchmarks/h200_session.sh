@@ -12,7 +12,7 @@
 set -uo pipefail
 parts=("${@:-engine}")
 wheels=(.whl/*.whl)
-[[ " ${parts[*]} " =~ " "(ray|suite)" " ]] && [ -d .whlray ] && wheels+=(.whlray/*.whl)
+[[ " ${parts[*]} " =~ " "(ray|rayprobe|suite)" " ]] && [ -d .whlray ] && wheels+=(.whlray/*.whl)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${wheels[@]}" || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 DF_MPS_SHARED=$PWD/.devcarry
 M=.devcarry/models/DeepFilterNet3
@@ -57,24 +57,21 @@ for part in "${parts[@]}"; do
         --seconds 30 --batch 64 --threads 4 --repeats "${REPEATS:-1}" --cli-args "$extra" --json "$OUT/corpus_$cfg.json" 2>&1 | grep -v INFO | cut -c1-160 | tail -1)
       python3 -c "import json; [print('$cfg', round(r['audio_s_per_s']), json.dumps({k: round(v, 3) for k, v in r['timeline'].items() if k not in ('steps', 'device_lag_at_step_end_s')})) for r in json.load(open('$OUT/corpus_$cfg.json'))['rows']]"
     done ;;
-  gru)
-    # DFN3's GRU layer: cuDNN against df_mps.gru's step kernel, eager and as CUDA graphs.
-    (cd benchmarks && timeout 150 python3 bench_gru.py --rows 1 16 64 --frames 1016 --eager-kernel \
-      --json "$OUT/h200_gru.json" 2>&1 | grep -v INFO | tail -8) ;;
-  kernel)
-    # The corpus through the CLI with torch's GRUs (DF_MPS_GRU_KERNEL=0) and with the step
-    # kernel (the default on CUDA), fp32 and bf16, interleaved REPEATS times.
-    for r in $(seq "${REPEATS:-1}"); do for prec in fp32 bf16; do for gk in 0 1; do
+  sync)
+    # The corpus through the CLI, fp32 and bf16, with the writer's early flushes (the default)
+    # and without them (BENCH_SYNC_BYTES=0: each file flushed only at its commit), interleaved
+    # within each of REPEATS repeats.
+    for prec in fp32 bf16; do
       extra=""; [ $prec = bf16 ] && extra="--precision bf16"
-      (cd benchmarks && DF_MPS_GRU_KERNEL=$gk timeout 100 python3 bench_engine.py --mode corpus --device cuda \
-        --files 64 --seconds 30 --batch 64 --threads 4 --cli-args "$extra" \
-        --json "$OUT/kernel_${prec}_gk${gk}_r$r.json" > /dev/null 2>&1)
-      python3 -c "import json; r=json.load(open('$OUT/kernel_${prec}_gk${gk}_r$r.json'))['rows'][0]; print('$prec gru_kernel=$gk', round(r['audio_s_per_s']), 'load', round(r['model_load_s'], 2), json.dumps({k: round(v, 3) for k, v in r['timeline'].items() if k not in ('steps', 'device_lag_at_step_end_s')}))"
-    done; done; done ;;
+      (cd benchmarks && timeout 200 python3 bench_engine.py --mode corpus --device cuda --files 64 \
+        --seconds 30 --batch 64 --threads 4 --repeats "${REPEATS:-1}" --cli-args "$extra" \
+        --variants early-sync: commit-only:BENCH_SYNC_BYTES=0 --json "$OUT/sync_$prec.json" > /dev/null 2>&1)
+      python3 -c "import json; [print('$prec', r['variant'], round(r['audio_s_per_s']), 'load', round(r['model_load_s'], 2), json.dumps({k: round(v, 3) for k, v in r['timeline'].items() if k not in ('steps', 'device_lag_at_step_end_s')})) for r in json.load(open('$OUT/sync_$prec.json'))['rows']]"
+    done ;;
   cudatests)
-    # The CUDA-only tests (the GRU kernel against cuDNN, graphs, precision, the engine on CUDA).
+    # The CUDA-only tests (graphs, precision, the engine on CUDA).
     DF_MPS_TEST_DEVICE=cuda timeout "${CUDA_TESTS_TIMEOUT:-240}" python3 -m pytest -q -rs -p no:cacheprovider \
-      tests/test_gru.py tests/test_cuda_graphs.py tests/test_precision.py tests/test_engine.py \
+      tests/test_cuda_graphs.py tests/test_precision.py tests/test_engine.py \
       -k "not memory" > "$OUT/cudatests.txt" 2>&1; tail -15 "$OUT/cudatests.txt" ;;
   rayprobe)
     # Ray against the plain CLI path, with the engine's timeline, stacks, threads and garbage
@@ -144,7 +141,7 @@ PY
     site=$(python3 -c "import site; print(site.getsitepackages()[0])")
     printf '/tmp/site\n%s\n' "$PWD/src" > "$site/df_mps_h200.pth"
     mkdir -p ~/.cache/DeepFilterNet && cp -r $M ~/.cache/DeepFilterNet/
-    DF_MPS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gru.py \
+    DF_MPS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -rs -p no:cacheprovider \
       tests/test_cuda_graphs.py tests/test_precision.py tests/test_engine.py -k "not memory" > "$OUT/suite_cuda.txt" 2>&1; tail -4 "$OUT/suite_cuda.txt"
     # test_realtime alone: its compiled-hop tests build packages cold in a fresh cache (it
     # ran out of 290 s in a shard with others on 2026-12-02).

@@ -47,6 +47,28 @@ def test_the_longest_legal_output_name_is_written_streamed(tmp_path):
     assert sf.info(str(tmp_path / name)).frames == 480
 
 
+def test_streamed_samples_reach_the_disk_as_they_are_written(tmp_path, monkeypatch):
+    """Every SYNC_BYTES of samples written, the temporary file is flushed to disk (libsndfile's
+    flush: an fsync), so that a commit writes out only the rest; the file is whole after."""
+    flushed = []
+    flush = sf.SoundFile.flush
+
+    def counting_flush(self):
+        flushed.append(os.path.getsize(self.name))
+        flush(self)
+
+    monkeypatch.setattr(sf.SoundFile, "flush", counting_flush)
+    block = np.full((audio.AudioFileWriter.SYNC_BYTES // 4, 1), 0.25, np.float32)  # PCM_16
+    with audio.AudioFileWriter(tmp_path / "x.wav", SR, 1, "PCM_16") as writer:
+        for _ in range(5):
+            writer.write(block)
+        # after the 2nd and the 4th block, each half of SYNC_BYTES
+        assert len(flushed) == 2 and flushed[1] >= 2 * audio.AudioFileWriter.SYNC_BYTES
+        writer.commit()
+    data, _ = sf.read(str(tmp_path / "x.wav"), dtype="float32")
+    assert data.shape == (5 * block.shape[0],) and np.all(data == 0.25)
+
+
 def test_temporary_names_are_short_hidden_and_recognised(tmp_path):
     tmp = audio.new_temp(tmp_path / ("x" * 250 + ".wav"))
     name = os.path.basename(tmp)

@@ -878,7 +878,13 @@ def write_audio(
 class AudioFileWriter:
     """An audio file written block by block, atomically: a context manager.
 
-    ``write(samples)`` appends float samples [frames, channels] (quantised for the subtype);
+    ``write(samples)`` appends float samples [frames, channels] (quantised for the subtype),
+    and sends what was written to the disk every ``SYNC_BYTES`` (libsndfile's flush, an
+    fsync): the commit's fsync then writes only the last of it. A batch of files that end
+    together (the engine's last step) otherwise spends its commits writing whole files out;
+    on an H200 that final flush was most of the 0.14 s after the last step of 64 files of
+    30 s. The earlier flushes happen in the engine's write threads while the next steps run.
+
     ``commit()`` closes the file and ``publish``-es it as ``path`` (never replacing an existing
     file unless ``overwrite``). ``source_format``: the input's container (RF64 and W64 stay so
     in a ``.wav``); ``frames``: the length expected, so that a WAV that could pass 4 GiB opens
@@ -902,6 +908,7 @@ class AudioFileWriter:
         self.subtype = choose_subtype(self.format, subtype, self.path)
         self.overwrite = overwrite
         self._committed = False
+        self._unsynced = 0  # bytes written since the last flush to disk
         try:
             self.temp = new_temp(self.path)
         except OSError as exc:
@@ -927,11 +934,18 @@ class AudioFileWriter:
         if not samples.shape[0]:
             return
         try:
-            self._file.write(quantize(samples, self.subtype))
+            data = quantize(samples, self.subtype)
+            self._file.write(data)
+            self._unsynced += data.nbytes
+            if self._unsynced >= self.SYNC_BYTES:
+                self._file.flush()
+                self._unsynced = 0
         except (*_SOUNDFILE_ERRORS, OSError) as exc:
             # libsndfile says "System error" for a full disk or a file too large: the errno
             # says which.
             raise AudioFileError(f"'{self.path}': can't write: {sndfile_reason(exc)}") from None
+
+    SYNC_BYTES = 1 << 19
 
     def commit(self) -> None:
         try:

@@ -160,9 +160,8 @@ def section_fast_paths(device: str) -> List[str]:
     from . import gru
 
     dfn3_gru = torch.nn.GRU(256, 256, batch_first=True)  # the shape of DFN3's five GRU layers
-    kernel, why = gru.plan(device.split(":")[0], [dfn3_gru], graphed=how == "cuda graphs")
-    shown = {"c": "df_mps's C kernel", "triton": "df_mps's Triton kernel"}.get(kernel, "torch")
-    lines.append(_line("engine GRUs", f"{shown} - {why}"))
+    kernel, why = gru.plan(device.split(":")[0], [dfn3_gru])
+    lines.append(_line("engine GRUs", f"{'df_mps C kernel' if kernel else 'torch'} - {why}"))
     return lines
 
 

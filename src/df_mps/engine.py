@@ -283,7 +283,7 @@ class _StepContext:
         self._forwards = [self._forward(index) for index in range(len(self.recurrent))]
         self._maskers = {dim: self._masker(dim) for dim in (-2, -3)}
         # What runs a recurrent module on a piece: its class's forward (torch's GRU), or
-        # df_mps.gru's step kernel where the engine's step is a CUDA graph (df_mps.graphs).
+        # df_mps.gru's C kernel on the CPU.
         self.recurrence: Optional[Callable] = None
 
     @contextlib.contextmanager
@@ -390,11 +390,10 @@ class BatchedModel:
             )
         if any(isinstance(m, torch.nn.LSTM) for m in self._ctx.recurrent):
             raise ValueError("the engine carries GRU/RNN states; LSTMs are not supported")
-        # The GRUs through df_mps.gru's C kernel on the CPU (on CUDA its Triton kernel, where
-        # df_mps.graphs captures the step), else torch's.
+        # The GRUs through df_mps.gru's C kernel on the CPU where it builds, else torch's.
         from . import gru
 
-        self.use_recurrence(gru.recurrence(self.device.type, self._ctx.recurrent, graphed=False))
+        self.use_recurrence(gru.recurrence(self.device.type, self._ctx.recurrent))
 
     @property
     def recurrent(self) -> list:

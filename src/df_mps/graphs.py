@@ -90,11 +90,6 @@ def accelerate(engine, *, cuda_graphs: bool = True):
     if how.startswith("torch.compile"):
         engine.model = compiled_model(batched, compile_mode())
     else:
-        from . import gru
-
-        kernel, kernel_why = gru.plan(batched.device.type, batched.recurrent, graphed=True)
-        batched.use_recurrence(gru.FORWARDS.get(kernel))
-        logger.debug(f"engine GRUs: {kernel or 'torch'} ({kernel_why})")
         engine.model = GraphedModel(batched, max_rows=engine.batch, store=graph_store(batched))
     logger.debug(f"engine step: {how} ({why})")
     return engine
@@ -196,10 +191,7 @@ def graph_store(batched) -> GraphStore:
     """The store kept on ``batched.model`` (so it lives as long as the network) for its
     (left, piece, right) geometry."""
     stores = batched.model.__dict__.setdefault(STORE_ATTR, {})
-    # The GRUs' kernel is part of what a graph captured (df_mps.gru or torch's).
-    from . import gru
-
-    key = (batched.left, batched.piece, batched.right, gru.name_of(batched.recurrence))
+    key = (batched.left, batched.piece, batched.right)
     if key not in stores:
         stores[key] = GraphStore()
     return stores[key]

@@ -1,26 +1,27 @@
-"""DeepFilterNet3's GRUs on CUDA: one small Triton kernel per frame, replayed in CUDA graphs.
+"""DeepFilterNet3's GRUs in the engine on the CPU: one C call a layer, not ten aten calls a frame.
 
-Why: DFN3's five GRU layers step through every 10 ms frame, and inside the engine's CUDA
-graph cuDNN's GRU (PyTorch picks its standard algorithm for GRUs on Ampere and Hopper: the
-persistent one is excluded as "flakier") costs about 18 us a layer-step at 64 rows on an H200,
-whatever the rows: 5 layers x 3,000 frames of a 30 s file is about 0.28 s of device time, most
-of what a batch of 64 such files costs. A step is latency, not arithmetic: [64, 256] x [256, 768]
-is 12 MFLOP.
+Why: DFN3's five GRU layers step through every 10 ms frame. torch's CPU GRU spends each frame in
+about ten small aten calls, and oneMKL's product of a few rows with the 768 x 256 hidden weights
+packs its inputs at every call: on one thread a layer-step cost about 45 us at 1 row and 100-150
+us at 4 rows, about 60% of the model's time at batch 1 (docs/performance.md).
 
-How: the input projection of every frame at once (one matrix product, as cuDNN does), then
-one launch of ``_gru_step`` per frame. Program (b, j) computes rows b*16... of hidden units
-j*16...: the three gates' hidden products over the previous state (fp32 products, no TF32), the
-gates, and the new state, written straight into the output sequence, where the next frame's
-launch reads it. At 64 rows that is 4 x 16 programs; a launch from a CUDA graph costs a few
-microseconds. Launching from Python costs more than that, so the kernel pays only where the
-engine captures its step as a CUDA graph (``df_mps.graphs``); elsewhere torch's GRU runs.
+How: each layer's input projection of every frame at once (one matrix product, as torch does),
+then the whole recurrence in ``gru_cpu.c``: per frame, one pass over the hidden weights for up to
+four rows at once (the weights stream from the cache once a frame, whatever the rows), and the
+gates, vectorised. Measured on this project's 2-core CI machine (1 thread): 12.5 us a layer-step
+at 1 row, 36 us at 4 (``benchmarks/cpu_step_parts.py``). The library is built at first use with
+the machine's C compiler (about a second), kept in df-mps's cache per source, compiler and
+processor, and checked against torch's arithmetic before it is used; where there is no compiler
+or the check fails, torch's GRU runs (``python -m df_mps doctor`` says which).
 
-The result is that of ``torch.nn.GRU`` within float32 rounding (the products are summed in
-another order); each row's arithmetic is the same whatever the other rows, so a stream's
-output does not depend on the batch it rode in. ``DF_MPS_GRU_KERNEL=0`` turns it off.
+The result is torch's GRU within float32 rounding (each hidden product is a chain of fused
+multiply-adds in another order; exp is a polynomial good to about 2 ulp). A row's arithmetic is
+the same whatever rows ride beside it, bit for bit, so a stream's output does not depend on the
+batch it rode in. ``DF_MPS_GRU_KERNEL=0`` runs torch's GRU.
 
-``TRITON_INTERPRET=1`` (set before this module is imported) runs the kernel on CPU tensors,
-which is how the tests check its arithmetic on machines without a GPU.
+On CUDA the engine keeps cuDNN's GRU: replayed in the step's CUDA graph it costs 2.6-5.9 us a
+layer-step at 1-64 rows on an H100, and a Triton kernel launched once a frame (tried, commit
+f0cb2fa, ``benchmarks/bench_gru.py``) cost 15-16 us. MPS has no kernel of ours.
 """
 
 from __future__ import annotations
@@ -30,111 +31,40 @@ import os
 from typing import Optional, Tuple
 
 ENV = "DF_MPS_GRU_KERNEL"
-BLOCK_ROWS = 16  # tl.dot's smallest M
-BLOCK_UNITS = 16  # hidden units per program (tl.dot's smallest N)
 
 
-@functools.lru_cache(maxsize=1)
-def _kernel():
-    """The Triton kernel, or None where Triton can't be imported."""
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:  # noqa: BLE001 - no Triton (macOS, CPU-only wheels): torch's GRU runs
-        return None
-
-    @triton.jit
-    def _gru_step(
-        gi_ptr,  # [rows, 3H] at this frame: W_ih x + b_ih (strides below)
-        h_ptr,  # [rows, H]: the previous state
-        out_ptr,  # [rows, H]: the new state goes here
-        w_ptr,  # W_hh [3H, H], contiguous
-        b_ptr,  # b_hh [3H]
-        rows,
-        stride_gi,
-        stride_h,
-        stride_out,
-        H: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        BLOCK_U: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
-        pid_r = tl.program_id(0)
-        pid_u = tl.program_id(1)
-        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        u = pid_u * BLOCK_U + tl.arange(0, BLOCK_U)
-        live = r < rows
-        acc_r = tl.zeros((BLOCK_R, BLOCK_U), dtype=tl.float32)
-        acc_z = tl.zeros((BLOCK_R, BLOCK_U), dtype=tl.float32)
-        acc_n = tl.zeros((BLOCK_R, BLOCK_U), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            h = tl.load(h_ptr + r[:, None] * stride_h + k[None, :], mask=live[:, None], other=0.0)
-            # W_hh rows (r, z, n gates) for these units, transposed: [BLOCK_K, BLOCK_U].
-            w_r = tl.load(w_ptr + u[None, :] * H + k[:, None])
-            w_z = tl.load(w_ptr + (H + u[None, :]) * H + k[:, None])
-            w_n = tl.load(w_ptr + (2 * H + u[None, :]) * H + k[:, None])
-            acc_r += tl.dot(h, w_r, input_precision="ieee")
-            acc_z += tl.dot(h, w_z, input_precision="ieee")
-            acc_n += tl.dot(h, w_n, input_precision="ieee")
-        gi = gi_ptr + r[:, None] * stride_gi + u[None, :]
-        i_r = tl.load(gi, mask=live[:, None], other=0.0)
-        i_z = tl.load(gi + H, mask=live[:, None], other=0.0)
-        i_n = tl.load(gi + 2 * H, mask=live[:, None], other=0.0)
-        b_r = tl.load(b_ptr + u)[None, :]
-        b_z = tl.load(b_ptr + H + u)[None, :]
-        b_n = tl.load(b_ptr + 2 * H + u)[None, :]
-        reset = tl.sigmoid(i_r + acc_r + b_r)
-        update = tl.sigmoid(i_z + acc_z + b_z)
-        a = i_n + reset * (acc_n + b_n)
-        # tanh(a) = 1 - 2 / (exp(2a) + 1): exact at both ends (exp overflows to inf -> 1).
-        new = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
-        h_old = tl.load(h_ptr + r[:, None] * stride_h + u[None, :], mask=live[:, None], other=0.0)
-        h_new = (h_old - new) * update + new  # as aten's GRU cell writes it
-        tl.store(out_ptr + r[:, None] * stride_out + u[None, :], h_new, mask=live[:, None])
-
-    return _gru_step
-
-
-def plan(device_type: str, modules, *, graphed: bool) -> Tuple[Optional[str], str]:
-    """(which kernel runs ``modules`` in the engine's steps, why): "triton" on CUDA where the
-    step is a CUDA graph, "c" on the CPU where the C kernel builds, None for torch's GRU."""
+def plan(device_type: str, modules) -> Tuple[Optional[str], str]:
+    """(which kernel runs ``modules`` in the engine's steps, why): "c" on the CPU where the C
+    kernel builds, None for torch's GRU."""
     if os.environ.get(ENV, "").strip().lower() in ("0", "off", "no", "false"):
         return None, f"{ENV}=0"
+    if device_type != "cpu":
+        return None, f"torch's GRU on {device_type} (cuDNN's in the step's CUDA graph on CUDA)"
     if not modules:
         return None, "the network has no recurrent layers"
     unsupported = [type(m).__name__ for m in modules if not supports(m)]
     if unsupported:
-        return None, f"not a GRU the kernels run ({', '.join(sorted(set(unsupported)))})"
-    if device_type == "cpu":
-        function, why = cpu_library()
-        return ("c", f"one C call a layer ({why})") if function is not None else (None, why)
-    if device_type != "cuda":
-        return None, f"no GRU kernel of df-mps's for {device_type}"
-    if not graphed:
-        return None, "the Triton kernel pays only inside CUDA graphs (Python's launches cost more)"
-    if _kernel() is None:
-        return None, "Triton can't be imported"
-    return "triton", "one Triton launch a frame and layer, replayed in the step's CUDA graph"
+        return None, f"not a GRU the kernel runs ({', '.join(sorted(set(unsupported)))})"
+    function, why = cpu_library()
+    return ("c", f"one C call a layer ({why})") if function is not None else (None, why)
 
 
-def recurrence(device_type: str, modules, *, graphed: bool):
+def recurrence(device_type: str, modules):
     """What ``plan`` picks, as the engine's ``forward(module, x, h0)``, or None."""
-    name, _ = plan(device_type, modules, graphed=graphed)
+    name, _ = plan(device_type, modules)
     return FORWARDS.get(name)
 
 
 def supports(module) -> bool:
     """Whether ``module`` is a GRU the kernel runs: unidirectional, biased, fp32, its hidden
-    size a multiple of the kernel's block."""
+    size a multiple of the kernel's block of outputs."""
     import torch
 
     return (
         type(module) is torch.nn.GRU
         and not module.bidirectional
         and module.bias
-        and module.hidden_size % BLOCK_UNITS == 0
-        and module.hidden_size % 64 == 0
+        and (3 * module.hidden_size) % JB == 0
         and all(p.dtype == torch.float32 for p in module.parameters())
     )
 
@@ -146,12 +76,11 @@ def gru_forward(module, x, h0: Optional[object] = None, *, layer=None) -> Tuple[
     Each layer's input projection of every frame is one matrix product; then ``layer(gi, h,
     out, w_hh, b_hh)`` runs the recurrence over the frames, writing each frame's new state into
     ``out`` [rows, time, H] from ``gi`` [rows, time, 3H] and the start state ``h`` [rows, H]:
-    ``triton_layer`` (the default: one Triton launch a frame; CUDA, or the CPU under
-    ``TRITON_INTERPRET=1``), ``cpu_layer`` (one C call) or ``torch_layer`` (torch ops).
+    ``cpu_layer`` (the default: one C call) or ``torch_layer`` (torch ops, the reference).
     """
     import torch
 
-    layer = layer or triton_layer
+    layer = layer or cpu_layer
     if x.dim() != 3:
         raise ValueError(f"expected a batched sequence [.., .., features], got {tuple(x.shape)}")
     seq = x if module.batch_first else x.transpose(0, 1)  # [rows, time, features]
@@ -176,52 +105,19 @@ def gru_forward(module, x, h0: Optional[object] = None, *, layer=None) -> Tuple[
     return output, torch.stack(finals)
 
 
-def triton_layer(gi, h, out, w_hh, b_hh) -> None:
-    """The recurrence as one ``triton_step`` launch a frame."""
-    for t in range(out.shape[1]):
-        triton_step(gi[:, t], h if t == 0 else out[:, t - 1], out[:, t], w_hh, b_hh)
-
-
 def torch_layer(gi, h, out, w_hh, b_hh) -> None:
-    """The recurrence in torch ops (``torch_step`` a frame): the reference."""
-    for t in range(out.shape[1]):
-        torch_step(gi[:, t], h if t == 0 else out[:, t - 1], out[:, t], w_hh, b_hh)
-
-
-def triton_step(gi, h, out, w_hh, b_hh) -> None:
-    """One frame of one GRU layer for every row (``_gru_step``): ``out`` = the new state, from
-    ``gi`` [rows, 3H] (input projection), ``h`` [rows, H] (previous state), W_hh, b_hh."""
-    rows, hidden = h.shape
-    grid = (-(-rows // BLOCK_ROWS), hidden // BLOCK_UNITS)
-    _kernel()[grid](
-        gi,
-        h,
-        out,
-        w_hh,
-        b_hh,
-        rows,
-        gi.stride(0),
-        h.stride(0),
-        out.stride(0),
-        H=hidden,
-        BLOCK_R=BLOCK_ROWS,
-        BLOCK_U=BLOCK_UNITS,
-        BLOCK_K=64,
-    )
-
-
-def torch_step(gi, h, out, w_hh, b_hh) -> None:
-    """``triton_step``'s arithmetic in torch ops (the reference the tests hold it to, and a
-    stand-in that runs anywhere)."""
+    """The recurrence in torch ops, a frame at a time: the reference the C kernel is held to."""
     import torch
 
-    gh = torch.nn.functional.linear(h, w_hh, b_hh)
-    i_r, i_z, i_n = gi.chunk(3, dim=1)
-    h_r, h_z, h_n = gh.chunk(3, dim=1)
-    reset = torch.sigmoid(i_r + h_r)
-    update = torch.sigmoid(i_z + h_z)
-    new = torch.tanh(i_n + reset * h_n)
-    out.copy_((h - new) * update + new)  # as aten's GRU cell writes it
+    for t in range(out.shape[1]):
+        prev = h if t == 0 else out[:, t - 1]
+        gh = torch.nn.functional.linear(prev, w_hh, b_hh)
+        i_r, i_z, i_n = gi[:, t].chunk(3, dim=1)
+        h_r, h_z, h_n = gh.chunk(3, dim=1)
+        reset = torch.sigmoid(i_r + h_r)
+        update = torch.sigmoid(i_z + h_z)
+        new = torch.tanh(i_n + reset * h_n)
+        out[:, t] = (prev - new) * update + new  # as aten's GRU cell writes it
 
 
 # -- the CPU: one C call a layer --------------------------------------------------------------
@@ -258,7 +154,7 @@ def library_dir():
 def cpu_library() -> Tuple[Optional[object], str]:
     """(the C kernel's ``dfmps_gru_layer`` through ctypes, or None; why), built once per
     source, compiler and processor into df-mps's cache (``$DF_MPS_CACHE_DIR/kernels``) and
-    checked against ``torch_step`` on a small layer before it is used."""
+    checked against ``torch_layer`` on a small layer before it is used."""
     import ctypes
     import hashlib
     import subprocess
@@ -324,7 +220,7 @@ def cpu_library() -> Tuple[Optional[object], str]:
 
 
 def _check_cpu_layer(function) -> Optional[str]:
-    """Why ``function`` can't be trusted (its layer against ``torch_step``'s beyond 1e-5 on
+    """Why ``function`` can't be trusted (its layer against ``torch_layer``'s beyond 1e-5 on
     a small random layer), or None."""
     import torch
 
@@ -396,20 +292,4 @@ def cpu_layer(gi, h, out, w_hh, b_hh) -> None:
 
 
 # The engine's recurrences, one object each (a graph store is keyed by which one it captured).
-FORWARDS = {
-    "triton": functools.partial(gru_forward, layer=triton_layer),
-    "c": functools.partial(gru_forward, layer=cpu_layer),
-}
-
-
-def name_of(forward) -> Optional[str]:
-    """A stable name for an engine recurrence: its FORWARDS key, None for torch's GRU, else
-    its function's qualified name (graph stores are keyed by it, and survive copies)."""
-    if forward is None:
-        return None
-    for name, known in FORWARDS.items():
-        if known is forward:
-            return name
-    function = getattr(forward, "func", forward)
-    keywords = getattr(forward, "keywords", {})
-    return f"{function.__module__}.{function.__qualname__}{sorted(keywords.items())}"
+FORWARDS = {"c": functools.partial(gru_forward, layer=cpu_layer)}

@@ -31,8 +31,8 @@ ENV_VARS = {
     "max-autotune-no-cudagraphs, default); unset: CUDA graphs on CUDA, else eager",
     "DF_MPS_REALTIME_COMPILE": "auto, 1 or 0: RealtimeEnhancer's compiled hop (default auto: "
     "on the CPU where a C++ compiler exists)",
-    "DF_MPS_GRU_KERNEL": "0 runs torch's GRUs in the engine instead of df-mps's kernels "
-    "(C on the CPU, Triton in CUDA graphs)",
+    "DF_MPS_GRU_KERNEL": "0 runs torch's GRUs in the engine on the CPU instead of df-mps's C "
+    "kernel",
     "PYTORCH_ENABLE_MPS_FALLBACK": "1: ops with no MPS kernel run on the CPU (read at import)",
     "DEVICE": "DeepFilterNet's own device override (same as [train] DEVICE in config.ini)",
 }
