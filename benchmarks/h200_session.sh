@@ -131,18 +131,20 @@ PY
     timeout 130 python3 -m pytest -q -n 8 --dist loadfile -o cache_dir=/tmp/pc 2>&1 | tail -8
     timeout 60 python3 -m pytest -q --lf -o cache_dir=/tmp/pc 2>&1 | tail -4 ;;
   suite)
-    # The CUDA tests on the GPU, then the whole suite (the CPU default) in four shards of
-    # whole files at once, each with its own cache and temp directories (the fresh-interpreter
-    # and docs tests of one shard never meet another's). -v to files: each test's result is
-    # there even where the call's time runs out.
+    # The whole suite (the CPU default) in five shards of whole files, and the CUDA tests
+    # (DF_MPS_TEST_DEVICE=cuda) beside them, all at once, each with its own cache and temp
+    # directories (the fresh-interpreter and docs tests of one shard never meet another's).
+    # -v to files: each test's result is there even where the call's time runs out.
     # As an installed df-mps would be: on every interpreter's path (the launcher's and the
     # patching tests' children set PYTHONPATH of their own), and the upstream model cache
     # that DeepFilterNet's own download fills (the README's examples name the model).
     site=$(python3 -c "import site; print(site.getsitepackages()[0])")
     printf '/tmp/site\n%s\n' "$PWD/src" > "$site/df_mps_h200.pth"
     mkdir -p ~/.cache/DeepFilterNet && cp -r $M ~/.cache/DeepFilterNet/
-    DF_MPS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -rs -p no:cacheprovider \
-      tests/test_cuda_graphs.py tests/test_precision.py tests/test_engine.py -k "not memory" > "$OUT/suite_cuda.txt" 2>&1; tail -4 "$OUT/suite_cuda.txt"
+    mkdir -p /tmp/shardcuda/cache /tmp/shardcuda/tmp
+    DF_MPS_CACHE_DIR=/tmp/shardcuda/cache TMPDIR=/tmp/shardcuda/tmp DF_MPS_TEST_DEVICE=cuda \
+      timeout "${SUITE_TIMEOUT:-420}" python3 -m pytest -v -rfEs -p no:cacheprovider tests/test_cuda_graphs.py \
+      tests/test_precision.py tests/test_engine.py -k "not memory" > "$OUT/suite_cuda.txt" 2>&1 &
     # test_realtime alone: its compiled-hop tests build packages cold in a fresh cache (it
     # ran out of 290 s in a shard with others on 2026-12-02).
     shards=("test_realtime"
@@ -157,7 +159,7 @@ PY
         python3 -m pytest -v -rfEs -p no:cacheprovider --durations=8 $files > "$OUT/suite_$k.txt" 2>&1 &
     done
     wait
-    for k in 0 1 2 3 4; do echo "-- shard $k"; grep -E "FAILED|ERROR" "$OUT/suite_$k.txt" | grep -v "^tests.*PASSED" | head -20; tail -2 "$OUT/suite_$k.txt"; done
+    for k in cuda 0 1 2 3 4; do echo "-- shard $k"; grep -E "FAILED|ERROR" "$OUT/suite_$k.txt" | grep -v "^tests.*PASSED" | head -20; tail -2 "$OUT/suite_$k.txt"; done
     n=$(ls tests/test_*.py | wc -l); m=$(echo ${shards[@]} | wc -w); echo "test files: $n, in shards: $m" ;;
   esac
 done

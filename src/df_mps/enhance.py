@@ -90,7 +90,7 @@ from .models import (
     PRETRAINED_MODELS,
 )
 from .streaming import BadAudioError
-from .util import PathLike, installed_version, one_line, sysctl
+from .util import PathLike, freeze_long_lived_objects, installed_version, one_line, sysctl
 
 PROG = "df-mps-enhance"
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "none")
@@ -901,6 +901,7 @@ def run(args: argparse.Namespace) -> int:
     if todo:
         enhancer = Enhancer(**enhancer_options(args))
         logger.debug(f"batch {enhancer.batch} on {enhancer.device}")
+        freeze_long_lived_objects()  # this process is ours: see df_mps.util
         for result in _run_jobs(
             todo, enhancer, args.overwrite, whole_file=args.whole_file, split_long=args.split_long
         ):
