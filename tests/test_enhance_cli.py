@@ -97,6 +97,28 @@ def test_enhances_noisy_white_like_upstream(run_cli, enhancer, audio_dir, tmp_pa
     assert sha(noisy) == before
 
 
+def test_the_run_keeps_the_loaded_model_out_of_full_garbage_collections(
+    run_cli, audio_dir, tmp_path, monkeypatch
+):
+    """While the files run, what was alive after the model load is frozen out of the garbage
+    collector's full collections (each holds the GIL from the engine's scheduling thread);
+    after the run, it is the collector's again (main() runs inside other programs too)."""
+    import gc
+
+    seen = []
+    run_jobs = cli._run_jobs
+
+    def recording(*args, **kwargs):
+        seen.append(gc.get_freeze_count())
+        yield from run_jobs(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "_run_jobs", recording)
+    assert gc.get_freeze_count() == 0
+    rc, _, _ = run_cli(audio_dir / "noisy_white.wav", "-o", tmp_path)
+    assert rc == 0 and seen and seen[0] > 10_000
+    assert gc.get_freeze_count() == 0
+
+
 def test_float_output_equals_direct_enhance(run_cli, enhancer, audio_dir, tmp_path):
     noisy_audio, sr = sf.read(str(audio_dir / "noisy_white.wav"), dtype="float32")
     src = tmp_path / "in" / "float.wav"

@@ -90,7 +90,7 @@ from .models import (
     PRETRAINED_MODELS,
 )
 from .streaming import BadAudioError
-from .util import PathLike, freeze_long_lived_objects, installed_version, one_line, sysctl
+from .util import PathLike, installed_version, long_lived_objects_frozen, one_line, sysctl
 
 PROG = "df-mps-enhance"
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "none")
@@ -901,14 +901,18 @@ def run(args: argparse.Namespace) -> int:
     if todo:
         enhancer = Enhancer(**enhancer_options(args))
         logger.debug(f"batch {enhancer.batch} on {enhancer.device}")
-        freeze_long_lived_objects()  # this process is ours: see df_mps.util
-        for result in _run_jobs(
-            todo, enhancer, args.overwrite, whole_file=args.whole_file, split_long=args.split_long
-        ):
-            if isinstance(result, FileResult):
-                done.append(result)
-            else:
-                failed += 1
+        with long_lived_objects_frozen():  # the model and modules: see df_mps.util
+            for result in _run_jobs(
+                todo,
+                enhancer,
+                args.overwrite,
+                whole_file=args.whole_file,
+                split_long=args.split_long,
+            ):
+                if isinstance(result, FileResult):
+                    done.append(result)
+                else:
+                    failed += 1
     _summary(done, failed, len(jobs), len(walk_errors))
     return 1 if failed or walk_errors else 0
 

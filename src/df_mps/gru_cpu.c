@@ -22,6 +22,14 @@
 #define JB 16 /* gate outputs per block of the packed weights */
 #define MAX_ROWS 4
 
+/* A fused multiply-add where the processor has one; elsewhere a multiply and an add (fmaf
+ * would be a slow library call there). One build computes every row the same way either way. */
+#ifdef FP_FAST_FMAF
+#define FMA(a, b, c) fmaf((a), (b), (c))
+#else
+#define FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
 #if defined(_OPENMP) || defined(__clang__) || defined(__GNUC__)
 #define SIMD _Pragma("omp simd")
 #else
@@ -33,16 +41,16 @@ static inline __attribute__((always_inline)) float exp_poly(float x) {
     /* n = x / ln 2 rounded to the nearest integer (adding and taking away 1.5 * 2^23 rounds
      * a float below 2^22 in magnitude; floorf would keep gcc from vectorising the loop). */
     float fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = fmaf(fx, -0.693359375f, x);
-    r = fmaf(fx, 2.12194440e-4f, r);
+    float r = FMA(fx, -0.693359375f, x);
+    r = FMA(fx, 2.12194440e-4f, r);
     float z = r * r;
     float y = 1.9875691500e-4f;
-    y = fmaf(y, r, 1.3981999507e-3f);
-    y = fmaf(y, r, 8.3334519073e-3f);
-    y = fmaf(y, r, 4.1665795894e-2f);
-    y = fmaf(y, r, 1.6666665459e-1f);
-    y = fmaf(y, r, 5.0000001201e-1f);
-    y = fmaf(y, z, r) + 1.0f;
+    y = FMA(y, r, 1.3981999507e-3f);
+    y = FMA(y, r, 8.3334519073e-3f);
+    y = FMA(y, r, 4.1665795894e-2f);
+    y = FMA(y, r, 1.6666665459e-1f);
+    y = FMA(y, r, 5.0000001201e-1f);
+    y = FMA(y, z, r) + 1.0f;
     union {
         int32_t i;
         float f;
@@ -95,7 +103,8 @@ static inline __attribute__((always_inline)) void block_products(
             const float hk = h[r][k];
             for (int nb = 0; nb < NB; nb++) {
                 const float *w = p[nb] + (size_t)k * JB;
-                SIMD for (int jj = 0; jj < JB; jj++) acc[r][nb][jj] = fmaf(hk, w[jj], acc[r][nb][jj]);
+                SIMD for (int jj = 0; jj < JB; jj++)
+                    acc[r][nb][jj] = FMA(hk, w[jj], acc[r][nb][jj]);
             }
         }
     }

@@ -16,6 +16,7 @@ __all__ = [
     "PathLike",
     "cpu_identity",
     "freeze_long_lived_objects",
+    "long_lived_objects_frozen",
     "installed_version",
     "one_line",
     "quiet_resample_rename",
@@ -100,8 +101,8 @@ def cpu_identity() -> str:
 def freeze_long_lived_objects() -> None:
     """Collect, then put every object alive now out of the garbage collector's sight
     (``gc.freeze``): its full collections then scan only what came after. For processes
-    df-mps owns (the command line, a Ray actor), once the model is loaded, never in a caller's
-    process: a frozen object that later becomes cyclic garbage is never freed.
+    df-mps owns (a Ray actor), once the model is loaded; ``long_lived_objects_frozen`` for a
+    call that others may make in their own process.
 
     Why: a full collection holds the GIL while it walks every tracked object, and the engine's
     scheduling thread waits. In a Ray actor (260,000 objects: torch, Ray, pyarrow) one took
@@ -111,3 +112,18 @@ def freeze_long_lived_objects() -> None:
 
     gc.collect()
     gc.freeze()
+
+
+@contextlib.contextmanager
+def long_lived_objects_frozen() -> Iterator[None]:
+    """``freeze_long_lived_objects`` for the block; after it the objects are the collector's
+    again (unless something had frozen objects before: then they stay as they were)."""
+    import gc
+
+    frozen_before = gc.get_freeze_count()
+    freeze_long_lived_objects()
+    try:
+        yield
+    finally:
+        if not frozen_before:
+            gc.unfreeze()
