@@ -123,16 +123,18 @@ def child_stream(spec: dict) -> dict:
     import soundfile as sf
 
     from df_mps import enhance as cli
+    from df_mps.api import FileResult
 
     results = []
-    enhance_file = cli.enhance_file
+    run_jobs = cli._run_jobs
 
     def recording(*args, **kwargs):  # observe what the command did for each file
-        result = enhance_file(*args, **kwargs)
-        results.append(result)
-        return result
+        for result in run_jobs(*args, **kwargs):
+            if isinstance(result, FileResult):
+                results.append(result)
+            yield result
 
-    cli.enhance_file = recording
+    cli._run_jobs = recording
     out_dir = Path(spec["out_dir"])
     argv = ["-o", str(out_dir), "-m", spec["model_dir"], "--threads", str(spec["threads"])]
     argv += ["--device", spec.get("device", "auto")]

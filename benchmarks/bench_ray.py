@@ -279,22 +279,25 @@ def run_ray(inputs, out: Path, args, workers: int, gpus_per_worker) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     options = dict(model=str(args.model_dir), device=args.device, threads=args.threads)
     t0 = time.time()
-    rows = list(
-        run_on_ray(
-            [(src, out / src.name) for src in inputs],
-            workers=workers,
-            enhancer_options=options,
-            files_per_batch=args.batch,
-            num_cpus=args.num_cpus,
-            gpus_per_worker=gpus_per_worker,
+    try:
+        rows = list(
+            run_on_ray(
+                [(src, out / src.name) for src in inputs],
+                workers=workers,
+                enhancer_options=options,
+                files_per_batch=args.batch,
+                num_cpus=args.num_cpus,
+                gpus_per_worker=gpus_per_worker,
+            )
         )
-    )
+    finally:
+        df_ray.EnhanceFiles = original
     wall = time.time() - t0
-    df_ray.EnhanceFiles = original
     probes = []
     if probe_dir is not None:
         probes = [json.loads(p.read_text()) for p in sorted(probe_dir.glob("probe_*.json"))]
         shutil.rmtree(probe_dir, ignore_errors=True)
+        os.environ.pop(PROBE_DIR_ENV, None)
     status = {}
     for row in rows:
         status[row["status"]] = status.get(row["status"], 0) + 1

@@ -894,6 +894,27 @@ def cpu_engine(data: dict) -> Rendered:
 
 
 @section(
+    "cpu_engine_threads2",
+    "cpu_engine_threads2.json",
+    "### CPU, 2 threads: torch's GRUs against the C kernel",
+)
+def cpu_engine_threads2(data: dict) -> Rendered:
+    text, _ = engine_section(data, "The command line on")
+    rows = data["rows"]
+    speed = {(r["variant"], str(r["requested_batch"])): r["audio_s_per_s"] for r in rows}
+    summary = (
+        "One run of each on the 2-core development machine, with 2 torch threads (the "
+        "command line's default is up to 4): torch's GRU splits each of its small per-frame "
+        "operators over both threads and waits for both at each, the C kernel runs a layer's "
+        "frames on one. `--batch 1`: "
+        f"{fmt(speed.get(('torch', '1')), 'x')} against {fmt(speed.get(('kernel', '1')), 'x')} "
+        f"audio-s/s; `--batch 4`: {fmt(speed.get(('torch', '4')), 'x')} against "
+        f"{fmt(speed.get(('kernel', '4')), 'x')}.\n\n"
+    )
+    return summary + text, []
+
+
+@section(
     "cpu_step_parts",
     "cpu_step_parts.json",
     "### CPU: where batch 4 gains and where it does not",
@@ -911,14 +932,18 @@ def cpu_step_parts(data: dict) -> Rendered:
         ("batch 4 / batch 1", "batch4_over_batch1", "ratio"),
     ]
     total = next(r for r in rows if r["part"] == "total")
+    grus = [r for r in rows if r["part"].endswith("gru")]
+    gru1, gru4 = sum(r["batch1_ms"] for r in grus), sum(r["batch4_ms"] for r in grus)
     text = (
         "The engine's step on the CPU, by part of DFN3 (forward hooks), in ms per 1,000 frames "
         f"(10 s) of one row, {data['meta']['threads']} thread, median of "
-        f"{data['meta']['repeats']}: the GRUs cost about 0.6 per row at 4 rows (2.3x per time "
-        "step), the convolutions the same per row. So the model itself runs batch 4 at "
-        f"{fmt(total['batch4_over_batch1'], 'ratio')} of batch 1's time here (single runs of "
-        "the same comparison gave 0.69-0.84), which leaves the command line's goal of 0.75 out "
-        "of reach unless PyTorch's GRU step at 4 rows gets cheaper.\n\n"
+        f"{data['meta']['repeats']}, with the engine's GRUs as they run by default (df-mps's C "
+        f"kernel where it builds). The three GRUs take {fmt(gru1, 'x')} ms at batch 1 and "
+        f"{fmt(gru4, 'x')} ms a row at batch 4 ({fmt(gru4 / gru1, 'ratio')}); with torch's GRUs "
+        "they took 208 and 121 ms (2026-12-02, this table's earlier run: torch's GRU step cost "
+        "2.3x as much at 4 rows as at 1). The convolutions cost about the same per row at "
+        "either batch, so the model runs batch 4 at "
+        f"{fmt(total['batch4_over_batch1'], 'ratio')} of batch 1's time per row.\n\n"
         + rows_table(rows, columns)
         + "\n\n"
         + provenance(data["meta"])
@@ -1032,6 +1057,119 @@ def h200_stacks(data: dict) -> Rendered:
         )
     parts.append(provenance(meta))
     return "\n\n".join(parts), []
+
+
+@section(
+    "h100_sync",
+    "h100_sync.json",
+    "### CUDA (NVIDIA H100): writes flushed as they go, against at the commit only",
+)
+def h100_sync(data: dict) -> Rendered:
+    meta = data["meta"]
+    rows = data["rows"]
+    columns = [("run", "config", "g")] + [c for c in ENGINE_COLUMNS if c[1] != "repeat"]
+    head = (
+        f"The command line on `{meta.get('corpus', '')}` at `--batch 64` with CUDA graphs, on "
+        f"`{meta.get('device_name')}` ({meta.get('note', '')}). `early-sync` (the default): "
+        "each output is flushed to disk every 512 KiB as its pieces are written "
+        "(`df_mps.audio.AudioFileWriter`), in the write threads while the next steps run; "
+        "`commit-only`: as before, each file flushed whole at its commit, when the 64 files end "
+        "together after the last step.\n\n"
+    )
+    text = head + rows_table(rows, columns) + timeline_table(rows) + provenance(meta)
+    speeds = {r["config"]: r["audio_s_per_s"] for r in rows}
+    glance = [
+        f"- CUDA ({meta.get('device_name', '').split(' (')[0]}), the CLI on "
+        f"{meta.get('corpus')} at `--batch 64`: fp32 (default) "
+        f"{fmt(speeds.get('fp32, early-sync'), 'x')} audio-s/s (commit-only flushes "
+        f"{fmt(speeds.get('fp32, commit-only'), 'x')}), bf16 "
+        f"{fmt(speeds.get('bf16, early-sync'), 'x')} ({fmt(speeds.get('bf16, commit-only'), 'x')})"
+        "; single runs (goal 3,000 on an H200; graphs and bf16: 6,000)."
+    ]
+    return text, glance
+
+
+@section(
+    "h100_ray_probe",
+    "h100_ray_probe.json",
+    "### CUDA (NVIDIA H100): Ray against the plain path, looked inside",
+)
+def h100_ray_probe(data: dict) -> Rendered:
+    env = data["environment"]
+
+    def line(name, run, probe):
+        t = probe.get("timeline") or {}
+        gc = probe.get("gc") or {}
+        return [
+            name,
+            fmt(run["audio_s_per_s"], "x"),
+            f"{run['span_s']:.3f}",
+            f"{t.get('before_first_step_s', 0):.3f}",
+            f"{t.get('in_steps_s', 0):.3f}",
+            f"{t.get('between_steps_s', 0):.3f}",
+            f"{t.get('after_last_step_s', 0):.3f}",
+            f"{t.get('device_in_steps_s', 0):.3f}",
+            " / ".join(
+                f"{n} in {s * 1e3:.1f} ms"
+                for n, s in zip(gc.get("count", []), gc.get("seconds", []))
+            )
+            or "-",
+            fmt(gc.get("objects"), "g"),
+        ]
+
+    body = [line("plain", data["plain"], data["plain"]["probe"])]
+    for run in data["ray"]:
+        for probe in run.get("probes", []):
+            body.append(line(f"Ray, {run['workers']} GPU actor", run, probe))
+    body.append(line("plain, after Ray", data["plain_after"], data["plain_after"]["probe"]))
+    headers = ["run", "audio-s/s", "span s", "before 1st step", "in steps", "between"]
+    headers += ["after last", "device busy", "garbage collections (gen 0 / 1 / 2)", "objects"]
+    ray = data["ray"][0]
+    text = (
+        f"`benchmarks/bench_ray.py --probe` on {', '.join(env.get('gpus', []))} (Python "
+        f"{env['python']}, torch {env['torch']}, Ray {env['ray']}), {data['corpus']['files']} "
+        f"files of {data['corpus']['seconds_each']:g} s: the plain path and the actor's batch "
+        "each inside `_common.EngineProbe` (the engine's timeline, the scheduling thread's "
+        "stacks sampled every 0.5 ms, Python's garbage collections). Ray ran at "
+        f"{fmt(ray['ratio_to_plain'], 'ratio')} of the plain runs' mean. The actor's batch "
+        "held one full (generation 2) collection: 0.15 s with the GIL held, over an actor "
+        "process that tracks 260,000 objects (torch, Ray, pyarrow) against 177,000 in the "
+        "plain one; it fell inside a step (the actor's `in steps` is 0.16 s longer than the "
+        "plain run's). Since then an actor (and the command line) freezes the objects alive "
+        "after its model load out of the collector's sight (`df_mps.util."
+        "freeze_long_lived_objects`); the run with it was not made (no device time left).\n\n"
+        + table(headers, body)
+        + f"\n\nMeasured by `{env['command']}` on {env['date']}."
+    )
+    return text, []
+
+
+@section(
+    "h100_gru_triton",
+    "h100_gru_triton.json",
+    "### CUDA (NVIDIA H100): a Triton GRU kernel, tried and dropped",
+)
+def h100_gru_triton(data: dict) -> Rendered:
+    columns: List[Column] = [
+        ("rows", "rows", "g"),
+        ("cuDNN eager, us", "cudnn_eager_us", "x"),
+        ("cuDNN in a CUDA graph, us", "cudnn_graph_us", "x"),
+        ("Triton kernel eager, us", "kernel_eager_us", "x"),
+        ("Triton kernel in a CUDA graph, us", "kernel_graph_us", "x"),
+        ("max diff to cuDNN", "max_abs_diff_vs_cudnn", "e"),
+    ]
+    text = (
+        "DFN3's GRU layer (256 to 256, 2 layers, 1,016 frames), microseconds per layer-step: "
+        "cuDNN's GRU against a Triton kernel of df-mps's launched once a frame (the rows' "
+        "hidden products and gates in one kernel). Inside a CUDA graph, as the engine's step "
+        "runs, cuDNN costs 2.6-5.9 us a layer-step; the kernel cost 15-16 us whatever the rows, "
+        "so the engine keeps cuDNN's GRU on CUDA. The kernel and its benchmark were removed "
+        "after this run.\n\n"
+        + rows_table(data["rows"], columns)
+        + "\n\n"
+        + provenance(data["meta"])
+    )
+    return text, []
 
 
 # -- real time (benchmarks/bench_realtime.py) --------------------------------------------------
