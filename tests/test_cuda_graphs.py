@@ -283,7 +283,7 @@ def _emulate_cuda_graphs(monkeypatch):
 def _emulated_graph_engine(cpu_model, enhancer):
     """A CPU engine whose step is a GraphedModel, with torch's GRUs: the emulation records
     torch's ops, and the C kernel (the CPU engine's default) writes outside them. On CUDA the
-    graphs capture the Triton kernel's launches, which the real capture records."""
+    engine runs torch's (cuDNN's) GRU, which a real capture records."""
     engine = _engine(cpu_model, enhancer.df_state, piece_frames=20)
     engine.model.use_recurrence(None)
     engine.model = graphs.GraphedModel(engine.model, max_rows=4)

@@ -113,7 +113,7 @@ def test_the_run_keeps_the_loaded_model_out_of_full_garbage_collections(
         yield from run_jobs(*args, **kwargs)
 
     monkeypatch.setattr(cli, "_run_jobs", recording)
-    assert gc.get_freeze_count() == 0
+    gc.unfreeze()  # whatever an earlier test in this process froze
     rc, _, _ = run_cli(audio_dir / "noisy_white.wav", "-o", tmp_path)
     assert rc == 0 and seen and seen[0] > 10_000
     assert gc.get_freeze_count() == 0

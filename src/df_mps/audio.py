@@ -879,11 +879,13 @@ class AudioFileWriter:
     """An audio file written block by block, atomically: a context manager.
 
     ``write(samples)`` appends float samples [frames, channels] (quantised for the subtype),
-    and sends what was written to the disk every ``SYNC_BYTES`` (libsndfile's flush, an
-    fsync): the commit's fsync then writes only the last of it. A batch of files that end
-    together (the engine's last step) otherwise spends its commits writing whole files out;
-    on an H200 that final flush was most of the 0.14 s after the last step of 64 files of
-    30 s. The earlier flushes happen in the engine's write threads while the next steps run.
+    and sends what was written to the disk every ``SYNC_BYTES`` of samples (libsndfile's
+    flush, an fsync): the commit's fsync then writes only the last of it. A batch of files
+    that end together (the engine's last step) otherwise spends its commits writing whole
+    files out: on an H200 the write threads spent about half their samples after the last
+    step of 64 files of 30 s in that flush, and on an H100 the early flushes took that span
+    from 0.142 to 0.126 s (fp32) and 0.158 to 0.135 s (bf16), single runs (docs/performance.md).
+    The earlier flushes happen in the engine's write threads while the next steps run.
 
     ``commit()`` closes the file and ``publish``-es it as ``path`` (never replacing an existing
     file unless ``overwrite``). ``source_format``: the input's container (RF64 and W64 stay so

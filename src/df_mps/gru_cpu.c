@@ -3,7 +3,7 @@
  * Why: torch's CPU GRU spends each frame in about ten small aten calls, and oneMKL's product
  * of a few rows with the 768 x 256 hidden weights packs its inputs at every call: at 4 rows a
  * layer-step cost 2.3x what it cost at 1 row. Here a frame is one pass over the weights for
- * every row at once (the weights, 768 KB, stream from L3 once a frame whatever the rows), then
+ * up to four rows at once (the weights, 768 KB, stream from L3 once a frame for them), then
  * the gates, vectorised, with no call in between.
  *
  * Arithmetic: each hidden product is a chain of fused multiply-adds over k = 0..H-1, the same
@@ -13,6 +13,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__) && defined(__FMA__) && !defined(DFMPS_PORTABLE)
 #define DFMPS_AVX2 1
@@ -152,14 +153,15 @@ static void gates(int H, const float *gi, const float *gh, const float *h, float
 }
 
 /* One layer over ``frames`` frames for ``rows`` rows. Strides are in floats; the last
- * dimension of gi ([.., 3H]), h0 ([.., H]) and out ([.., H]) is contiguous. ``scratch``
- * holds MAX_ROWS * 3H floats. Returns 0, or -1 for sizes it does not take. */
+ * dimension of gi ([.., 3H]), h0 ([.., H]) and out ([.., H]) is contiguous. Returns 0, -1
+ * for sizes it does not take, -2 where its scratch memory can't be had. */
 int dfmps_gru_layer(int rows, int frames, int hidden, const float *gi, int64_t gi_row,
                     int64_t gi_t, const float *h0, int64_t h0_row, const float *packed,
-                    const float *b, float *out, int64_t out_row, int64_t out_t,
-                    float *scratch) {
+                    const float *b, float *out, int64_t out_row, int64_t out_t) {
     const int G = 3 * hidden;
     if (rows < 1 || frames < 0 || hidden < 1 || G % JB) return -1;
+    float *scratch = malloc(sizeof(float) * MAX_ROWS * (size_t)G);
+    if (!scratch) return -2;
     for (int t = 0; t < frames; t++) {
         for (int r0 = 0; r0 < rows; r0 += MAX_ROWS) {
             const int R = rows - r0 < MAX_ROWS ? rows - r0 : MAX_ROWS;
@@ -176,5 +178,6 @@ int dfmps_gru_layer(int rows, int frames, int hidden, const float *gi, int64_t g
             }
         }
     }
+    free(scratch);
     return 0;
 }

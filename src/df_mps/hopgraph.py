@@ -41,7 +41,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -51,7 +50,7 @@ import numpy as np
 import torch
 
 from ._log import logger
-from .util import cpu_identity
+from .util import build_dir, cpu_identity
 
 # Bumped whenever the graph's code changes what it computes: part of the cache key.
 GRAPH_VERSION = 7
@@ -325,7 +324,7 @@ def compiled_hop(graph, example: Sequence) -> Tuple[Callable, float, bool]:
     for mark in _markers(path):  # a rebuild at this name gets its own trial
         with contextlib.suppress(OSError):
             mark.unlink(missing_ok=True)
-    folder, cached = _build_dir(path.parent)
+    folder, cached = build_dir(path.parent, "df-mps-hop-")
     # A warning, so that the command line (whose default level it is) says why its first
     # start takes a minute.
     where = f"cached in {folder}" if cached else f"not cached: {path.parent} is not writable"
@@ -445,19 +444,6 @@ def _build(inductor, exported, tmp: Path) -> Path:
             with contextlib.suppress(OSError):
                 tmp.unlink()
     raise CompileUnavailable(f"AOTInductor failed: {errors[-1]}")
-
-
-def _build_dir(folder: Path) -> Tuple[Path, bool]:
-    """(where to build, whether that is the cache): the cache directory where it can be
-    written, else a private temporary one (the build is then not kept)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
-            pass
-        return folder, True
-    except OSError as exc:
-        logger.debug(f"df_mps: {folder} is not writable ({exc}); the hop is built uncached")
-        return Path(tempfile.mkdtemp(prefix="df-mps-hop-")), False
 
 
 PRUNE_DAYS = 30  # cached packages unused this long go when a new one is built

@@ -175,10 +175,12 @@ class EnhanceFiles:
             device = options.get("device")
             df_mps.patch(device=None if device == "auto" else device, forward_method=forward_method)
         self.engine = make_engine(options)
-        # The actor's process is ours: its full garbage collections (one took 0.15 s of a
-        # batch on an H100, holding the GIL from the engine's scheduling thread) scan only
-        # what comes after the model load.
-        freeze_long_lived_objects()
+        if _in_a_ray_actor():
+            # The actor's process is ours: its full garbage collections (one took 0.15 s of
+            # a batch on an H100, holding the GIL from the engine's scheduling thread) scan
+            # only what comes after the model load. Made in another process (a test, a
+            # notebook), the class leaves that process's collector alone.
+            freeze_long_lived_objects()
         self.existing = existing
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.device = str(self.engine.device)
@@ -242,6 +244,17 @@ class EnhanceFiles:
             return row
         row.update(status="ok", **{name: getattr(result, name) for name in _RESULT_FIGURES})
         return row
+
+
+def _in_a_ray_actor() -> bool:
+    """Whether this code runs inside a Ray actor's process (not a driver, not without Ray)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    try:
+        return ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001 - an older or stripped Ray: not ours to decide
+        return False
 
 
 def _key(source, target) -> Tuple[str, str]:

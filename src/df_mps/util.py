@@ -14,6 +14,7 @@ from typing import Iterator, Optional, Union
 
 __all__ = [
     "PathLike",
+    "build_dir",
     "cpu_identity",
     "freeze_long_lived_objects",
     "long_lived_objects_frozen",
@@ -116,8 +117,9 @@ def freeze_long_lived_objects() -> None:
 
 @contextlib.contextmanager
 def long_lived_objects_frozen() -> Iterator[None]:
-    """``freeze_long_lived_objects`` for the block; after it the objects are the collector's
-    again (unless something had frozen objects before: then they stay as they were)."""
+    """``freeze_long_lived_objects`` for the block, and everything frozen the collector's
+    again after it. Where objects were frozen already when the block began (by the caller's
+    own ``gc.freeze``), nothing is unfrozen after it: what the block froze stays frozen too."""
     import gc
 
     frozen_before = gc.get_freeze_count()
@@ -127,3 +129,20 @@ def long_lived_objects_frozen() -> Iterator[None]:
     finally:
         if not frozen_before:
             gc.unfreeze()
+
+
+def build_dir(folder, prefix: str):
+    """(where to build, whether that is ``folder``): ``folder`` (made if need be) where it
+    can be written, else a new private temporary directory, named with ``prefix``, that the
+    caller removes (the build is then not kept). For df-mps's caches of compiled code."""
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+        return folder, True
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix=prefix)), False
