@@ -807,6 +807,14 @@ def engine_section(data: dict, what: str) -> Rendered:
     return head + rows_table(rows, columns) + timeline_table(rows) + provenance(meta), []
 
 
+def configs_table(data: dict) -> str:
+    """Engine runs named by their ``config`` (one row each), where their time went, and the
+    command that measured them."""
+    columns = [("run", "config", "g")] + [c for c in ENGINE_COLUMNS if c[1] != "repeat"]
+    rows = data["rows"]
+    return rows_table(rows, columns) + timeline_table(rows) + provenance(data["meta"])
+
+
 def timeline_table(rows: List[dict]) -> str:
     """Where each run's first-decode-to-last-encode time went (rows with a timeline)."""
     timed = [r for r in rows if r.get("timeline")]
@@ -1005,12 +1013,11 @@ def h200_engine(data: dict) -> Rendered:
 def h200_engine_final(data: dict) -> Rendered:
     meta = data["meta"]
     rows = data["rows"]
-    columns = [("run", "config", "g")] + [c for c in ENGINE_COLUMNS if c[1] != "repeat"]
     head = (
         f"The command line on `{meta.get('corpus', '')}` at `--batch 64`, fp32 (the default) "
         f"and `--precision bf16`, with CUDA graphs (the default): {meta.get('note', '')}.\n\n"
     )
-    text = head + rows_table(rows, columns) + timeline_table(rows) + provenance(meta)
+    text = head + configs_table(data)
     by_config: Dict[str, list] = {}
     for r in rows:
         by_config.setdefault(r["config"], []).append(r["audio_s_per_s"])
@@ -1067,7 +1074,6 @@ def h200_stacks(data: dict) -> Rendered:
 def h100_sync(data: dict) -> Rendered:
     meta = data["meta"]
     rows = data["rows"]
-    columns = [("run", "config", "g")] + [c for c in ENGINE_COLUMNS if c[1] != "repeat"]
     head = (
         f"The command line on `{meta.get('corpus', '')}` at `--batch 64` with CUDA graphs, on "
         f"`{meta.get('device_name')}` ({meta.get('note', '')}). `early-sync` (the default): "
@@ -1076,7 +1082,7 @@ def h100_sync(data: dict) -> Rendered:
         "`commit-only`: as before, each file flushed whole at its commit, when the 64 files end "
         "together after the last step.\n\n"
     )
-    text = head + rows_table(rows, columns) + timeline_table(rows) + provenance(meta)
+    text = head + configs_table(data)
     speeds = {r["config"]: r["audio_s_per_s"] for r in rows}
     glance = [
         f"- CUDA ({meta.get('device_name', '').split(' (')[0]}), the CLI on "

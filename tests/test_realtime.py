@@ -504,11 +504,12 @@ def test_compiled_hop_cache_directory(tmp_path):
     import time
 
     from df_mps import hopgraph
+    from df_mps.util import build_dir
 
-    folder, cached = hopgraph._build_dir(tmp_path / "cache" / "realtime")
+    folder, cached = build_dir(tmp_path / "cache" / "realtime", "df-mps-hop-")
     assert cached and folder.is_dir()
     (tmp_path / "file").write_bytes(b"")
-    private, cached = hopgraph._build_dir(tmp_path / "file" / "realtime")  # can't be made
+    private, cached = build_dir(tmp_path / "file" / "realtime", "df-mps-hop-")  # can't be made
     assert not cached and private.is_dir()  # built uncached in a private directory instead
     private.rmdir()
     old, recent, keep = (folder / f"hop-{name}.pt2" for name in ("old", "recent", "keep"))
