@@ -8,8 +8,8 @@ us at 4 rows, about 60% of the model's time at batch 1 (docs/performance.md).
 How: each layer's input projection of every frame at once (one matrix product, as torch does),
 then the whole recurrence in ``gru_cpu.c``: per frame, one pass over the hidden weights for every
 four rows (the weights stream from the cache once a frame for them), and the gates, vectorised.
-On the 2-core development machine, one thread, the three GRUs of DFN3 take about 96 ms per 10 s
-of one row at batch 1 and 67 ms a row at batch 4, against 208 and 121 with torch's GRU
+On the 2-core development machine, one thread, the three GRUs of DFN3 take about 100 ms per 10 s
+of one row at batch 1 and 70 ms a row at batch 4, against 208 and 121 with torch's GRU
 (``benchmarks/cpu_step_parts.py``, docs/performance.md). The library is built at first use with
 the machine's C compiler (about a second), kept in df-mps's cache per source, flags, compiler and
 processor, and checked against torch's arithmetic before it is used; where there is no compiler
