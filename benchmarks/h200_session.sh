@@ -4,6 +4,9 @@
 #   bash benchmarks/h200_session.sh engine ray   # batched engine corpus; Ray vs the batched CLI
 #   bash benchmarks/h200_session.sh realtime     # real-time streams
 #   bash benchmarks/h200_session.sh gpu suite    # precision and CUDA graphs; the test suite
+#   REPEATS=1 bash benchmarks/h200_session.sh sync rayprobe   # early write flushes A/B; Ray probed
+# Everything written to $OUT comes back as one archive, $OUT/all.tgz (the device tool brings
+# back at most 8 files).
 # Expects: .whl/ (cp312 wheels: deepfilternet 0.5.6, loguru, soundfile, cffi, pycparser,
 # appdirs, platformdirs, soxr), .whlray/ (a slimmed ray wheel and its missing deps, for the
 # ray part: `python benchmarks/bench_ray.py --slim-ray-wheel WHEEL DIR`), .devcarry/
