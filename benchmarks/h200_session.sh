@@ -5,6 +5,7 @@
 #   bash benchmarks/h200_session.sh realtime     # real-time streams
 #   bash benchmarks/h200_session.sh gpu suite    # precision and CUDA graphs; the test suite
 #   REPEATS=1 bash benchmarks/h200_session.sh sync rayprobe   # early write flushes A/B; Ray probed
+#   REPEATS=2 bash benchmarks/h200_session.sh variants pipediag   # $VARIANTS A/B; the stream CLI into a closed pipe
 # Everything written to $OUT comes back as one archive, $OUT/all.tgz (the device tool brings
 # back at most 8 files).
 # Expects: .whl/ (cp312 wheels: deepfilternet 0.5.6, loguru, soundfile, cffi, pycparser,
@@ -70,6 +71,30 @@ for part in "${parts[@]}"; do
         --seconds 30 --batch 64 --threads 4 --repeats "${REPEATS:-1}" --cli-args "$extra" \
         --variants early-sync: commit-only:BENCH_SYNC_BYTES=0 --json "$OUT/sync_$prec.json" > /dev/null 2>&1)
       python3 -c "import json; [print('$prec', r['variant'], round(r['audio_s_per_s']), 'load', round(r['model_load_s'], 2), json.dumps({k: round(v, 3) for k, v in r['timeline'].items() if k not in ('steps', 'device_lag_at_step_end_s')})) for r in json.load(open('$OUT/sync_$prec.json'))['rows']]"
+    done ;;
+  variants)
+    # The corpus through the CLI, fp32 and bf16, in the configurations $VARIANTS names
+    # (bench_engine.py --variants; default: large freed buffers kept for reuse, the default,
+    # against glibc's own behaviour), interleaved within each of REPEATS repeats.
+    for prec in fp32 bf16; do
+      extra=""; [ $prec = bf16 ] && extra="--precision bf16"
+      (cd benchmarks && timeout 200 python3 bench_engine.py --mode corpus --device cuda --files 64 \
+        --seconds 30 --batch 64 --threads 4 --repeats "${REPEATS:-1}" --cli-args "$extra" \
+        --variants ${VARIANTS:-kept: returned:DF_MPS_KEEP_FREED_BUFFERS=0} --json "$OUT/variants_$prec.json" > /dev/null 2>&1)
+      python3 -c "import json; [print('$prec', r['variant'], round(r['audio_s_per_s']), 'load', round(r['model_load_s'], 2), json.dumps({k: round(v, 3) for k, v in r['timeline'].items() if k not in ('steps', 'device_lag_at_step_end_s')})) for r in json.load(open('$OUT/variants_$prec.json'))['rows']]"
+    done ;;
+  pipediag)
+    # test_realtime's closed-pipe case by hand (it ran out of the suite's time on an H100):
+    # the real-time CLI into `head -c 1000`, with a cold cache, then a warm one. A run still
+    # going after 200 s is aborted, and faulthandler prints every thread's stack.
+    python3 -c "import numpy as np; (np.random.default_rng(0).standard_normal(96000) * 0.1).astype('<f4').tofile('/tmp/in.raw')"
+    for run in cold warm; do
+      t0=$(date +%s.%N)
+      DF_MPS_CACHE_DIR=/tmp/pipediag OMP_NUM_THREADS=1 PYTHONFAULTHANDLER=1 timeout -s ABRT 200 \
+        python3 -m df_mps.realtime -m $M --block 4800 --log-level debug < /tmp/in.raw \
+        2> "$OUT/pipediag_$run.err" | head -c 1000 > /dev/null
+      echo "$run: rc ${PIPESTATUS[0]}, $(python3 -c "import time; print(round(time.time() - $t0, 1))") s"
+      grep -v "INFO\|DEBUG" "$OUT/pipediag_$run.err" | tail -25 | cut -c1-200
     done ;;
   cudatests)
     # The CUDA-only tests (graphs, precision, the engine on CUDA).
@@ -148,17 +173,19 @@ PY
     DF_MPS_CACHE_DIR=/tmp/shardcuda/cache TMPDIR=/tmp/shardcuda/tmp DF_MPS_TEST_DEVICE=cuda \
       timeout "${SUITE_TIMEOUT:-420}" python3 -m pytest -v -rfEs -p no:cacheprovider tests/test_cuda_graphs.py \
       tests/test_precision.py tests/test_engine.py -k "not memory" > "$OUT/suite_cuda.txt" 2>&1 &
-    # test_realtime alone: its compiled-hop tests build packages cold in a fresh cache (it
-    # ran out of 290 s in a shard with others on 2026-12-02).
+    # test_realtime alone, with more time (REALTIME_TIMEOUT): its compiled-hop tests build
+    # packages cold in a fresh cache (it ran out of 290 s in a shard with others on
+    # 2026-12-02, and of 320 s alone on 2026-12-08).
     shards=("test_realtime"
       "test_ray test_engine test_split test_dfop test_audio test_audit"
       "test_enhance_cli test_streaming test_compute test_launcher test_cuda_graphs test_routing"
       "test_patching test_docs test_models test_dsp test_precision test_audio_io"
-      "test_capabilities test_kernels test_device test_mps_hardware test_doctor test_gru")
+      "test_capabilities test_kernels test_device test_mps_hardware test_doctor test_gru test_util")
     for k in 0 1 2 3 4; do
       files=$(for f in ${shards[$k]}; do echo tests/$f.py; done)
       mkdir -p /tmp/shard$k/cache /tmp/shard$k/tmp
-      DF_MPS_CACHE_DIR=/tmp/shard$k/cache TMPDIR=/tmp/shard$k/tmp timeout "${SUITE_TIMEOUT:-420}" \
+      limit=${SUITE_TIMEOUT:-420}; [ $k = 0 ] && limit=${REALTIME_TIMEOUT:-$limit}
+      DF_MPS_CACHE_DIR=/tmp/shard$k/cache TMPDIR=/tmp/shard$k/tmp timeout "$limit" \
         python3 -m pytest -v -rfEs -p no:cacheprovider --durations=8 $files > "$OUT/suite_$k.txt" 2>&1 &
     done
     wait

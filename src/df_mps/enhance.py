@@ -90,7 +90,14 @@ from .models import (
     PRETRAINED_MODELS,
 )
 from .streaming import BadAudioError
-from .util import PathLike, installed_version, long_lived_objects_frozen, one_line, sysctl
+from .util import (
+    PathLike,
+    installed_version,
+    large_buffers_kept,
+    long_lived_objects_frozen,
+    one_line,
+    sysctl,
+)
 
 PROG = "df-mps-enhance"
 LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "none")
@@ -901,7 +908,9 @@ def run(args: argparse.Namespace) -> int:
     if todo:
         enhancer = Enhancer(**enhancer_options(args))
         logger.debug(f"batch {enhancer.batch} on {enhancer.device}")
-        with long_lived_objects_frozen():  # the model and modules: see df_mps.util
+        # The model and modules out of the collector's sight, and large freed buffers kept
+        # for reuse: see df_mps.util.
+        with long_lived_objects_frozen(), large_buffers_kept():
             for result in _run_jobs(
                 todo,
                 enhancer,

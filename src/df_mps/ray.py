@@ -47,7 +47,7 @@ from .enhance import (
     enhancer_options,
     output_is_complete,
 )
-from .util import freeze_long_lived_objects
+from .util import freeze_long_lived_objects, keep_freed_buffers
 
 __all__ = [
     "COLUMNS",
@@ -179,8 +179,10 @@ class EnhanceFiles:
             # The actor's process is ours: its full garbage collections (one took 0.15 s of
             # a batch on an H100, holding the GIL from the engine's scheduling thread) scan
             # only what comes after the model load. Made in another process (a test, a
-            # notebook), the class leaves that process's collector alone.
+            # notebook), the class leaves that process's collector and malloc alone. Large
+            # freed buffers stay for reuse (df_mps.util.keep_freed_buffers).
             freeze_long_lived_objects()
+            keep_freed_buffers()
         self.existing = existing
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.device = str(self.engine.device)

@@ -33,6 +33,8 @@ ENV_VARS = {
     "on the CPU where a C++ compiler exists)",
     "DF_MPS_GRU_KERNEL": "0 runs torch's GRUs in the engine on the CPU instead of df-mps's C "
     "kernel",
+    "DF_MPS_KEEP_FREED_BUFFERS": "0 leaves glibc's malloc as it is in the command line and Ray "
+    "actors (by default they keep freed buffers of up to 32 MiB for reuse)",
     "PYTORCH_ENABLE_MPS_FALLBACK": "1: ops with no MPS kernel run on the CPU (read at import)",
     "DEVICE": "DeepFilterNet's own device override (same as [train] DEVICE in config.ini)",
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import threading
 import warnings
 from typing import Iterator, Optional, Union
 
@@ -19,6 +20,8 @@ __all__ = [
     "freeze_long_lived_objects",
     "long_lived_objects_frozen",
     "installed_version",
+    "keep_freed_buffers",
+    "large_buffers_kept",
     "one_line",
     "quiet_resample_rename",
     "sysctl",
@@ -129,6 +132,80 @@ def long_lived_objects_frozen() -> Iterator[None]:
     finally:
         if not frozen_before:
             gc.unfreeze()
+
+
+# glibc's mallopt parameters (malloc.h) and its defaults.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+# The largest mmap threshold glibc accepts on 64-bit systems (HEAP_MAX_SIZE / 2): buffers above
+# it are always mapped afresh.
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+_KEEP_FREED_TRIM = 1024 * 1024 * 1024
+_kept_depth = 0  # large_buffers_kept blocks open now
+_kept_lock = threading.Lock()
+
+
+def _mallopt():
+    """glibc's ``mallopt`` and ``malloc_trim``, or None (another C library, or opted out)."""
+    import ctypes
+    import platform
+
+    opt_out = os.environ.get("DF_MPS_KEEP_FREED_BUFFERS", "").strip().lower()
+    if opt_out in ("0", "false", "no", "off"):
+        return None
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def keep_freed_buffers() -> bool:
+    """Make glibc keep freed buffers of up to 32 MiB in the process for the next allocation,
+    instead of giving each back to the system when it is freed. For processes df-mps owns (a
+    Ray actor); ``large_buffers_kept`` for a call that others may make in their own process.
+    Returns whether it applied (glibc on Linux, and ``DF_MPS_KEEP_FREED_BUFFERS`` not 0).
+
+    Why: DFN3's convolutions make buffers of tens of MB per piece (the DF encoder's first
+    layer: 64 channels x 96 bins x 1,000 frames, 24.5 MB a row). By default glibc maps each
+    anew and unmaps it when freed, and the next one's first touch faults in every page again:
+    about 30 ms of 230 per 10 s of a row on the CPU, in ``benchmarks/cpu_step_parts.py``
+    (405,000 page faults against 163,000). The cost is memory: the process keeps up to its
+    peak mapped until it ends (or ``large_buffers_kept`` trims it).
+    """
+    calls = _mallopt()
+    if calls is None:
+        return False
+    mallopt, _ = calls
+    # Setting either turns off glibc's own moving threshold, which rises only to the size of
+    # the last freed mapped block and falls back whenever the heap is trimmed.
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_TRIM)
+    )
+
+
+@contextlib.contextmanager
+def large_buffers_kept() -> Iterator[bool]:
+    """``keep_freed_buffers`` for the block (yields whether it applied); after the outermost
+    block, glibc's default thresholds again (fixed at 128 KiB: its moving threshold stays
+    off) and the kept memory given back (``malloc_trim``)."""
+    global _kept_depth
+    with _kept_lock:
+        applied = keep_freed_buffers() if _kept_depth == 0 else _mallopt() is not None
+        _kept_depth += 1
+    try:
+        yield applied
+    finally:
+        with _kept_lock:
+            _kept_depth -= 1
+            calls = _mallopt() if _kept_depth == 0 and applied else None
+            if calls is not None:
+                mallopt, malloc_trim = calls
+                mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+                mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+                malloc_trim(0)
 
 
 def build_dir(folder, prefix: str):
