@@ -86,11 +86,12 @@ for part in "${parts[@]}"; do
   pipediag)
     # test_realtime's closed-pipe case by hand (it ran out of the suite's time on an H100):
     # the real-time CLI into `head -c 1000`, with a cold cache, then a warm one. A run still
-    # going after 200 s is aborted, and faulthandler prints every thread's stack.
+    # going after 170 s (cold) or 60 s (warm) is aborted, and faulthandler prints every
+    # thread's stack.
     python3 -c "import numpy as np; (np.random.default_rng(0).standard_normal(96000) * 0.1).astype('<f4').tofile('/tmp/in.raw')"
     for run in cold warm; do
-      t0=$(date +%s.%N)
-      DF_MPS_CACHE_DIR=/tmp/pipediag OMP_NUM_THREADS=1 PYTHONFAULTHANDLER=1 timeout -s ABRT 200 \
+      t0=$(date +%s.%N); limit=170; [ $run = warm ] && limit=60
+      DF_MPS_CACHE_DIR=/tmp/pipediag OMP_NUM_THREADS=1 PYTHONFAULTHANDLER=1 timeout -s ABRT $limit \
         python3 -m df_mps.realtime -m $M --block 4800 --log-level debug < /tmp/in.raw \
         2> "$OUT/pipediag_$run.err" | head -c 1000 > /dev/null
       echo "$run: rc ${PIPESTATUS[0]}, $(python3 -c "import time; print(round(time.time() - $t0, 1))") s"
