@@ -2,12 +2,13 @@
 """Where the CPU's batched step goes: each top-level part of DFN3 (the encoder's convs and its
 GRU, the ERB and DF decoders' GRUs and convs), timed with forward hooks, at batch 1 of 10 s
 pieces (the engine's --batch 1) and at batch 4 of 2.5 s pieces (its --batch 4 on the CPU),
-the same frames x rows, interleaved ``--repeats`` times. It says why --batch 4 buys so little
-on the CPU: the GRUs, which set the pace at batch 1, cost about 2.2x as much per time step at 4
-rows (oneMKL's small GEMM, 20 -> 44 us for the hidden product of one layer, and the gates'
-element-wise ops on 4 rows), while the convolutions cost the same per frame and row.
+the same frames x rows, interleaved ``--repeats`` times, with the GRUs as the engine runs them
+(df-mps's C kernel where it builds) and freed buffers kept for reuse as the command line keeps
+them (``df_mps.util.keep_freed_buffers``; ``--glibc-malloc`` leaves glibc's malloc as it is).
+It says why --batch 4 buys little on the CPU: the convolutions cost the same per frame and row
+at any batch, and only the GRUs' hidden products share work between rows.
 
-    python benchmarks/cpu_step_parts.py --threads 1 --repeats 3 --json docs/data/cpu_step_parts.json
+    python benchmarks/cpu_step_parts.py --threads 1 --repeats 5 --json docs/data/cpu_step_parts.json
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--model-dir", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--glibc-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (default: keep freed buffers, as the CLI does)",
+    )
     args = p.parse_args()
 
     import numpy as np
@@ -63,6 +69,9 @@ def main() -> None:
     import df_mps
     from df_mps.api import Enhancer
     from df_mps.engine import Engine
+    from df_mps.util import keep_freed_buffers
+
+    buffers_kept = False if args.glibc_malloc else keep_freed_buffers()
 
     df_mps.patch(device="cpu")
     enhancer = Enhancer(model_dir(args.model_dir), batch=1, device="cpu")
@@ -128,6 +137,7 @@ def main() -> None:
         "machine": machine(),
         "threads": args.threads,
         "repeats": args.repeats,
+        "freed_buffers_kept": buffers_kept,
         "unit": "ms per 1,000 frames (10 s) of one row, median of the repeats",
     }
     write_json(args.json, out, meta)

@@ -857,10 +857,10 @@ def timeline_table(rows: List[dict]) -> str:
     script="bench_engine.py",
     args=("--mode", "corpus", "--files", "16", "--seconds", "60", "--batch", "1,4")
     + ("--threads", "1", "--repeats", "3", "--variants", "torch-gru:DF_MPS_GRU_KERNEL=0")
-    + ("c-kernel:",),
+    + ("glibc-malloc:DF_MPS_KEEP_FREED_BUFFERS=0", "default:"),
     quick=("--mode", "corpus", "--files", "4", "--seconds", "10", "--batch", "1,4"),
-    help="the CLI on 16 files of 60 s at --batch 1 and 4, torch's GRUs and the C kernel, "
-    "interleaved (CPU, 1 thread)",
+    help="the CLI on 16 files of 60 s at --batch 1 and 4: torch's GRUs, glibc's malloc as it "
+    "is, and the default, interleaved (CPU, 1 thread)",
 )
 def cpu_engine(data: dict) -> Rendered:
     text, _ = engine_section(data, "The command line on")
@@ -875,7 +875,9 @@ def cpu_engine(data: dict) -> Rendered:
                 "`--batch 1`'s wall time (median of interleaved runs)."
             )
         return text, glance
-    old, new = "torch-gru", "c-kernel"
+    # Before 2026-12-08 the default was called "c-kernel", and glibc's malloc was left as it was.
+    new = "default" if any(r.get("variant") == "default" for r in rows) else "c-kernel"
+    old = "torch-gru"
     b1 = variant_ratio(rows, (new, "1"), (old, "1"))
     b4 = variant_ratio(rows, (new, "4"), (old, "4"))
     b4_old_b1 = variant_ratio(rows, (new, "4"), (old, "1"))
@@ -883,14 +885,28 @@ def cpu_engine(data: dict) -> Rendered:
     within_old = engine_ratio(rows, "4", old)
     summary = (
         f"With the C GRU kernel (`df_mps.gru`, the default on the CPU) the command line takes "
-        f"{fmt(b1, 'ratio')} of the wall time it took with torch's GRUs at `--batch 1` and "
+        f"{fmt(b1, 'ratio')} of the wall time it takes with torch's GRUs at `--batch 1` and "
         f"{fmt(b4, 'ratio')} at `--batch 4`; `--batch 4` with the kernel takes "
         f"{fmt(b4_old_b1, 'ratio')} of `--batch 1` with torch's GRUs. Within each, `--batch 4` "
         f"over `--batch 1`: {fmt(within, 'ratio')} with the kernel, {fmt(within_old, 'ratio')} "
-        "with torch's GRUs (medians over the interleaved repeats). Batching on the CPU shared "
-        "the GRUs' per-frame overhead between rows; the kernel removes most of that overhead at "
-        "every batch size, and the convolutions cost the same per row at any batch, so batch 4 "
-        "now gains little over batch 1.\n\n"
+        "with torch's GRUs (medians over the interleaved repeats). "
+    )
+    if any(r.get("variant") == "glibc-malloc" for r in rows):
+        kept1 = variant_ratio(rows, (new, "1"), ("glibc-malloc", "1"))
+        kept4 = variant_ratio(rows, (new, "4"), ("glibc-malloc", "4"))
+        within_glibc = engine_ratio(rows, "4", "glibc-malloc")
+        summary += (
+            "Keeping freed buffers for reuse (`df_mps.util.keep_freed_buffers`, the command "
+            "line's default on glibc) takes it to "
+            f"{fmt(kept1, 'ratio')} (`--batch 1`) and {fmt(kept4, 'ratio')} (`--batch 4`) of "
+            "its wall time with glibc's malloc as it is (`glibc-malloc`: "
+            "`DF_MPS_KEEP_FREED_BUFFERS=0`, where `--batch 4` over `--batch 1` is "
+            f"{fmt(within_glibc, 'ratio')}). "
+        )
+    summary += (
+        "Batching on the CPU shared the GRUs' per-frame overhead between rows; the kernel "
+        "removes most of that overhead at every batch size, and the convolutions cost the same "
+        "per row at any batch, so batch 4 gains little over batch 1.\n\n"
     )
     glance.append(
         f"- CPU, 1 thread, {corpus}: the C GRU kernel takes the command line to "
@@ -946,7 +962,12 @@ def cpu_step_parts(data: dict) -> Rendered:
         "The engine's step on the CPU, by part of DFN3 (forward hooks), in ms per 1,000 frames "
         f"(10 s) of one row, {data['meta']['threads']} thread, median of "
         f"{data['meta']['repeats']}, with the engine's GRUs as they run by default (df-mps's C "
-        f"kernel where it builds). The three GRUs take {fmt(gru1, 'x')} ms at batch 1 and "
+        f"kernel where it builds) and freed buffers kept for reuse as the command line keeps "
+        f"them ({'on' if data['meta'].get('freed_buffers_kept') else 'off'} in this run: "
+        "`df_mps.util.keep_freed_buffers`; glibc otherwise unmaps the DF encoder's 24.5 MB "
+        "outputs when freed and faults them in again, 30-70 ms instead of 30-34 for that "
+        "part). The three GRUs take "
+        f"{fmt(gru1, 'x')} ms at batch 1 and "
         f"{fmt(gru4, 'x')} ms a row at batch 4 ({fmt(gru4 / gru1, 'ratio')}); with torch's GRUs "
         "they took 208 and 121 ms (2026-12-02, this table's earlier run: torch's GRU step cost "
         "2.3x as much at 4 rows as at 1). The convolutions cost about the same per row at "

@@ -518,6 +518,32 @@ def test_skip_existing_in_the_plain_cli(corpus, dfn3_model_dir, tmp_path, capsys
     assert cli.output_is_complete(two / "c16_mono.wav", c)
 
 
+@pytestmark_slow
+def test_an_actor_sets_up_its_own_process_only(cluster, dfn3_model_dir):
+    """Inside a Ray actor, EnhanceFiles freezes what its model load left alive out of the
+    garbage collector's sight and keeps large freed buffers for reuse (glibc); made in another
+    process, it leaves that process alone."""
+    import gc
+    import platform
+
+    from df_mps.ray import EnhanceFiles
+
+    options = {"model": str(dfn3_model_dir), "threads": 1}
+    remote = cluster.remote(num_cpus=1)(EnhanceFiles).remote(options, log_level=None)
+    try:
+        state = cluster.get(remote.process_state.remote(), timeout=300)
+    finally:
+        cluster.kill(remote)
+    assert state["pid"] != os.getpid()
+    assert state["gc_frozen_objects"] > 10_000, state
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert state["freed_buffers_kept"] is glibc
+
+    gc.unfreeze()  # whatever an earlier test in this process froze
+    here = EnhanceFiles(options, log_level=None).process_state()
+    assert here == {"pid": os.getpid(), "gc_frozen_objects": 0, "freed_buffers_kept": False}
+
+
 # -- EnhanceFiles in this process (no cluster): the rows it makes ------------------------------
 @pytestmark_slow
 @warnings_filter

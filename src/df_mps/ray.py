@@ -175,18 +175,30 @@ class EnhanceFiles:
             device = options.get("device")
             df_mps.patch(device=None if device == "auto" else device, forward_method=forward_method)
         self.engine = make_engine(options)
+        self.freed_buffers_kept = False
         if _in_a_ray_actor():
             # The actor's process is ours: its full garbage collections (one took 0.15 s of
             # a batch on an H100, holding the GIL from the engine's scheduling thread) scan
-            # only what comes after the model load. Made in another process (a test, a
-            # notebook), the class leaves that process's collector and malloc alone. Large
-            # freed buffers stay for reuse (df_mps.util.keep_freed_buffers).
+            # only what comes after the model load, and large freed buffers stay for reuse
+            # (df_mps.util.keep_freed_buffers). Made in another process (a test, a notebook),
+            # the class leaves that process's collector and malloc alone.
             freeze_long_lived_objects()
-            keep_freed_buffers()
+            self.freed_buffers_kept = keep_freed_buffers()
         self.existing = existing
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.device = str(self.engine.device)
         logger.debug(f"EnhanceFiles actor {self.worker} ready on {self.device}")
+
+    def process_state(self) -> dict:
+        """What this actor set up in its process: its pid, the objects frozen out of the
+        garbage collector's sight, and whether large freed buffers are kept for reuse."""
+        import gc
+
+        return {
+            "pid": os.getpid(),
+            "gc_frozen_objects": gc.get_freeze_count(),
+            "freed_buffers_kept": self.freed_buffers_kept,
+        }
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         pairs = [(str(s), str(d)) for s, d in zip(batch["src"], batch["dst"])]
