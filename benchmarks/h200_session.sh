@@ -185,7 +185,7 @@ PY
     for k in 0 1 2 3 4; do
       files=$(for f in ${shards[$k]}; do echo tests/$f.py; done)
       mkdir -p /tmp/shard$k/cache /tmp/shard$k/tmp
-      limit=${SUITE_TIMEOUT:-420}; [ $k = 0 ] && limit=${REALTIME_TIMEOUT:-$limit}
+      limit=${SUITE_TIMEOUT:-420}; [ $k = 0 ] && limit=${REALTIME_TIMEOUT:-520}
       DF_MPS_CACHE_DIR=/tmp/shard$k/cache TMPDIR=/tmp/shard$k/tmp timeout "$limit" \
         python3 -m pytest -v -rfEs -p no:cacheprovider --durations=8 $files > "$OUT/suite_$k.txt" 2>&1 &
     done
