@@ -157,9 +157,13 @@ def _mallopt():
         return None
     try:
         libc = ctypes.CDLL(None)
-        return libc.mallopt, libc.malloc_trim
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):
         return None
+    # int mallopt(int, int); int malloc_trim(size_t)
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return mallopt, malloc_trim
 
 
 def keep_freed_buffers() -> bool:
