@@ -16,10 +16,11 @@ glibc_only = pytest.mark.skipif(
     reason="the thresholds are glibc's: this is not glibc on Linux",
 )
 
-# A child that allocates, writes and frees buffers of 20-28 MiB (DFN3's largest convolution
-# output is 24.5 MB for a 10 s row), and prints, for the last nine, the page faults they cost
-# and the most bytes glibc held in mapped chunks while one was allocated, over what it held
-# before (mallinfo's hblkhd: a buffer mapped afresh is there; one reused from the heap is not).
+# A child that allocates buffers of 20-28 MiB together (DFN3's largest convolution output is
+# 24.5 MB for a 10 s row, and a forward holds several such), writes and frees them, four
+# times, and prints for the last three the page faults they cost and the most bytes glibc
+# held in mapped chunks while they were allocated, over what it held before (mallinfo's
+# hblkhd: a buffer mapped afresh is there; one reused from the heap is not).
 CHILD = textwrap.dedent(
     """
     import ctypes, resource, sys
@@ -41,19 +42,20 @@ CHILD = textwrap.dedent(
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-    def cycle(size):  # as torch's CPU allocator does: malloc, every page written, free
-        buffer = libc.malloc(size)
-        libc.memset(buffer, 1, size)
+    def cycle(sizes):  # as a forward on the CPU does: buffers alive together, written, freed
+        buffers = [libc.malloc(size) for size in sizes]
+        for buffer, size in zip(buffers, sizes):
+            libc.memset(buffer, 1, size)
         mapped = mallinfo().hblkhd
-        libc.free(buffer)
+        for buffer in buffers:
+            libc.free(buffer)
         return mapped
 
     def run(sizes):
-        cycle(sizes[0])
+        cycle(sizes)  # the heap (or glibc's moving threshold) grown to them
         before, base, mapped = faults(), mallinfo().hblkhd, 0
         for _ in range(3):
-            for size in sizes:
-                mapped = max(mapped, cycle(size) - base)
+            mapped = max(mapped, cycle(sizes) - base)
         return faults() - before, mapped
 
     mode = sys.argv[1]
@@ -65,20 +67,22 @@ CHILD = textwrap.dedent(
         with util.large_buffers_kept() as applied:
             assert applied
             inside = run(sizes)
-        print(*inside, *run(sizes))
+            kept = mallinfo().arena  # the heap, the freed buffers still in it
+        print(*inside, kept, mallinfo().arena)
     """
 )
 
 
-def child_run(mode: str, **env) -> list:
+# What would change the child's malloc or make df-mps leave it alone (util._mallopt).
+MALLOC_ENV = ("DF_MPS_KEEP_FREED_BUFFERS", "LD_PRELOAD", "GLIBC_TUNABLES", *util._USER_MALLOC_ENV)
+
+
+def child_run(mode: str) -> list:
     import os
 
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, mode],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **env},
+        [sys.executable, "-c", CHILD, mode], capture_output=True, text=True, timeout=120, env=env
     )
     assert proc.returncode == 0, proc.stderr
     return [int(n) for n in proc.stdout.split()]
@@ -87,8 +91,9 @@ def child_run(mode: str, **env) -> list:
 @glibc_only
 @pytest.mark.subprocess
 def test_freed_buffers_are_reused_without_faulting_their_pages_in_again():
-    # 9 buffers of 20-28 MiB, about 55,000 pages: mapped afresh, each would fault every page
-    # (fewer, larger faults with transparent huge pages).
+    # 9 buffers of 20-28 MiB, about 55,000 pages: glibc, left as it is, gives the top of its
+    # heap back when they are freed together (and maps some afresh), and the next ones fault
+    # their pages in again.
     faults, mapped = child_run("kept")
     assert mapped < 1 << 20, mapped  # every one reused from the heap
     assert faults < 2_000, faults
@@ -97,19 +102,88 @@ def test_freed_buffers_are_reused_without_faulting_their_pages_in_again():
 @glibc_only
 @pytest.mark.subprocess
 def test_the_block_gives_its_memory_back_after_it():
-    inside_faults, inside_mapped, after_faults, after_mapped = child_run("block")
-    assert inside_mapped < 1 << 20 and inside_faults < 2_000, (inside_mapped, inside_faults)
-    # glibc's thresholds again (128 KiB): each buffer is mapped afresh, and faulted in again.
-    assert after_mapped >= 20 << 20, after_mapped
-    assert after_faults > inside_faults, (after_faults, inside_faults)
+    faults, mapped, heap_inside, heap_after = child_run("block")
+    assert mapped < 1 << 20 and faults < 2_000, (mapped, faults)
+    assert heap_inside >= 28 << 20  # the largest buffer, freed, kept in the heap
+    assert heap_after < heap_inside - (20 << 20), (heap_inside, heap_after)  # given back
+
+
+class SpyMalloc:
+    """Stands in for glibc's mallopt and malloc_trim (util._mallopt): records the calls."""
+
+    def __init__(self, accepts: bool = True):
+        self.calls, self.accepts = [], accepts
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return int(self.accepts)
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    spy = SpyMalloc()
+    monkeypatch.setattr(util, "_mallopt", lambda: (spy.mallopt, spy.malloc_trim))
+    monkeypatch.setattr(util, "_kept_for_process", False)
+    return spy
+
+
+KEEP = [("mallopt", -3, 32 << 20), ("mallopt", -1, 1 << 30)]
+AFTER = [("mallopt", -3, 32 << 20), ("mallopt", -1, 64 << 20), ("malloc_trim", 0)]
+
+
+def test_nested_and_overlapping_blocks_apply_once_and_restore_once(spy):
+    with util.large_buffers_kept() as outer:
+        assert outer and spy.calls == KEEP
+        with util.large_buffers_kept() as inner:
+            assert inner and spy.calls == KEEP
+        assert spy.calls == KEEP
+    assert spy.calls == KEEP + AFTER
+    # Two threads' blocks that overlap, the first to enter leaving first: one restore, at the
+    # last exit.
+    spy.calls.clear()
+    first, second = util.large_buffers_kept(), util.large_buffers_kept()
+    assert first.__enter__() and second.__enter__()
+    first.__exit__(None, None, None)
+    assert spy.calls == KEEP
+    second.__exit__(None, None, None)
+    assert spy.calls == KEEP + AFTER
+
+
+def test_a_refused_setting_is_not_reported_or_restored(spy):
+    spy.accepts = False
+    with util.large_buffers_kept() as outer:
+        with util.large_buffers_kept() as inner:
+            assert outer is False and inner is False
+    assert spy.calls == KEEP[:1]  # refused at the first: nothing else set, nothing restored
+
+
+def test_a_process_wide_setting_outlives_the_blocks(spy):
+    assert util.keep_freed_buffers()
+    with util.large_buffers_kept() as applied:
+        assert applied
+    assert spy.calls == KEEP  # the block neither set nor restored anything
 
 
 def test_opt_out_and_other_c_libraries(monkeypatch):
-    monkeypatch.setenv("DF_MPS_KEEP_FREED_BUFFERS", "0")
-    assert util.keep_freed_buffers() is False
-    with util.large_buffers_kept() as applied:
-        assert applied is False
-    monkeypatch.delenv("DF_MPS_KEEP_FREED_BUFFERS")
+    for name in MALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(util, "_kept_for_process", False)
+    for name, value in (
+        ("DF_MPS_KEEP_FREED_BUFFERS", "0"),
+        ("MALLOC_TRIM_THRESHOLD_", "1000000"),  # the user's own settings for glibc's malloc
+        ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1000000"),
+        ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),  # another malloc
+    ):
+        monkeypatch.setenv(name, value)
+        assert util._mallopt() is None, name
+        assert util.keep_freed_buffers() is False
+        with util.large_buffers_kept() as applied:
+            assert applied is False
+        monkeypatch.delenv(name)
     monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("musl", "1.2"))
     assert util.keep_freed_buffers() is False
     monkeypatch.setattr(platform, "system", lambda: "Darwin")

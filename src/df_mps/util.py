@@ -134,24 +134,40 @@ def long_lived_objects_frozen() -> Iterator[None]:
             gc.unfreeze()
 
 
-# glibc's mallopt parameters (malloc.h) and its defaults.
+# glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
-# The largest mmap threshold glibc accepts on 64-bit systems (HEAP_MAX_SIZE / 2): buffers above
-# it are always mapped afresh.
-_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
-_KEEP_FREED_TRIM = 1024 * 1024 * 1024
-_kept_depth = 0  # large_buffers_kept blocks open now
+# The mmap threshold kept: the most glibc accepts on 64-bit systems before 2.35 (HEAP_MAX_SIZE
+# / 2), and the most its own moving threshold rises to. Buffers above it are mapped afresh.
+_KEEP_MMAP_THRESHOLD = 32 * 1024 * 1024
+_KEEP_TRIM_THRESHOLD = 1024 * 1024 * 1024
+# After a large_buffers_kept block: where glibc's own moving thresholds end up once it has
+# seen such buffers (the trim threshold twice the mmap threshold), so the block leaves the
+# process no worse than glibc would (setting either threshold stops glibc moving them).
+_AFTER_MMAP_THRESHOLD = _KEEP_MMAP_THRESHOLD
+_AFTER_TRIM_THRESHOLD = 2 * _KEEP_MMAP_THRESHOLD
+# Settings of the user's own for glibc's malloc, or another malloc in front of it: df-mps
+# then leaves malloc alone.
+_USER_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 _kept_lock = threading.Lock()
+_kept_depth = 0  # large_buffers_kept blocks open now
+_kept_by_block = None  # (mallopt, malloc_trim) where the open blocks applied the thresholds
+_kept_for_process = False  # keep_freed_buffers applied them for the whole process
 
 
 def _mallopt():
-    """glibc's ``mallopt`` and ``malloc_trim``, or None (another C library, or opted out)."""
+    """glibc's ``mallopt`` and ``malloc_trim``, or None: not glibc on Linux, the user's own
+    malloc settings or another malloc preloaded, or ``DF_MPS_KEEP_FREED_BUFFERS=0``."""
     import ctypes
     import platform
 
     opt_out = os.environ.get("DF_MPS_KEEP_FREED_BUFFERS", "").strip().lower()
     if opt_out in ("0", "false", "no", "off"):
+        return None
+    if any(name in os.environ for name in _USER_MALLOC_ENV):
+        return None
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return None
+    if "malloc" in os.environ.get("LD_PRELOAD", ""):  # jemalloc, tcmalloc, mimalloc
         return None
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
@@ -166,50 +182,67 @@ def _mallopt():
     return mallopt, malloc_trim
 
 
+def _set_thresholds(mallopt, mmap_threshold: int, trim_threshold: int) -> bool:
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    )
+
+
 def keep_freed_buffers() -> bool:
     """Make glibc keep freed buffers of up to 32 MiB in the process for the next allocation,
-    instead of giving each back to the system when it is freed. For processes df-mps owns (a
-    Ray actor); ``large_buffers_kept`` for a call that others may make in their own process.
-    Returns whether it applied (glibc on Linux, and ``DF_MPS_KEEP_FREED_BUFFERS`` not 0).
+    for the rest of the process. For processes df-mps owns (a Ray actor);
+    ``large_buffers_kept`` for a call that others may make in their own process. Returns
+    whether it applied: glibc on Linux, no malloc settings of the user's (``MALLOC_*_``
+    variables, ``glibc.malloc`` tunables, a malloc in ``LD_PRELOAD``), and
+    ``DF_MPS_KEEP_FREED_BUFFERS`` not 0.
 
     Why: DFN3's convolutions make buffers of tens of MB per piece (the DF encoder's first
-    layer: 64 channels x 96 bins x 1,000 frames, 24.5 MB a row). By default glibc maps each
-    anew and unmaps it when freed, and the next one's first touch faults in every page again:
-    about 30 ms of 230 per 10 s of a row on the CPU, in ``benchmarks/cpu_step_parts.py``
-    (405,000 page faults against 163,000). The cost is memory: the process keeps up to its
-    peak mapped until it ends (or ``large_buffers_kept`` trims it).
+    layer: 64 channels x 96 bins x 1,000 frames, 24.5 MB a row), several alive at once. glibc
+    maps a large buffer afresh until its moving threshold has risen past that size, and it
+    gives the top of its heap back to the system whenever more than twice that threshold is
+    free there (and shrinks the heaps of other threads' arenas likewise): the next buffers
+    fault every page in again. On the CPU that cost the DF encoder 30-70 ms of 230 per 10 s
+    of a row, against 30-34 ms with the thresholds held high (``cpu_step_parts.py``: 405,000
+    page faults against 163,000). The cost is memory: the process keeps what it has freed, up
+    to its peak (the 30-minute file among 20 others: 991 MiB peak RSS against 838).
     """
+    global _kept_for_process
     calls = _mallopt()
     if calls is None:
         return False
-    mallopt, _ = calls
-    # Setting either turns off glibc's own moving threshold, which rises only to the size of
-    # the last freed mapped block and falls back whenever the heap is trimmed.
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_TRIM)
-    )
+    with _kept_lock:
+        applied = _set_thresholds(calls[0], _KEEP_MMAP_THRESHOLD, _KEEP_TRIM_THRESHOLD)
+        _kept_for_process = _kept_for_process or applied
+    return applied
 
 
 @contextlib.contextmanager
 def large_buffers_kept() -> Iterator[bool]:
-    """``keep_freed_buffers`` for the block (yields whether it applied); after the outermost
-    block, glibc's default thresholds again (fixed at 128 KiB: its moving threshold stays
-    off) and the kept memory given back (``malloc_trim``)."""
-    global _kept_depth
+    """``keep_freed_buffers`` for the block; yields whether it applied. After the outermost
+    block, where glibc's own moving thresholds would be by then (32 MiB, and 64 MiB for the
+    heap's top; glibc stops moving them once they are set) and the kept memory given back
+    (``malloc_trim``); unless ``keep_freed_buffers`` was called for the whole process."""
+    global _kept_depth, _kept_by_block
     with _kept_lock:
-        applied = keep_freed_buffers() if _kept_depth == 0 else _mallopt() is not None
+        if _kept_depth == 0 and not _kept_for_process:
+            calls = _mallopt()
+            if calls is not None and _set_thresholds(
+                calls[0], _KEEP_MMAP_THRESHOLD, _KEEP_TRIM_THRESHOLD
+            ):
+                _kept_by_block = calls
         _kept_depth += 1
+        applied = _kept_by_block is not None or _kept_for_process
     try:
         yield applied
     finally:
         with _kept_lock:
             _kept_depth -= 1
-            calls = _mallopt() if _kept_depth == 0 and applied else None
-            if calls is not None:
-                mallopt, malloc_trim = calls
-                mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-                mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-                malloc_trim(0)
+            if _kept_depth == 0 and _kept_by_block is not None:
+                mallopt, malloc_trim = _kept_by_block
+                _kept_by_block = None
+                if not _kept_for_process:
+                    _set_thresholds(mallopt, _AFTER_MMAP_THRESHOLD, _AFTER_TRIM_THRESHOLD)
+                    malloc_trim(0)
 
 
 def build_dir(folder, prefix: str):
