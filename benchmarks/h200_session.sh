@@ -22,6 +22,18 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 DF_MPS_SHARED=$PWD/.devc
 M=.devcarry/models/DeepFilterNet3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__)"
+# corpus_variants NAME VARIANT...: the corpus through the CLI, fp32 and bf16, in the given
+# bench_engine.py --variants, interleaved within each of REPEATS repeats; $OUT/NAME_<prec>.json.
+corpus_variants() {
+  local name=$1; shift
+  for prec in fp32 bf16; do
+    extra=""; [ $prec = bf16 ] && extra="--precision bf16"
+    (cd benchmarks && timeout 200 python3 bench_engine.py --mode corpus --device cuda --files 64 \
+      --seconds 30 --batch 64 --threads 4 --repeats "${REPEATS:-1}" --cli-args "$extra" \
+      --variants "$@" --json "$OUT/${name}_$prec.json" > /dev/null 2>&1)
+    python3 -c "import json; [print('$prec', r['variant'], round(r['audio_s_per_s']), 'load', round(r['model_load_s'], 2), json.dumps({k: round(v, 3) for k, v in r['timeline'].items() if k not in ('steps', 'device_lag_at_step_end_s')})) for r in json.load(open('$OUT/${name}_$prec.json'))['rows']]"
+  done
+}
 for part in "${parts[@]}"; do
   echo "== $part"
   case $part in
@@ -62,27 +74,13 @@ for part in "${parts[@]}"; do
       python3 -c "import json; [print('$cfg', round(r['audio_s_per_s']), json.dumps({k: round(v, 3) for k, v in r['timeline'].items() if k not in ('steps', 'device_lag_at_step_end_s')})) for r in json.load(open('$OUT/corpus_$cfg.json'))['rows']]"
     done ;;
   sync)
-    # The corpus through the CLI, fp32 and bf16, with the writer's early flushes (the default)
-    # and without them (BENCH_SYNC_BYTES=0: each file flushed only at its commit), interleaved
-    # within each of REPEATS repeats.
-    for prec in fp32 bf16; do
-      extra=""; [ $prec = bf16 ] && extra="--precision bf16"
-      (cd benchmarks && timeout 200 python3 bench_engine.py --mode corpus --device cuda --files 64 \
-        --seconds 30 --batch 64 --threads 4 --repeats "${REPEATS:-1}" --cli-args "$extra" \
-        --variants early-sync: commit-only:BENCH_SYNC_BYTES=0 --json "$OUT/sync_$prec.json" > /dev/null 2>&1)
-      python3 -c "import json; [print('$prec', r['variant'], round(r['audio_s_per_s']), 'load', round(r['model_load_s'], 2), json.dumps({k: round(v, 3) for k, v in r['timeline'].items() if k not in ('steps', 'device_lag_at_step_end_s')})) for r in json.load(open('$OUT/sync_$prec.json'))['rows']]"
-    done ;;
+    # The writer's early flushes (the default) against none (BENCH_SYNC_BYTES=0: each file
+    # flushed only at its commit).
+    corpus_variants sync early-sync: commit-only:BENCH_SYNC_BYTES=0 ;;
   variants)
-    # The corpus through the CLI, fp32 and bf16, in the configurations $VARIANTS names
-    # (bench_engine.py --variants; default: large freed buffers kept for reuse, the default,
-    # against glibc's own behaviour), interleaved within each of REPEATS repeats.
-    for prec in fp32 bf16; do
-      extra=""; [ $prec = bf16 ] && extra="--precision bf16"
-      (cd benchmarks && timeout 200 python3 bench_engine.py --mode corpus --device cuda --files 64 \
-        --seconds 30 --batch 64 --threads 4 --repeats "${REPEATS:-1}" --cli-args "$extra" \
-        --variants ${VARIANTS:-kept: returned:DF_MPS_KEEP_FREED_BUFFERS=0} --json "$OUT/variants_$prec.json" > /dev/null 2>&1)
-      python3 -c "import json; [print('$prec', r['variant'], round(r['audio_s_per_s']), 'load', round(r['model_load_s'], 2), json.dumps({k: round(v, 3) for k, v in r['timeline'].items() if k not in ('steps', 'device_lag_at_step_end_s')})) for r in json.load(open('$OUT/variants_$prec.json'))['rows']]"
-    done ;;
+    # The configurations $VARIANTS names (bench_engine.py --variants; default: large freed
+    # buffers kept for reuse, the default, against glibc's own behaviour).
+    corpus_variants variants ${VARIANTS:-kept: returned:DF_MPS_KEEP_FREED_BUFFERS=0} ;;
   pipediag)
     # test_realtime's closed-pipe case by hand (it ran out of the suite's time on an H100):
     # the real-time CLI into `head -c 1000`, with a cold cache, then a warm one. A run still

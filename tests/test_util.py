@@ -188,3 +188,21 @@ def test_opt_out_and_other_c_libraries(monkeypatch):
     assert util.keep_freed_buffers() is False
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
     assert util.keep_freed_buffers() is False
+
+
+def test_prune_unused_removes_only_stale_matches_and_their_companions(tmp_path):
+    import os
+    import time
+
+    old, recent, keep, other = (tmp_path / n for n in ("k-old.so", "k-new.so", "k-keep.so", "x.so"))
+    marker = tmp_path / "k-old.so.ok"
+    for path in (old, recent, keep, other, marker):
+        path.write_bytes(b"")
+    stale = time.time() - 31 * 86400
+    for path in (old, keep, other):
+        os.utime(path, (stale, stale))
+    util.prune_unused(
+        tmp_path, "k-*.so", keep, 30, companions=lambda p: [p.with_name(p.name + ".ok")]
+    )
+    assert not old.exists() and not marker.exists()
+    assert recent.exists() and keep.exists() and other.exists()

@@ -171,7 +171,7 @@ def cpu_library() -> Tuple[Optional[object], str]:
     import subprocess
     from pathlib import Path
 
-    from .util import cpu_identity
+    from .util import cpu_identity, prune_unused
 
     with _build_lock:  # one build per process; other processes: see _build
         compiler = _c_compiler()
@@ -201,7 +201,7 @@ def cpu_library() -> Tuple[Optional[object], str]:
                 if not cached:  # a library stays usable once loaded; the folder can go
                     discard(folder)
             if function is not None and cached:
-                _prune(folder, keep=folder / name)
+                prune_unused(folder, "gru-*.so", folder / name, PRUNE_DAYS)
         if function is None:
             return None, problem
         problem = _check_cpu_layer(function)
@@ -220,6 +220,8 @@ def _load(path) -> Tuple[Optional[object], str]:
         function = ctypes.CDLL(str(path)).dfmps_gru_layer
     except (OSError, AttributeError) as exc:
         return None, f"could not load {path}: {exc}"
+    with contextlib.suppress(OSError):
+        os.utime(path)  # in use: kept by prune_unused
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     function.argtypes = [i32, i32, i32, pointer, i64, i64, pointer, i64, pointer, pointer]
     function.argtypes += [pointer, i64, i64]
@@ -262,17 +264,6 @@ def _build(compiler: str, source: bytes, target):
             discard(temp)
             return None, f"could not write {target}: {exc}"
     return target, ""
-
-
-def _prune(folder, keep) -> None:
-    """Remove the built libraries not used for PRUNE_DAYS (older sources, compilers)."""
-    import time
-
-    cutoff = time.time() - PRUNE_DAYS * 86400
-    for old in folder.glob("gru-*.so"):
-        with contextlib.suppress(OSError):
-            if old != keep and old.stat().st_atime < cutoff:
-                old.unlink()
 
 
 def _check_cpu_layer(function) -> Optional[str]:

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from ._log import logger
-from .util import build_dir, cpu_identity
+from .util import build_dir, cpu_identity, prune_unused
 
 # Bumped whenever the graph's code changes what it computes: part of the cache key.
 GRAPH_VERSION = 7
@@ -451,13 +451,7 @@ PRUNE_DAYS = 30  # cached packages unused this long go when a new one is built
 
 def _prune(folder: Path, keep: Path) -> None:
     """Remove the cached packages not loaded for PRUNE_DAYS (older PyTorch, df_mps, models)."""
-    cutoff = time.time() - PRUNE_DAYS * 86400
-    for old in folder.glob("hop-*.pt2"):
-        with contextlib.suppress(OSError):
-            if old != keep and old.stat().st_mtime < cutoff:
-                old.unlink()
-                for mark in _markers(old):
-                    mark.unlink(missing_ok=True)
+    prune_unused(folder, "hop-*.pt2", keep, PRUNE_DAYS, companions=_markers)
 
 
 def _one_line(exc: BaseException) -> str:

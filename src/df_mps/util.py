@@ -23,6 +23,7 @@ __all__ = [
     "keep_freed_buffers",
     "large_buffers_kept",
     "one_line",
+    "prune_unused",
     "quiet_resample_rename",
     "sysctl",
 ]
@@ -260,3 +261,19 @@ def build_dir(folder, prefix: str):
         return folder, True
     except OSError:
         return Path(tempfile.mkdtemp(prefix=prefix)), False
+
+
+def prune_unused(folder, pattern: str, keep, days: float, companions=None) -> None:
+    """Remove the files in ``folder`` matching ``pattern`` not modified for ``days`` (their
+    users touch them at each load, ``os.utime``), but never ``keep``; with each, the files
+    ``companions(path)`` names. For df-mps's caches of compiled code (older sources, compilers,
+    PyTorch versions)."""
+    import time
+
+    cutoff = time.time() - days * 86400
+    for old in folder.glob(pattern):
+        with contextlib.suppress(OSError):
+            if old != keep and old.stat().st_mtime < cutoff:
+                old.unlink()
+                for extra in companions(old) if companions else ():
+                    extra.unlink(missing_ok=True)
