@@ -13,7 +13,8 @@ rounds, the order rotating, medians reported), on the same audio:
 - ``df_mps_4hops``: the eager stream fed 1920-sample chunks (4 hops per call);
 - ``df_mps_hop_compiled``, ``df_mps_4hops_compiled``: the same with
   ``RealtimeEnhancer(compile=True)`` (each hop one AOTInductor call, df_mps.hopgraph; the
-  default on the CPU where a C++ compiler exists). Getting the compiled hop (built, or loaded
+  default on the CPU where a C++ compiler exists, where ``compile="auto"`` builds it in the
+  background while the stream starts eager). Getting the compiled hop (built, or loaded
   from df_mps's cache) is timed apart, in ``compile``; ``--cold`` builds it in an empty cache,
   so that the figure is the one-time build. ``--no-compile``: eager only.
 

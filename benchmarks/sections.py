@@ -1241,8 +1241,9 @@ def realtime(data: dict) -> Rendered:
         else:
             took = f"getting it took {seconds} ({info.get('note', '')})"
         how = (
-            "Compiled: `RealtimeEnhancer(compile=True)`, the default on the CPU where a C++ "
-            f"compiler exists (each hop one AOTInductor call); {took}. Eager: `compile=False`."
+            "Compiled: `RealtimeEnhancer(compile=True)` (each hop one AOTInductor call; "
+            "the default on the CPU where a C++ compiler exists, built in the background "
+            f"while the stream starts eager); {took}. Eager: `compile=False`."
         )
     else:
         how = "Eager: `RealtimeEnhancer(compile=False)` (the compiled hop was not measured)."

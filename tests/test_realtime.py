@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,13 @@ pytestmark = [
 ]
 SR = 48000
 TOL = 1e-4  # the contract; measured: 3e-7
+
+
+@pytest.fixture(autouse=True)
+def eager_unless_asked(monkeypatch):
+    """compile="auto" would start a background build of the compiled hop in every test that
+    takes the default: the tests below ask for compiling where they test it."""
+    monkeypatch.setenv("DF_MPS_REALTIME_COMPILE", "0")
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +294,7 @@ def test_model_directory_and_default_model(dfn3_model_dir, enhancer, speech):
 
 # -- the command line ----------------------------------------------------------------------------
 def run_stream(args, data: bytes, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DF_MPS_REALTIME_COMPILE": "0"}
     return subprocess.run(
         [sys.executable, "-m", "df_mps.realtime", *args],
         input=data,
@@ -295,6 +303,38 @@ def run_stream(args, data: bytes, **kwargs) -> subprocess.CompletedProcess:
         timeout=300,
         **kwargs,
     )
+
+
+def run_bounded(argv, timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run in a new session whose whole process group is killed at the timeout
+    (run's own kill stops only the shell, and its grandchildren, holding the pipes, would
+    keep the test waiting), failing the test with what the command had said."""
+    import signal
+
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{argv} ran past {timeout} s; stderr: {err[-2000:]}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def processes_naming(text) -> list:
+    """The live (not zombie) processes whose command line names ``text`` (Linux; else [])"""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if str(text) in cmdline and state != "Z":
+            found.append(int(proc.name))
+    return found
 
 
 @pytest.mark.subprocess
@@ -324,14 +364,24 @@ def test_cli_round_trips_pcm_like_the_library(dfn3_model_dir, enhancer, speech):
 def test_cli_closed_pipe_and_usage_errors(dfn3_model_dir, tmp_path):
     # A reader that goes away: exit 0, nothing on stderr.
     noise = (np.random.default_rng(0).standard_normal(48000 * 2) * 0.1).astype("<f4")
+    # With the default compile="auto" in an empty cache: the hop's build runs in the
+    # background, and the command line's exit stops it and leaves no file of it.
+    cache = tmp_path / "cache"
     script = (
+        f"env -u DF_MPS_REALTIME_COMPILE DF_MPS_CACHE_DIR={cache} "
         f"{sys.executable} -m df_mps.realtime -m {dfn3_model_dir} --block 4800 "
         f"< {tmp_path / 'in.raw'} | head -c 1000 > /dev/null; echo ${{PIPESTATUS[0]}}"
     )
     (tmp_path / "in.raw").write_bytes(noise.tobytes())
-    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300)
+    proc = run_bounded(["bash", "-c", script], timeout=300)
     assert proc.stdout.strip() == "0", proc.stderr
     assert "Traceback" not in proc.stderr and "Error" not in proc.stderr
+    from df_mps import hopgraph
+
+    if hopgraph._compiler() is not None:
+        assert "compiling the real-time hop" in proc.stderr and "in the background" in proc.stderr
+    assert not processes_naming(cache)
+    assert [p.name for p in (cache / "realtime").iterdir() if p.is_file()] in ([], None)
 
     for bad in (["--format", "u8"], ["--rate", "0"]):
         proc = run_stream(bad, b"")
@@ -381,6 +431,21 @@ def needs_compiler():
         pytest.skip("no C++ compiler: the compiled hop can't be built here")
 
 
+@pytest.fixture(scope="module")
+def module_hop_cache(tmp_path_factory):
+    """One df-mps cache for this module's real builds of the compiled hop (about a minute
+    each on 2 cores): two packages, one row (built in the background) and two (built by
+    compile=True), each built once per run and kept apart from the user's cache."""
+    return tmp_path_factory.mktemp("hop-cache")
+
+
+@pytest.fixture
+def hop_cache(module_hop_cache, monkeypatch):
+    monkeypatch.setenv("DF_MPS_CACHE_DIR", str(module_hop_cache))
+    monkeypatch.delenv("DF_MPS_REALTIME_COMPILE")
+    return module_hop_cache / "realtime"
+
+
 def test_inverse_fft_through_forward_ffts():
     from df_mps.hopgraph import _irfft
 
@@ -395,9 +460,9 @@ def test_inverse_fft_through_forward_ffts():
         torch.testing.assert_close(_irfft(ri, n, keep), ref, atol=1e-5 * n**0.5, rtol=0)
 
 
-@pytest.mark.parametrize("channels, post_filter, atten_lim_db", [(1, False, None), (2, True, 9.0)])
+@pytest.mark.parametrize("channels, post_filter, atten_lim_db", [(2, True, 9.0)])
 def test_compiled_hop_equals_eager_hop_by_hop(
-    enhancer, speech, channels, post_filter, atten_lim_db
+    enhancer, speech, channels, post_filter, atten_lim_db, hop_cache
 ):
     needs_compiler()
     options = dict(channels=channels, post_filter=post_filter, atten_lim_db=atten_lim_db)
@@ -416,11 +481,169 @@ def test_compiled_hop_equals_eager_hop_by_hop(
         np.testing.assert_allclose(compiled.flush(), eager.flush(), atol=1e-5, rtol=0)
 
 
+def test_auto_builds_in_the_background_and_switches_mid_stream(enhancer, speech, hop_cache):
+    """compile="auto" with nothing cached: the stream runs eager from its first chunk while a
+    child process builds the hop, takes the compiled hop up between two chunks, and its
+    output over the whole stream (eager hops, then compiled ones) equals an eager stream's.
+    The build leaves only its package and its trial's pass marker, and the next stream of
+    the same shape loads it from the cache at once."""
+    needs_compiler()
+    from df_mps import hopgraph
+    from df_mps._log import logger
+
+    for old in hop_cache.glob("*hop-*") if hop_cache.is_dir() else ():
+        old.unlink()  # the one-row package, where a test run before this one built it
+    messages = []
+    sink = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
+    try:
+        rt = RealtimeEnhancer(enhancer)
+    finally:
+        logger.remove(sink)
+    build = rt._build
+    assert not rt.compiled and build is not None, rt.compile_note
+    assert rt.compile_note == "being built in the background; eager until it is ready"
+    assert len(messages) == 1, messages
+    quoted = (
+        "df_mps: compiling the real-time hop for this model and channel count in the "
+        "background, once (about a minute; cached in ...); eager until then"
+    )
+    head, tail = quoted.split("...")
+    assert messages[0].startswith(head) and messages[0].endswith(tail), messages[0]
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md").read_text()
+    assert f"`{quoted}`" in doc
+
+    eager = RealtimeEnhancer(enhancer, compile=False)
+    audio = at_rate(speech, SR, 1)
+    sizes = random_chunks(audio.shape[0] // 2, seed=1, largest=2000)
+    starts = np.cumsum([0, *sizes[:-1]])
+    got = [rt.process(audio[i : i + n]) for i, n in zip(starts, sizes)]
+    expected = [eager.process(audio[i : i + n]) for i, n in zip(starts, sizes)]
+    assert not rt.compiled  # a second of audio streamed while the build runs
+    assert rt.wait_for_compile(timeout=600), rt.compile_note
+    assert rt.compile_note.startswith("built in the background in ")
+    assert rt.compile_seconds > 0 and build.proc.returncode == 0
+    rest = audio[sum(sizes) :]
+    for i in range(0, rest.shape[0], 480):
+        got.append(rt.process(rest[i : i + 480]))
+        expected.append(eager.process(rest[i : i + 480]))
+        np.testing.assert_allclose(rt.lsnr, eager.lsnr, atol=1e-3, rtol=0)
+    got.append(rt.flush())
+    expected.append(eager.flush())
+    np.testing.assert_allclose(np.concatenate(got), np.concatenate(expected), atol=1e-5, rtol=0)
+    assert rt._model.hop_fn is not None  # the later hops ran compiled
+
+    names = sorted(p.name for p in hop_cache.iterdir())
+    assert len(names) == 2 and names[0].endswith(".pt2") and names[1] == names[0] + ".ok"
+    assert not hopgraph._builds and not hopgraph._running
+    again = RealtimeEnhancer(enhancer)
+    assert again.compiled and again.compile_note == "loaded from the cache"
+
+
+def stand_in_build(monkeypatch, code: str) -> None:
+    """The background build's child runs ``code`` instead of building."""
+    from df_mps import hopgraph
+
+    monkeypatch.setattr(hopgraph, "_build_argv", lambda *args: [sys.executable, "-c", code])
+
+
+@pytest.mark.parametrize(
+    "child, reason",
+    [
+        (
+            "import sys; print('AOTInductor failed: boom', file=sys.stderr); sys.exit(3)",
+            r"^AOTInductor failed: boom$",
+        ),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", r"^the build process failed"),
+        ("pass", r"^the build process failed \(exit status 0\)"),  # exits 0, builds nothing
+    ],
+)
+def test_a_failed_background_build_leaves_the_stream_eager(
+    enhancer, speech, monkeypatch, tmp_path, child, reason
+):
+    from df_mps._log import logger
+
+    needs_compiler()
+    monkeypatch.delenv("DF_MPS_REALTIME_COMPILE")
+    monkeypatch.setenv("DF_MPS_CACHE_DIR", str(tmp_path))
+    stand_in_build(monkeypatch, child)
+    rt = RealtimeEnhancer(enhancer)
+    assert rt._build is not None and rt._build.wait(60)
+    messages = []
+    sink = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
+    try:
+        audio = at_rate(speech, SR, 1)[: SR // 2]
+        out = stream_through(rt, audio, [480] * (audio.shape[0] // 480 + 1))
+    finally:
+        logger.remove(sink)
+    assert not rt.compiled and rt._build is None
+    assert re.search(reason, rt.compile_note), rt.compile_note
+    assert messages == [f"df_mps: real-time hop not compiled ({rt.compile_note}); running eager"]
+    np.testing.assert_allclose(out, offline(enhancer, audio, SR), atol=TOL, rtol=0)
+    assert not list((tmp_path / "realtime").iterdir())  # neither its export nor a package
+
+
+def test_a_background_build_is_cancelled_at_exit_and_leaves_nothing(
+    enhancer, monkeypatch, tmp_path
+):
+    """The interpreter's exit (here its atexit function) stops a build still running: the
+    child and what it started, and its files."""
+    from df_mps import hopgraph
+
+    needs_compiler()
+    monkeypatch.delenv("DF_MPS_REALTIME_COMPILE")
+    monkeypatch.setenv("DF_MPS_CACHE_DIR", str(tmp_path))
+    marker = f"df-mps-stand-in-{os.getpid()}"
+    stand_in_build(
+        monkeypatch,
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)', '{marker}'])\n"
+        "time.sleep(120)\n",
+    )
+    rt = RealtimeEnhancer(enhancer)
+    build = rt._build
+    assert build is not None and not build.wait(1)
+    assert hopgraph._running == {build}
+    hopgraph._cancel_running_builds()
+    assert build.proc.returncode is not None and not processes_naming(marker)
+    assert not hopgraph._running and not list((tmp_path / "realtime").iterdir())
+    rt.process(np.zeros(480, np.float32))
+    assert not rt.compiled and rt.compile_note == "the background build was cancelled"
+
+
+@pytest.mark.subprocess
+def test_a_build_whose_parent_is_killed_stops_itself(dfn3_model_dir, tmp_path):
+    """A caller killed outright runs no atexit function: the build child (the real one)
+    notices within a second or two, stops its process group and removes its files."""
+    import time
+
+    needs_compiler()
+    code = (
+        "import os, sys\n"
+        "from df_mps.realtime import RealtimeEnhancer\n"
+        f"rt = RealtimeEnhancer({str(dfn3_model_dir)!r})\n"
+        "print(rt._build.proc.pid, flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DF_MPS_REALTIME_COMPILE"}
+    env["DF_MPS_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == -9, proc.stderr
+    child = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while processes_naming(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not processes_naming(tmp_path), f"build child {child} still running"
+    assert not list((tmp_path / "realtime").iterdir())
+
+
 def test_compile_is_never_required(enhancer, speech, monkeypatch, tmp_path):
     from df_mps import hopgraph
     from df_mps._log import logger
 
     monkeypatch.setenv("DF_MPS_CACHE_DIR", str(tmp_path))  # nothing cached
+    monkeypatch.delenv("DF_MPS_REALTIME_COMPILE")
     monkeypatch.setattr(hopgraph, "_compiler", lambda: None)
     messages = []
     sink = logger.add(lambda m: messages.append(m.record), level="DEBUG")
@@ -456,7 +679,7 @@ def test_compile_choice(enhancer, monkeypatch):
     assert not RealtimeEnhancer(enhancer, compile=False).compiled
 
 
-def test_a_failing_compiled_hop_goes_eager_mid_stream(enhancer, speech):
+def test_a_failing_compiled_hop_goes_eager_mid_stream(enhancer, speech, hop_cache):
     needs_compiler()
     audio = at_rate(speech, SR, 1)
     rt = RealtimeEnhancer(enhancer, compile=True)

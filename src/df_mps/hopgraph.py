@@ -32,6 +32,7 @@ state (``PulsedDfNet.stateful_layers``). Outputs: the samples [B, hop], the loca
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import importlib
@@ -295,53 +296,17 @@ def _load(path: Path):
 def compiled_hop(graph, example: Sequence) -> Tuple[Callable, float, bool]:
     """(the compiled hop: a list [x, *state] -> [samples, lsnr, *state], seconds spent
     building or loading it, whether it came from the cache) for ``graph`` at the shapes of
-    ``example``; raises ``CompileUnavailable`` where it can't be had."""
+    ``example``, built here and now where the cache hasn't it; raises ``CompileUnavailable``
+    where it can't be had."""
     t0 = time.perf_counter()
-    key = _cache_key(graph, example)
-    path = package_dir() / f"hop-{key}.pt2"
-    failed = _markers(path)[1]
-    if failed.is_file():  # the same package here crashed a trial process: don't build it again
-        why = failed.read_text(errors="replace").strip() or "a trial process failed"
-        raise CompileUnavailable(f"{why}; delete {failed} to try again")
-    if path.is_file():
-        _check_in_child(path, example)
-        try:
-            runner = _load(path)
-            with contextlib.suppress(OSError):
-                os.utime(path)  # in use: kept by _prune
-            return runner, time.perf_counter() - t0, True
-        except Exception as exc:  # noqa: BLE001 - a stale or broken package: build anew
-            logger.debug(f"df_mps: cached hop package {path} did not load ({exc}); rebuilding")
+    path = package_dir() / f"hop-{_cache_key(graph, example)}.pt2"
+    runner = _cached_runner(path, example)
+    if runner is not None:
+        return runner, time.perf_counter() - t0, True
+    inductor = _inductor()
+    folder, cached = _build_folder(path, "")
     try:
-        inductor = importlib.import_module("torch._inductor")
-        importlib.import_module("torch.export")
-    except Exception as exc:  # noqa: BLE001 - a PyTorch without inductor
-        raise CompileUnavailable(f"no torch._inductor here ({_one_line(exc)})") from exc
-    if not hasattr(inductor, "aoti_compile_and_package"):
-        raise CompileUnavailable(f"PyTorch {torch.__version__} has no AOTInductor")
-    if _compiler() is None:
-        raise CompileUnavailable("no C++ compiler (g++, c++, clang++) found")
-    for mark in _markers(path):  # a rebuild at this name gets its own trial
-        with contextlib.suppress(OSError):
-            mark.unlink(missing_ok=True)
-    folder, cached = build_dir(path.parent, "df-mps-hop-")
-    # A warning, so that the command line (whose default level it is) says why its first
-    # start takes a minute.
-    where = f"cached in {folder}" if cached else f"not cached: {path.parent} is not writable"
-    logger.warning(
-        f"df_mps: compiling the real-time hop for this model and channel count, once "
-        f"(about a minute; {where})"
-    )
-    try:
-        try:
-            with torch.inference_mode(False):
-                with torch.no_grad():
-                    # One eager call first: df_mps.dsp's constants exist as real tensors
-                    # before the export traces them (as constants of the graph).
-                    graph(*example)
-                    exported = torch.export.export(graph, tuple(example), strict=False)
-        except Exception as exc:  # noqa: BLE001 - compiling is never required
-            raise CompileUnavailable(f"torch.export failed: {_one_line(exc)}") from exc
+        exported = _export(graph, example)
         built = _build(inductor, exported, folder / f".{path.stem}.{os.getpid()}.tmp.pt2")
         final = folder / path.name
         try:
@@ -359,6 +324,277 @@ def compiled_hop(graph, example: Sequence) -> Tuple[Callable, float, bool]:
     if cached:
         _prune(folder, keep=final)
     return runner, time.perf_counter() - t0, False
+
+
+def cached_hop_or_build(graph, example: Sequence):
+    """(the compiled hop's run function, None) where df_mps's cache has it, else (None, a
+    ``HopBuild`` building it in a child process while the caller runs eager); raises
+    ``CompileUnavailable`` where it can't be had (no C++ compiler, a failed export, a package
+    that failed its trial before)."""
+    path = package_dir() / f"hop-{_cache_key(graph, example)}.pt2"
+    runner = _cached_runner(path, example)
+    if runner is not None:
+        return runner, None
+    running = _builds.get(path)
+    if running is not None and running.proc.poll() is None:
+        return None, running  # another stream of this process asked for the same package
+    _inductor()  # fails here, not in the child, where there is none
+    folder, cached = _build_folder(path, "in the background, ")
+    try:
+        build = HopBuild(folder, path.name, _export(graph, example), example, shared=cached)
+    except BaseException:
+        if not cached:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if cached:
+        _builds[path] = build
+    return None, build
+
+
+def _cached_runner(path: Path, example: Sequence) -> Optional[Callable]:
+    """The run function of the package at ``path`` where it is built and has passed its
+    trial (tried now if it hasn't been), None where there is none or it doesn't load; raises
+    CompileUnavailable where that package failed its trial."""
+    failed = _markers(path)[1]
+    if failed.is_file():  # the same package here crashed a trial process: don't build it again
+        why = failed.read_text(errors="replace").strip() or "a trial process failed"
+        raise CompileUnavailable(f"{why}; delete {failed} to try again")
+    if not path.is_file():
+        return None
+    _check_in_child(path, example)
+    try:
+        runner = _load(path)
+    except Exception as exc:  # noqa: BLE001 - a stale or broken package: build anew
+        logger.debug(f"df_mps: cached hop package {path} did not load ({exc}); rebuilding")
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # in use: kept by _prune
+    return runner
+
+
+def _inductor():
+    """torch._inductor, where it can build a package here; else CompileUnavailable."""
+    try:
+        inductor = importlib.import_module("torch._inductor")
+        importlib.import_module("torch.export")
+    except Exception as exc:  # noqa: BLE001 - a PyTorch without inductor
+        raise CompileUnavailable(f"no torch._inductor here ({_one_line(exc)})") from exc
+    if not hasattr(inductor, "aoti_compile_and_package"):
+        raise CompileUnavailable(f"PyTorch {torch.__version__} has no AOTInductor")
+    if _compiler() is None:
+        raise CompileUnavailable("no C++ compiler (g++, c++, clang++) found")
+    return inductor
+
+
+def _build_folder(path: Path, how: str) -> Tuple[Path, bool]:
+    """(where to build the package for ``path``, whether that is the cache), with the
+    markers of an earlier package at that name removed (a rebuild gets its own trial), and
+    the warning that says why a first start does more than usual."""
+    for mark in _markers(path):
+        with contextlib.suppress(OSError):
+            mark.unlink(missing_ok=True)
+    folder, cached = build_dir(path.parent, "df-mps-hop-")
+    # A warning, so that the command line (whose default level it is) says what its first
+    # start does.
+    where = f"cached in {folder}" if cached else f"not cached: {path.parent} is not writable"
+    eager = "; eager until then" if how else ""
+    logger.warning(
+        f"df_mps: compiling the real-time hop for this model and channel count {how}once "
+        f"(about a minute; {where}){eager}"
+    )
+    return folder, cached
+
+
+def _export(graph, example: Sequence):
+    """``torch.export`` of the hop graph at the example's shapes."""
+    try:
+        with torch.inference_mode(False):
+            with torch.no_grad():
+                # One eager call first: df_mps.dsp's constants exist as real tensors before
+                # the export traces them (as constants of the graph).
+                graph(*example)
+                return torch.export.export(graph, tuple(example), strict=False)
+    except Exception as exc:  # noqa: BLE001 - compiling is never required
+        raise CompileUnavailable(f"torch.export failed: {_one_line(exc)}") from exc
+
+
+# -- building in the background ----------------------------------------------------------------
+# Builds under way in this process, by package path (two streams of one model share one);
+# a finished build leaves, and later streams find its package in the cache.
+_builds: dict = {}
+_BUILD_FAILED = 3  # the build child's exit status for a build that failed (reason on stderr)
+
+
+class HopBuild:
+    """A package of the compiled hop built in a child process (``python -m
+    df_mps.hopgraph``, at low priority) while the caller's stream runs eager: the graph is
+    exported here (a few seconds), built and tried there (about a minute). ``poll()`` says
+    where it is; ``cancel()`` stops the child and everything it started (its process group)
+    and removes its files. Builds still running when the interpreter exits are cancelled, and
+    a child whose parent is gone stops itself: no build outlives its caller."""
+
+    def __init__(self, folder: Path, name: str, exported, example: Sequence, shared: bool):
+        self.folder, self.path, self.shared = folder, folder / name, shared
+        self.started = time.perf_counter()
+        self._done = False
+        self._error: Optional[str] = None
+        self.exported_file = folder / f".{self.path.stem}.{os.getpid()}.export.pt2"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # weights sharing storage: saved whole
+                torch.export.save(exported, str(self.exported_file))
+        except Exception as exc:  # noqa: BLE001 - compiling is never required
+            self.exported_file.unlink(missing_ok=True)
+            raise CompileUnavailable(
+                f"the exported hop could not be saved: {_one_line(exc)}"
+            ) from exc
+        spec = [(list(t.shape), str(t.dtype).replace("torch.", "")) for t in example]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        import tempfile
+
+        # the child's stderr, for the reason of a failed build (closed in _finish)
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(
+                _build_argv(
+                    str(self.exported_file),
+                    str(self.path),
+                    json.dumps(spec),
+                    str(torch.get_num_threads()),
+                    str(os.getpid()),
+                ),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=self._stderr,
+                start_new_session=True,  # its own process group: cancel() stops all of it
+            )
+        except (OSError, ValueError) as exc:
+            self.exported_file.unlink(missing_ok=True)
+            self._stderr.close()
+            raise CompileUnavailable(f"the build process did not start: {_one_line(exc)}") from exc
+        _running.add(self)
+
+    def poll(self) -> Optional[Callable]:
+        """None while the build runs; once it has built and passed its trial, a run function
+        of the package (a new one at each call); raises CompileUnavailable where it failed
+        or was cancelled."""
+        if not self._done:
+            if self.proc.poll() is None:
+                return None
+            self._finish()
+        if self._error is not None:
+            raise CompileUnavailable(self._error)
+        try:
+            runner = _load(self.path)
+        except Exception as exc:  # noqa: BLE001 - compiling is never required
+            raise CompileUnavailable(f"the built package did not load: {_one_line(exc)}") from exc
+        if not self.shared:  # a private build directory: the loader has what it needs
+            shutil.rmtree(self.folder, ignore_errors=True)
+        return runner
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the build has ended, at most ``timeout`` seconds; whether it has."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def cancel(self) -> None:
+        """Stop the build (the child and whatever it started) and remove its files."""
+        if self._done:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                if hasattr(os, "killpg"):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                else:  # Windows: no process groups to stop; the child alone
+                    self.proc.kill()
+            with contextlib.suppress(subprocess.SubprocessError):
+                self.proc.wait(10)
+        self._finish(cancelled=True)
+
+    def _finish(self, cancelled: bool = False) -> None:
+        self._done = True
+        _running.discard(self)
+        if _builds.get(self.path) is self:
+            del _builds[self.path]
+        code = self.proc.returncode
+        self._stderr.seek(0)
+        lines = [x for x in self._stderr.read().decode(errors="replace").splitlines() if x.strip()]
+        self._stderr.close()
+        # the child's own files, where it was stopped before it removed them
+        self.exported_file.unlink(missing_ok=True)
+        for tmp in self.folder.glob(f".{self.path.stem}.{self.proc.pid}.tmp.pt2"):
+            tmp.unlink(missing_ok=True)
+        if cancelled:
+            self._error = "the background build was cancelled"
+        elif code != 0 or not self.path.is_file() or not _markers(self.path)[0].is_file():
+            why = lines[-1].strip() if lines else f"exit status {code}"
+            failed = code == _BUILD_FAILED
+            self._error = why if failed else f"the build process failed ({why[:200]})"
+        if self._error is not None and not self.shared:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        elif self._error is None and self.shared:
+            _prune(self.folder, keep=self.path)
+
+
+_running: set = set()
+
+
+def _build_argv(*args: str) -> List[str]:
+    """The build child's command line (``_build_in_child``'s arguments)."""
+    return [sys.executable, "-m", "df_mps.hopgraph", *args]
+
+
+@atexit.register
+def _cancel_running_builds() -> None:
+    for build in list(_running):
+        build.cancel()
+
+
+def _build_in_child(argv: Sequence[str]) -> int:
+    """The build child: ``EXPORTED FINAL SPEC THREADS PARENT_PID``. Builds the package from
+    the exported graph, moves it to FINAL and runs its trial; exit status 0, or
+    ``_BUILD_FAILED`` with the reason as the last line on stderr."""
+    exported_file, final, spec, threads, parent = argv
+    final = Path(final)
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(10)  # the caller's live stream comes first
+
+    tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp.pt2")
+
+    def watch_parent() -> None:
+        # No build outlives its caller, even one killed without running its atexit; and
+        # none leaves its files behind.
+        while os.getppid() == int(parent):
+            time.sleep(1.0)
+        for path in (Path(exported_file), tmp):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        if hasattr(os, "killpg"):
+            os.killpg(0, signal.SIGKILL)
+        os._exit(1)
+
+    import threading
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+    torch.set_num_threads(int(threads))  # the thread count is part of the package's key
+    try:
+        inductor = _inductor()
+        try:
+            exported = torch.export.load(exported_file)
+        except Exception as exc:  # noqa: BLE001 - reported as one line
+            raise CompileUnavailable(f"the exported hop did not load: {_one_line(exc)}") from exc
+        built = _build(inductor, exported, tmp)
+        os.replace(built, final)
+        example = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in json.loads(spec)]
+        _check_in_child(final, example)
+    except CompileUnavailable as exc:
+        print(str(exc), file=sys.stderr, flush=True)
+        return _BUILD_FAILED
+    return 0
 
 
 _TRIAL_STARTED = "df-mps-trial: loading"  # printed by the trial child before the loader runs
@@ -452,8 +688,14 @@ PRUNE_DAYS = 30  # cached packages unused this long go when a new one is built
 def _prune(folder: Path, keep: Path) -> None:
     """Remove the cached packages not loaded for PRUNE_DAYS (older PyTorch, df_mps, models)."""
     prune_unused(folder, "hop-*.pt2", keep, PRUNE_DAYS, companions=_markers)
+    # a build's own files, left where its process and its parent were killed together
+    prune_unused(folder, ".hop-*.pt2", keep, 1)
 
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(_build_in_child(sys.argv[1:]))

@@ -57,7 +57,12 @@ deep filter, post-filter, attenuation limit and overlap-add) as one call of a gr
 products on their unfolded inputs and the FFTs as real FFTs. The build takes about a minute,
 once per model, row count (channels x streams), PyTorch, processor and thread count; the
 package is cached under df_mps's cache directory (``realtime/``), and loads in milliseconds
-after that. The
+after that. With "auto", that first build runs in a child process at low priority while the
+stream runs eager, and the stream takes the compiled hop up between two chunks once it is
+built and tried (``wait_for_compile`` waits for it): a live stream never waits a minute for
+its first output. The child is stopped at the interpreter's exit, or within a second of its
+parent's death, and leaves no files; a stream that ends first leaves the build for a later
+one. ``compile=True`` builds before the constructor returns. The
 compiled and the eager hop share their state (the eager code runs the first hops of a stream
 and its ``flush``), and agree within 1e-5 a sample. Where the compiled hop can't be had (no
 C++ compiler, a failed build) the stream runs eager: quietly for "auto", with one warning for
@@ -1156,6 +1161,7 @@ class RealtimeEnhancer:
         self.compiled = False
         self.compile_seconds = 0.0
         self.compile_note = "compile=False" if choice is False else "not on the CPU"
+        self._build = None  # df_mps.hopgraph.HopBuild: the compiled hop, built in the background
         make = lambda torch_dsp: _ModelRateStream(  # noqa: E731
             self._pulsed, enhancer.df_state, self._rows, self.device, atten_lim_db, torch_dsp
         )
@@ -1181,17 +1187,26 @@ class RealtimeEnhancer:
 
     def _compiled_stream(self, make, choice):
         """The stream with its hops compiled (df_mps.hopgraph), or None (the reason in
-        ``compile_note``, logged: a warning for compile=True, debug for "auto")."""
+        ``compile_note``, logged: a warning for compile=True, debug for "auto"). For "auto"
+        where df_mps's cache hasn't the package yet, the stream runs eager while a child
+        process builds it, and takes it up between two hops once it is ready (``_poll_build``):
+        a live stream never waits a minute for its first output."""
         import time
 
         from . import hopgraph
         from ._log import logger
 
         t0 = time.perf_counter()
+        self._build_started = t0
         try:
             stream = make(True)
             example = stream.example_hop()
-            hop_fn, seconds, cached = hopgraph.compiled_hop(hopgraph.HopGraph(stream), example)
+            graph = hopgraph.HopGraph(stream)
+            if choice is True:
+                hop_fn, seconds, cached = hopgraph.compiled_hop(graph, example)
+            else:
+                hop_fn, self._build = hopgraph.cached_hop_or_build(graph, example)
+                seconds, cached = time.perf_counter() - t0, True
         except hopgraph.CompileUnavailable as exc:
             self.compile_note = str(exc)
             message = f"df_mps: real-time hop not compiled ({exc}); running eager"
@@ -1200,11 +1215,45 @@ class RealtimeEnhancer:
             else:
                 logger.debug(message)
             return None
+        if hop_fn is None:  # built in the background: eager (on this stream) until then
+            self.compile_note = "being built in the background; eager until it is ready"
+            return stream
         stream.use_hop(hop_fn)
         self.compiled = True
         self.compile_seconds = time.perf_counter() - t0
         self.compile_note = "loaded from the cache" if cached else f"compiled in {seconds:.0f} s"
         return stream
+
+    def _poll_build(self) -> None:
+        """Between two chunks: take up the compiled hop if its background build is done."""
+        import time
+
+        from . import hopgraph
+        from ._log import logger
+
+        try:
+            hop_fn = self._build.poll()
+        except hopgraph.CompileUnavailable as exc:
+            self._build = None
+            self.compile_note = str(exc)
+            # a warning, as was the one that said the build had started
+            logger.warning(f"df_mps: real-time hop not compiled ({exc}); running eager")
+            return
+        if hop_fn is None:
+            return
+        self._build = None
+        self._model.use_hop(hop_fn)  # from the next hop: the state is the eager hops'
+        self.compiled = True
+        self.compile_seconds = time.perf_counter() - self._build_started
+        self.compile_note = f"built in the background in {self.compile_seconds:.0f} s"
+
+    def wait_for_compile(self, timeout: Optional[float] = None) -> bool:
+        """Wait (at most ``timeout`` seconds) for a compiled hop being built in the
+        background, and take it up; whether the hops now run compiled. Streams need not call
+        it: ``process`` takes the compiled hop up as soon as it is ready."""
+        if self._build is not None and self._build.wait(timeout):
+            self._poll_build()
+        return self.compiled
 
     # -- the fixed delay ---------------------------------------------------------------------
     def _latency(self) -> int:
@@ -1241,6 +1290,8 @@ class RealtimeEnhancer:
     def process(self, chunk) -> np.ndarray:
         """Enhance the next chunk; returns as many frames, ``latency_samples`` behind."""
         x = self._check(chunk)
+        if self._build is not None:
+            self._poll_build()
         self._ndim = np.ndim(chunk)  # flush() answers in the same layout
         frames = x.shape[1]
         self._frames_in += frames
@@ -1417,8 +1468,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=(
             "run each hop as one compiled step (AOTInductor; CPU only; built once per model "
-            "and channel count, about a minute, then cached). Default: where a C++ compiler "
-            "is found ($DF_MPS_REALTIME_COMPILE=0 turns it off)"
+            "and channel count, about a minute, then cached): --compile builds it before the "
+            "first chunk. Default: where a C++ compiler is found, built in the background "
+            "while the stream runs eager ($DF_MPS_REALTIME_COMPILE=0 turns it off)"
         ),
     )
     parser.add_argument(
