@@ -7,6 +7,7 @@ DeepFilterNet3 weights, computed once per case on 1-2 s of speech.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
@@ -324,17 +325,26 @@ def run_bounded(argv, timeout: float) -> subprocess.CompletedProcess:
 
 
 def processes_naming(text) -> list:
-    """The live (not zombie) processes whose command line names ``text`` (Linux; else [])"""
+    """The live (not zombie) processes whose command line names ``text``: ``ps`` as Linux
+    and macOS both have it."""
+    out = subprocess.run(
+        ["ps", "ax", "-ww", "-o", "pid=,stat=,command="], capture_output=True, text=True, check=True
+    ).stdout
     found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if str(text) in cmdline and state != "Z":
-            found.append(int(proc.name))
+    for line in out.splitlines():
+        pid, stat, command = (line.split(None, 2) + ["", ""])[:3]
+        if str(text) in command and not stat.startswith("Z") and int(pid) != os.getpid():
+            found.append(int(pid))
     return found
+
+
+def kill_processes_naming(text) -> None:
+    """Stop the process groups of the processes that name ``text`` (a build left running)."""
+    import signal
+
+    for pid in processes_naming(text):
+        with contextlib.suppress(OSError):
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
 
 
 @pytest.mark.subprocess
@@ -365,7 +375,8 @@ def test_cli_closed_pipe_and_usage_errors(dfn3_model_dir, tmp_path):
     # A reader that goes away: exit 0, nothing on stderr.
     noise = (np.random.default_rng(0).standard_normal(48000 * 2) * 0.1).astype("<f4")
     # With the default compile="auto" in an empty cache: the hop's build runs in the
-    # background, and the command line's exit stops it and leaves no file of it.
+    # background and goes on after the command line's exit, to leave the package for the
+    # next start (stopped here: test_a_build_outlives_a_killed_parent builds one to the end).
     cache = tmp_path / "cache"
     script = (
         f"env -u DF_MPS_REALTIME_COMPILE DF_MPS_CACHE_DIR={cache} "
@@ -380,8 +391,10 @@ def test_cli_closed_pipe_and_usage_errors(dfn3_model_dir, tmp_path):
 
     if hopgraph._compiler() is not None:
         assert "compiling the real-time hop" in proc.stderr and "in the background" in proc.stderr
-    assert not processes_naming(cache)
-    assert [p.name for p in (cache / "realtime").iterdir() if p.is_file()] in ([], None)
+        try:
+            assert processes_naming(cache), "no build left running after the command line"
+        finally:
+            kill_processes_naming(cache)
 
     for bad in (["--format", "u8"], ["--rate", "0"]):
         proc = run_stream(bad, b"")
@@ -532,9 +545,11 @@ def test_auto_builds_in_the_background_and_switches_mid_stream(enhancer, speech,
     np.testing.assert_allclose(np.concatenate(got), np.concatenate(expected), atol=1e-5, rtol=0)
     assert rt._model.hop_fn is not None  # the later hops ran compiled
 
-    names = sorted(p.name for p in hop_cache.iterdir())
-    assert len(names) == 2 and names[0].endswith(".pt2") and names[1] == names[0] + ".ok"
-    assert not hopgraph._builds and not hopgraph._running
+    package = [p.name for p in hop_cache.glob("hop-*.pt2")]
+    assert len(package) == 1, package
+    names = {p.name for p in hop_cache.iterdir()} - {f"{package[0]}.lock"}  # the build lock
+    assert names == {package[0], f"{package[0]}.ok"}, names
+    assert not hopgraph._builds and not hopgraph._private
     again = RealtimeEnhancer(enhancer)
     assert again.compiled and again.compile_note == "loaded from the cache"
 
@@ -580,18 +595,39 @@ def test_a_failed_background_build_leaves_the_stream_eager(
     assert messages == [f"df_mps: real-time hop not compiled ({rt.compile_note}); running eager"]
     np.testing.assert_allclose(out, offline(enhancer, audio, SR), atol=TOL, rtol=0)
     assert not list((tmp_path / "realtime").iterdir())  # neither its export nor a package
+    # stream_through's flush() ended that stream: the next runs as compile=False would
+    assert rt._model.libdf is not None and rt._model.hop_fn is None
 
 
-def test_a_background_build_is_cancelled_at_exit_and_leaves_nothing(
-    enhancer, monkeypatch, tmp_path
-):
-    """The interpreter's exit (here its atexit function) stops a build still running: the
-    child and what it started, and its files."""
+def test_streams_of_one_shape_share_one_background_build(enhancer, monkeypatch, tmp_path):
     from df_mps import hopgraph
 
     needs_compiler()
     monkeypatch.delenv("DF_MPS_REALTIME_COMPILE")
     monkeypatch.setenv("DF_MPS_CACHE_DIR", str(tmp_path))
+    stand_in_build(monkeypatch, "import time; time.sleep(60)")
+    first, second = RealtimeEnhancer(enhancer), RealtimeEnhancer(enhancer)
+    try:
+        assert first._build is second._build and first._build.shared
+        assert RealtimeEnhancer(enhancer, channels=2)._build is not first._build
+    finally:
+        for build in list(hopgraph._builds.values()):
+            build.cancel()
+    assert not hopgraph._builds
+
+
+def test_a_private_background_build_is_cancelled_at_exit_and_leaves_nothing(
+    enhancer, monkeypatch, tmp_path
+):
+    """Where df-mps's cache can't be written, the build goes to a private directory, of no
+    use after this process: the interpreter's exit (here its atexit function) stops it, the
+    child and what it started, and removes the directory."""
+    from df_mps import hopgraph
+
+    needs_compiler()
+    monkeypatch.delenv("DF_MPS_REALTIME_COMPILE")
+    (tmp_path / "file").write_bytes(b"")
+    monkeypatch.setenv("DF_MPS_CACHE_DIR", str(tmp_path / "file" / "cache"))  # can't be made
     marker = f"df-mps-stand-in-{os.getpid()}"
     stand_in_build(
         monkeypatch,
@@ -601,41 +637,65 @@ def test_a_background_build_is_cancelled_at_exit_and_leaves_nothing(
     )
     rt = RealtimeEnhancer(enhancer)
     build = rt._build
-    assert build is not None and not build.wait(1)
-    assert hopgraph._running == {build}
-    hopgraph._cancel_running_builds()
+    assert build is not None and not build.shared and build.folder.is_dir()
+    assert hopgraph._private == {build} and not hopgraph._builds
+    for _ in range(100):  # the grandchild started
+        if processes_naming(marker):
+            break
+        build.wait(0.1)
+    assert processes_naming(marker)
+    hopgraph._cancel_private_builds()
     assert build.proc.returncode is not None and not processes_naming(marker)
-    assert not hopgraph._running and not list((tmp_path / "realtime").iterdir())
+    assert not hopgraph._private and not build.folder.exists()
     rt.process(np.zeros(480, np.float32))
     assert not rt.compiled and rt.compile_note == "the background build was cancelled"
 
 
 @pytest.mark.subprocess
-def test_a_build_whose_parent_is_killed_stops_itself(dfn3_model_dir, tmp_path):
-    """A caller killed outright runs no atexit function: the build child (the real one)
-    notices within a second or two, stops its process group and removes its files."""
+@pytest.mark.parametrize("where", ["cache", "private"])
+def test_a_build_outlives_a_killed_parent_only_into_the_cache(dfn3_model_dir, tmp_path, where):
+    """A caller killed outright (no atexit) while its build runs: a build into df-mps's cache
+    goes on to the end (the real build, about a minute) and leaves the package, its pass
+    marker and its lock; a private one notices within a second or two, stops its process
+    group and removes its files."""
     import time
 
     needs_compiler()
+    cache = tmp_path / "cache"
+    if where == "private":
+        (tmp_path / "file").write_bytes(b"")
+        cache = tmp_path / "file" / "cache"
     code = (
         "import os, sys\n"
         "from df_mps.realtime import RealtimeEnhancer\n"
         f"rt = RealtimeEnhancer({str(dfn3_model_dir)!r})\n"
-        "print(rt._build.proc.pid, flush=True)\n"
+        "print(rt._build.proc.pid, rt._build.folder, flush=True)\n"
+        "rt._build.wait(3)\n"  # into the build
         "os.kill(os.getpid(), 9)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "DF_MPS_REALTIME_COMPILE"}
-    env["DF_MPS_CACHE_DIR"] = str(tmp_path)
+    env["DF_MPS_CACHE_DIR"] = str(cache)
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
     )
     assert proc.returncode == -9, proc.stderr
-    child = int(proc.stdout.split()[0])
-    deadline = time.monotonic() + 30
-    while processes_naming(tmp_path) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not processes_naming(tmp_path), f"build child {child} still running"
-    assert not list((tmp_path / "realtime").iterdir())
+    child, folder = proc.stdout.split()
+    folder = Path(folder)
+    deadline = time.monotonic() + (600 if where == "cache" else 30)
+    try:
+        if where == "cache":
+            assert processes_naming(folder), "the build stopped with its parent"
+        while processes_naming(folder) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not processes_naming(folder), f"build child {child} still running"
+    finally:
+        kill_processes_naming(folder)
+    if where == "private":
+        assert not folder.exists()
+        return
+    names = sorted(p.name for p in folder.iterdir())
+    assert len(names) == 3 and names[0].startswith("hop-"), names
+    assert names[1:] == [names[0] + ".lock", names[0] + ".ok"], names
 
 
 def test_compile_is_never_required(enhancer, speech, monkeypatch, tmp_path):

@@ -36,6 +36,7 @@ import atexit
 import contextlib
 import hashlib
 import importlib
+import itertools
 import json
 import os
 import shutil
@@ -304,26 +305,22 @@ def compiled_hop(graph, example: Sequence) -> Tuple[Callable, float, bool]:
     if runner is not None:
         return runner, time.perf_counter() - t0, True
     inductor = _inductor()
-    folder, cached = _build_folder(path, "")
+    folder, shared = _build_folder(path, "")
+    target, built = folder / path.name, False
     try:
         exported = _export(graph, example)
-        built = _build(inductor, exported, folder / f".{path.stem}.{os.getpid()}.tmp.pt2")
-        final = folder / path.name
-        try:
-            os.replace(built, final)
-        except OSError:
-            final = built
-        _check_in_child(final, example)
-        try:
-            runner = _load(final)
-        except Exception as exc:  # noqa: BLE001 - compiling is never required
-            raise CompileUnavailable(f"the built package did not load: {_one_line(exc)}") from exc
+        with _build_lock(target):
+            # another process may have built it while this one waited for the lock
+            runner = _cached_runner(target, example) if shared else None
+            if runner is None:
+                _install(inductor, exported, target, example)
+                runner, built = _load_built(target), True
     finally:
-        if not cached:  # a private build directory: the loader has what it needs
+        if not shared:  # a private build directory: the loader has what it needs
             shutil.rmtree(folder, ignore_errors=True)
-    if cached:
-        _prune(folder, keep=final)
-    return runner, time.perf_counter() - t0, False
+    if shared:
+        _prune(folder, keep=target)
+    return runner, time.perf_counter() - t0, not built
 
 
 def cached_hop_or_build(graph, example: Sequence):
@@ -339,14 +336,14 @@ def cached_hop_or_build(graph, example: Sequence):
     if running is not None and running.proc.poll() is None:
         return None, running  # another stream of this process asked for the same package
     _inductor()  # fails here, not in the child, where there is none
-    folder, cached = _build_folder(path, "in the background, ")
+    folder, shared = _build_folder(path, "in the background, ")
     try:
-        build = HopBuild(folder, path.name, _export(graph, example), example, shared=cached)
+        build = HopBuild(folder, path.name, _export(graph, example), example, shared=shared)
     except BaseException:
-        if not cached:
+        if not shared:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    if cached:
+    if shared:
         _builds[path] = build
     return None, build
 
@@ -372,6 +369,13 @@ def _cached_runner(path: Path, example: Sequence) -> Optional[Callable]:
     return runner
 
 
+def _load_built(path: Path) -> Callable:
+    try:
+        return _load(path)
+    except Exception as exc:  # noqa: BLE001 - compiling is never required
+        raise CompileUnavailable(f"the built package did not load: {_one_line(exc)}") from exc
+
+
 def _inductor():
     """torch._inductor, where it can build a package here; else CompileUnavailable."""
     try:
@@ -388,21 +392,17 @@ def _inductor():
 
 def _build_folder(path: Path, how: str) -> Tuple[Path, bool]:
     """(where to build the package for ``path``, whether that is the cache), with the
-    markers of an earlier package at that name removed (a rebuild gets its own trial), and
-    the warning that says why a first start does more than usual."""
-    for mark in _markers(path):
-        with contextlib.suppress(OSError):
-            mark.unlink(missing_ok=True)
-    folder, cached = build_dir(path.parent, "df-mps-hop-")
+    warning that says why a first start does more than usual."""
+    folder, shared = build_dir(path.parent, "df-mps-hop-")
     # A warning, so that the command line (whose default level it is) says what its first
     # start does.
-    where = f"cached in {folder}" if cached else f"not cached: {path.parent} is not writable"
+    where = f"cached in {folder}" if shared else f"not cached: {path.parent} is not writable"
     eager = "; eager until then" if how else ""
     logger.warning(
         f"df_mps: compiling the real-time hop for this model and channel count {how}once "
         f"(about a minute; {where}){eager}"
     )
-    return folder, cached
+    return folder, shared
 
 
 def _export(graph, example: Sequence):
@@ -418,116 +418,180 @@ def _export(graph, example: Sequence):
         raise CompileUnavailable(f"torch.export failed: {_one_line(exc)}") from exc
 
 
+@contextlib.contextmanager
+def _build_lock(path: Path):
+    """Held while the package at ``path`` is built and put in place: one build of a package
+    at a time across processes (``flock`` on a ``.lock`` file beside it, which stays; where
+    there is no ``flock``, builds may overlap, each putting a whole package in place)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        fd = os.open(_lock_file(path), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+def _install(inductor, exported, path: Path, example: Sequence) -> None:
+    """Build the package for ``path`` under a temporary name beside it, try it in a child
+    process, then give it its name and its pass marker; the caller holds the build lock.
+    CompileUnavailable where the build or the trial fails (a failed trial is marked): a
+    package is never at its name untried or half-written."""
+    passed, failed = _markers(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
+    try:
+        _build(inductor, exported, tmp)
+        for mark in (passed, failed):  # this build gets its own trial
+            with contextlib.suppress(OSError):
+                mark.unlink(missing_ok=True)
+        _check_in_child(tmp, example, markers_of=path)
+        os.replace(tmp, path)
+        passed.touch()
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
 # -- building in the background ----------------------------------------------------------------
-# Builds under way in this process, by package path (two streams of one model share one);
-# a finished build leaves, and later streams find its package in the cache.
+# Builds of the shared cache under way in this process, by package path (two streams of one
+# model share one); a finished build leaves, and later streams find its package in the cache.
 _builds: dict = {}
+# Builds in private directories (an unwritable cache): of no use once this process is gone.
+_private: set = set()
+_serial = itertools.count()
 _BUILD_FAILED = 3  # the build child's exit status for a build that failed (reason on stderr)
 
 
 class HopBuild:
     """A package of the compiled hop built in a child process (``python -m
     df_mps.hopgraph``, at low priority) while the caller's stream runs eager: the graph is
-    exported here (a few seconds), built and tried there (about a minute). ``poll()`` says
-    where it is; ``cancel()`` stops the child and everything it started (its process group)
-    and removes its files. Builds still running when the interpreter exits are cancelled, and
-    a child whose parent is gone stops itself: no build outlives its caller."""
+    exported here (a few seconds), built and tried there (about a minute). ``poll()`` hands
+    over the package's run function once it is ready, loaded beforehand on a helper thread;
+    ``wait()`` waits for that.
+
+    A build into df_mps's cache finishes even where its caller exits first, so that a program
+    that runs for less than a minute still leaves the package for its next start; one build of
+    a package runs at a time (a lock beside it). A build into a private directory (the cache
+    is not writable) is of no use to anyone else: it is stopped (``cancel()``, with everything
+    it started) when the interpreter exits, and stops itself if its parent dies."""
 
     def __init__(self, folder: Path, name: str, exported, example: Sequence, shared: bool):
+        import tempfile
+        import threading
+
         self.folder, self.path, self.shared = folder, folder / name, shared
-        self.started = time.perf_counter()
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
         self._done = False
+        self._runner: Optional[Callable] = None
         self._error: Optional[str] = None
-        self.exported_file = folder / f".{self.path.stem}.{os.getpid()}.export.pt2"
+        self.exported_file = folder / f".{self.path.stem}.{os.getpid()}.{next(_serial)}.export.pt2"
+        spec = [(list(t.shape), str(t.dtype).replace("torch.", "")) for t in example]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self._stderr = None
         try:
+            # the child's stderr, for the reason of a failed build (closed in _finish)
+            self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # weights sharing storage: saved whole
                 torch.export.save(exported, str(self.exported_file))
-        except Exception as exc:  # noqa: BLE001 - compiling is never required
-            self.exported_file.unlink(missing_ok=True)
-            raise CompileUnavailable(
-                f"the exported hop could not be saved: {_one_line(exc)}"
-            ) from exc
-        spec = [(list(t.shape), str(t.dtype).replace("torch.", "")) for t in example]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        import tempfile
-
-        # the child's stderr, for the reason of a failed build (closed in _finish)
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
-        try:
+            argv = _build_argv(
+                str(self.exported_file),
+                str(self.path),
+                json.dumps(spec),
+                str(torch.get_num_threads()),
+                str(os.getpid()),
+                "shared" if shared else "private",
+            )
             self.proc = subprocess.Popen(
-                _build_argv(
-                    str(self.exported_file),
-                    str(self.path),
-                    json.dumps(spec),
-                    str(torch.get_num_threads()),
-                    str(os.getpid()),
-                ),
+                argv,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=self._stderr,
                 start_new_session=True,  # its own process group: cancel() stops all of it
             )
-        except (OSError, ValueError) as exc:
-            self.exported_file.unlink(missing_ok=True)
-            self._stderr.close()
-            raise CompileUnavailable(f"the build process did not start: {_one_line(exc)}") from exc
-        _running.add(self)
+        except Exception as exc:  # noqa: BLE001 - compiling is never required
+            with contextlib.suppress(OSError):
+                self.exported_file.unlink(missing_ok=True)
+            if self._stderr is not None:
+                self._stderr.close()
+            raise CompileUnavailable(
+                f"the background build did not start: {_one_line(exc)}"
+            ) from exc
+        if not shared:
+            _private.add(self)
+        threading.Thread(target=self._wait_for_child, daemon=True).start()
 
     def poll(self) -> Optional[Callable]:
         """None while the build runs; once it has built and passed its trial, a run function
-        of the package (a new one at each call); raises CompileUnavailable where it failed
-        or was cancelled."""
-        if not self._done:
-            if self.proc.poll() is None:
-                return None
-            self._finish()
+        of the package (loaded already for the first caller; a new one for each later one);
+        raises CompileUnavailable where it failed or was cancelled."""
+        if not self._ready.is_set():
+            return None
         if self._error is not None:
             raise CompileUnavailable(self._error)
-        try:
-            runner = _load(self.path)
-        except Exception as exc:  # noqa: BLE001 - compiling is never required
-            raise CompileUnavailable(f"the built package did not load: {_one_line(exc)}") from exc
-        if not self.shared:  # a private build directory: the loader has what it needs
-            shutil.rmtree(self.folder, ignore_errors=True)
-        return runner
+        runner, self._runner = self._runner, None
+        return runner if runner is not None else _load_built(self.path)
 
     def wait(self, timeout: Optional[float] = None) -> bool:
-        """Wait until the build has ended, at most ``timeout`` seconds; whether it has."""
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return False
-        return True
+        """Wait until the build has ended (and its package is loaded), at most ``timeout``
+        seconds; whether it has."""
+        return self._ready.wait(timeout)
 
     def cancel(self) -> None:
         """Stop the build (the child and whatever it started) and remove its files."""
-        if self._done:
-            return
-        if self.proc.poll() is None:
+        with self._lock:
+            if self._done:
+                return
             with contextlib.suppress(OSError):
-                if hasattr(os, "killpg"):
+                if hasattr(os, "killpg"):  # the group, whose leader may have exited already
                     os.killpg(self.proc.pid, signal.SIGKILL)
-                else:  # Windows: no process groups to stop; the child alone
+                else:  # Windows: no process groups; the child alone
                     self.proc.kill()
             with contextlib.suppress(subprocess.SubprocessError):
                 self.proc.wait(10)
-        self._finish(cancelled=True)
+            self._finish(cancelled=True)
+        self._ready.set()
+
+    def _wait_for_child(self) -> None:
+        # On a helper thread: the package is loaded (10-15 ms) away from the stream's calls.
+        self.proc.wait()
+        with self._lock:
+            if self._done:  # cancelled
+                return
+            self._finish()
+        if self._error is None:
+            try:
+                self._runner = _load_built(self.path)
+            except CompileUnavailable as exc:
+                self._error = str(exc)
+        if not self.shared:  # a private build directory: the loader has what it needs
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self._ready.set()
 
     def _finish(self, cancelled: bool = False) -> None:
         self._done = True
-        _running.discard(self)
+        _private.discard(self)
         if _builds.get(self.path) is self:
-            del _builds[self.path]
+            _builds.pop(self.path, None)
         code = self.proc.returncode
         self._stderr.seek(0)
         lines = [x for x in self._stderr.read().decode(errors="replace").splitlines() if x.strip()]
         self._stderr.close()
         # the child's own files, where it was stopped before it removed them
-        self.exported_file.unlink(missing_ok=True)
-        for tmp in self.folder.glob(f".{self.path.stem}.{self.proc.pid}.tmp.pt2"):
-            tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.exported_file.unlink(missing_ok=True)
+            for tmp in self.folder.glob(f".{self.path.stem}.{self.proc.pid}.tmp.pt2"):
+                tmp.unlink(missing_ok=True)
         if cancelled:
             self._error = "the background build was cancelled"
         elif code != 0 or not self.path.is_file() or not _markers(self.path)[0].is_file():
@@ -540,57 +604,63 @@ class HopBuild:
             _prune(self.folder, keep=self.path)
 
 
-_running: set = set()
-
-
 def _build_argv(*args: str) -> List[str]:
     """The build child's command line (``_build_in_child``'s arguments)."""
     return [sys.executable, "-m", "df_mps.hopgraph", *args]
 
 
 @atexit.register
-def _cancel_running_builds() -> None:
-    for build in list(_running):
+def _cancel_private_builds() -> None:
+    for build in list(_private):
         build.cancel()
 
 
 def _build_in_child(argv: Sequence[str]) -> int:
-    """The build child: ``EXPORTED FINAL SPEC THREADS PARENT_PID``. Builds the package from
-    the exported graph, moves it to FINAL and runs its trial; exit status 0, or
-    ``_BUILD_FAILED`` with the reason as the last line on stderr."""
-    exported_file, final, spec, threads, parent = argv
-    final = Path(final)
+    """The build child: ``EXPORTED FINAL SPEC THREADS PARENT_PID shared|private``. Builds the
+    package from the exported graph and puts it at FINAL once it has passed its trial (under
+    the build lock; where another process built it meanwhile, nothing to do); exit status 0,
+    or ``_BUILD_FAILED`` with the reason as the last line on stderr."""
+    exported_file, final, spec, threads, parent, where = argv
+    final, exported_file = Path(final), Path(exported_file)
     with contextlib.suppress(OSError, AttributeError):
         os.nice(10)  # the caller's live stream comes first
+    if where == "private":
+        import threading
 
-    tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp.pt2")
+        tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp.pt2")
 
-    def watch_parent() -> None:
-        # No build outlives its caller, even one killed without running its atexit; and
-        # none leaves its files behind.
-        while os.getppid() == int(parent):
-            time.sleep(1.0)
-        for path in (Path(exported_file), tmp):
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-        if hasattr(os, "killpg"):
-            os.killpg(0, signal.SIGKILL)
-        os._exit(1)
+        def stop_with_parent() -> None:
+            # A private package is of no use once its parent is gone (even one killed
+            # without running its atexit): stop, and leave no files.
+            while os.getppid() == int(parent):
+                time.sleep(1.0)
+            for path in (exported_file, tmp):
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+            shutil.rmtree(final.parent, ignore_errors=True)  # the private directory
+            if hasattr(os, "killpg") and os.getpgrp() == os.getpid():  # a group of its own
+                os.killpg(0, signal.SIGKILL)
+            os._exit(1)
 
-    import threading
-
-    threading.Thread(target=watch_parent, daemon=True).start()
+        threading.Thread(target=stop_with_parent, daemon=True).start()
     torch.set_num_threads(int(threads))  # the thread count is part of the package's key
     try:
-        inductor = _inductor()
         try:
-            exported = torch.export.load(exported_file)
-        except Exception as exc:  # noqa: BLE001 - reported as one line
-            raise CompileUnavailable(f"the exported hop did not load: {_one_line(exc)}") from exc
-        built = _build(inductor, exported, tmp)
-        os.replace(built, final)
+            inductor = _inductor()
+            try:
+                exported = torch.export.load(str(exported_file))
+            except Exception as exc:  # noqa: BLE001 - reported as one line
+                raise CompileUnavailable(
+                    f"the exported hop did not load: {_one_line(exc)}"
+                ) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                exported_file.unlink(missing_ok=True)
         example = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in json.loads(spec)]
-        _check_in_child(final, example)
+        with _build_lock(final):
+            if final.is_file() and _markers(final)[0].is_file():
+                return 0  # another process built it while this one waited for the lock
+            _install(inductor, exported, final, example)
     except CompileUnavailable as exc:
         print(str(exc), file=sys.stderr, flush=True)
         return _BUILD_FAILED
@@ -601,7 +671,7 @@ _TRIAL_STARTED = "df-mps-trial: loading"  # printed by the trial child before th
 _TRIAL_PASSED = "df-mps-trial: ok"  # and after the hop ran
 # Exit statuses that say the child was stopped from outside (killed for memory, interrupted),
 # not that the package failed: no failure marker for those.
-_STOPPED = {-signal.SIGKILL, -signal.SIGINT, -signal.SIGTERM}
+_STOPPED = {-getattr(signal, "SIGKILL", 9), -signal.SIGINT, -signal.SIGTERM}
 
 
 def _markers(path: Path) -> Tuple[Path, Path]:
@@ -609,16 +679,27 @@ def _markers(path: Path) -> Tuple[Path, Path]:
     return path.with_name(path.name + ".ok"), path.with_name(path.name + ".failed")
 
 
-def _check_in_child(path: Path, example: Sequence) -> None:
+def _lock_file(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+def _companions(path: Path) -> Tuple[Path, ...]:
+    """The files that go with the package at ``path`` when it is pruned."""
+    return (*_markers(path), _lock_file(path))
+
+
+def _check_in_child(path: Path, example: Sequence, markers_of: Optional[Path] = None) -> None:
     """Load the package and run one hop on zeros in a child process, once per package (a
-    marker file beside it records the pass, another a failure of the package itself): a
+    marker file beside it records the pass, another a failure of the package itself; for a
+    new build, tried at its temporary path, ``markers_of`` names the package whose failure
+    marker records a failure, and the caller records the pass once it is in place): a
     package that crashes its loader takes the child down, not the caller, and the stream runs
     eager (CompileUnavailable). Measured: on the H200 machine's PyTorch 2.11 a package built
     there crashed the process that loaded it (a segmentation fault in the AOTInductor loader).
     Where no child Python can be started (a frozen or embedded program), the hop isn't
     compiled."""
-    passed, failed = _markers(path)
-    if passed.is_file():
+    passed, failed = _markers(markers_of or path)
+    if markers_of is None and passed.is_file():
         return
     if getattr(sys, "frozen", False) or not sys.executable:
         raise CompileUnavailable("no Python interpreter to try the compiled hop in")
@@ -644,8 +725,9 @@ def _check_in_child(path: Path, example: Sequence) -> None:
         raise CompileUnavailable(f"the compiled hop could not be tried: {_one_line(exc)}") from exc
     out = proc.stdout.splitlines()
     if proc.returncode == 0 and _TRIAL_PASSED in out:
-        with contextlib.suppress(OSError):
-            passed.touch()
+        if markers_of is None:
+            with contextlib.suppress(OSError):
+                passed.touch()
         return
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     why = lines[-1].strip() if lines else f"exit status {proc.returncode}"
@@ -687,7 +769,7 @@ PRUNE_DAYS = 30  # cached packages unused this long go when a new one is built
 
 def _prune(folder: Path, keep: Path) -> None:
     """Remove the cached packages not loaded for PRUNE_DAYS (older PyTorch, df_mps, models)."""
-    prune_unused(folder, "hop-*.pt2", keep, PRUNE_DAYS, companions=_markers)
+    prune_unused(folder, "hop-*.pt2", keep, PRUNE_DAYS, companions=_companions)
     # a build's own files, left where its process and its parent were killed together
     prune_unused(folder, ".hop-*.pt2", keep, 1)
 

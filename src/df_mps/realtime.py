@@ -57,16 +57,19 @@ deep filter, post-filter, attenuation limit and overlap-add) as one call of a gr
 products on their unfolded inputs and the FFTs as real FFTs. The build takes about a minute,
 once per model, row count (channels x streams), PyTorch, processor and thread count; the
 package is cached under df_mps's cache directory (``realtime/``), and loads in milliseconds
-after that. With "auto", that first build runs in a child process at low priority while the
-stream runs eager, and the stream takes the compiled hop up between two chunks once it is
-built and tried (``wait_for_compile`` waits for it): a live stream never waits a minute for
-its first output. The child is stopped at the interpreter's exit, or within a second of its
-parent's death, and leaves no files; a stream that ends first leaves the build for a later
-one. ``compile=True`` builds before the constructor returns. The
+after that. With "auto", the constructor exports the hop (a few seconds) and that first build
+runs in a child process at low priority while the stream runs eager; the stream takes the
+compiled hop up between two chunks once it is built, tried and loaded (``wait_for_compile``
+waits for it), so a live stream does not wait a minute for its first output. A build into
+the cache finishes even where the program exits first (one build of a package at a time, a
+lock file beside it), so that a program shorter than the build still leaves the package for
+its next start; where the cache can't be written, the build goes to a private directory and
+stops with its program. ``compile=True`` builds before the constructor returns. The
 compiled and the eager hop share their state (the eager code runs the first hops of a stream
 and its ``flush``), and agree within 1e-5 a sample. Where the compiled hop can't be had (no
-C++ compiler, a failed build) the stream runs eager: quietly for "auto", with one warning for
-``compile=True``; ``compile=False`` (or ``DF_MPS_REALTIME_COMPILE=0``) never compiles. A
+C++ compiler, a failed build) the stream runs eager: quietly for "auto" where that is known
+at the start, with one warning where a background build fails and for ``compile=True``;
+``compile=False`` (or ``DF_MPS_REALTIME_COMPILE=0``) never compiles. A
 compiled hop that fails at run time hands the stream to the eager code, with one warning.
 
 Speed (benchmarks/bench_realtime.py, one CPU thread, 480-sample chunks, side by side with the
@@ -1166,6 +1169,8 @@ class RealtimeEnhancer:
             self._pulsed, enhancer.df_state, self._rows, self.device, atten_lim_db, torch_dsp
         )
         self._model = None
+        self._make = make
+        self._eager_at_reset = False  # a failed background build: libdf's eager from reset()
         if choice is not False and self.device.type == "cpu":
             self._model = self._compiled_stream(make, choice)
         elif choice is True:
@@ -1189,8 +1194,9 @@ class RealtimeEnhancer:
         """The stream with its hops compiled (df_mps.hopgraph), or None (the reason in
         ``compile_note``, logged: a warning for compile=True, debug for "auto"). For "auto"
         where df_mps's cache hasn't the package yet, the stream runs eager while a child
-        process builds it, and takes it up between two hops once it is ready (``_poll_build``):
-        a live stream never waits a minute for its first output."""
+        process builds it, and takes it up between two chunks once it is ready
+        (``_poll_build``; a failed build is then a warning): a live stream waits a few seconds
+        for the export, not a minute for the build."""
         import time
 
         from . import hopgraph
@@ -1238,6 +1244,9 @@ class RealtimeEnhancer:
             self.compile_note = str(exc)
             # a warning, as was the one that said the build had started
             logger.warning(f"df_mps: real-time hop not compiled ({exc}); running eager")
+            # This stream goes on as it is; the next one runs eager as compile=False does
+            # (with libdf's features where they are: 10-20% less time a hop than torch's).
+            self._eager_at_reset = True
             return
         if hop_fn is None:
             return
@@ -1279,6 +1288,9 @@ class RealtimeEnhancer:
     # -- state -----------------------------------------------------------------------------
     def reset(self) -> None:
         """Start a new stream (state back to silence) on the same model."""
+        if self._eager_at_reset:
+            self._eager_at_reset = False
+            self._model = self._make(False)
         self._model.reset()
         self._to_model, self._from_model = self._resamplers()
         self._fifo = _Fifo(self._rows, self.latency_samples)
