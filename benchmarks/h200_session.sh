@@ -82,8 +82,10 @@ for part in "${parts[@]}"; do
     # buffers kept for reuse, the default, against glibc's own behaviour).
     corpus_variants variants ${VARIANTS:-kept: returned:DF_MPS_KEEP_FREED_BUFFERS=0} ;;
   pipediag)
-    # test_realtime's closed-pipe case by hand (it ran out of the suite's time on an H100):
-    # the real-time CLI into `head -c 1000`, with a cold cache, then a warm one. A run still
+    # test_realtime's closed-pipe case by hand (it ran out of the suite's time on an H100,
+    # while the CLI still built its compiled hop before its first output; it now builds it
+    # in the background): the real-time CLI into `head -c 1000`, with a cold cache, then a
+    # warm one (the cold run's background build may still be going: `ps` shows it). A run still
     # going after 170 s (cold) or 60 s (warm) is aborted, and faulthandler prints every
     # thread's stack.
     python3 -c "import numpy as np; (np.random.default_rng(0).standard_normal(96000) * 0.1).astype('<f4').tofile('/tmp/in.raw')"
@@ -93,6 +95,7 @@ for part in "${parts[@]}"; do
         python3 -m df_mps.realtime -m $M --block 4800 --log-level debug < /tmp/in.raw \
         2> "$OUT/pipediag_$run.err" | head -c 1000 > /dev/null
       echo "$run: rc ${PIPESTATUS[0]}, $(python3 -c "import time; print(round(time.time() - $t0, 1))") s"
+      ps ax -ww -o pid=,etime=,command= | grep "[d]f_mps.hopgraph" | cut -c1-120
       grep -v "INFO\|DEBUG" "$OUT/pipediag_$run.err" | tail -25 | cut -c1-200
     done ;;
   cudatests)
@@ -173,8 +176,9 @@ PY
       timeout "${SUITE_TIMEOUT:-420}" python3 -m pytest -v -rfEs -p no:cacheprovider tests/test_cuda_graphs.py \
       tests/test_precision.py tests/test_engine.py -k "not memory" > "$OUT/suite_cuda.txt" 2>&1 &
     # test_realtime alone, with more time (REALTIME_TIMEOUT): its compiled-hop tests build
-    # packages cold in a fresh cache (it ran out of 290 s in a shard with others on
-    # 2026-12-02, and of 320 s alone on 2026-12-08).
+    # packages cold (it ran out of 290 s in a shard with others on 2026-12-02, and of 320 s
+    # alone on 2026-12-08, at its fourth build, the closed-pipe CLI's own; since 2026-12-08
+    # the CLI builds in the background and the module builds three packages: 150 s on 2 cores).
     shards=("test_realtime"
       "test_ray test_engine test_split test_dfop test_audio test_audit"
       "test_enhance_cli test_streaming test_compute test_launcher test_cuda_graphs test_routing"

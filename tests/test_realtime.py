@@ -444,11 +444,21 @@ def needs_compiler():
         pytest.skip("no C++ compiler: the compiled hop can't be built here")
 
 
+def skip_where_packages_fail_their_trial(note: str) -> None:
+    """Where this PyTorch's AOTInductor packages crash or fail their loader (seen: PyTorch
+    2.11 on the H200 machine, a segmentation fault), no compiled hop can be had here: the
+    stream runs eager, as test_a_package_that_fails_its_trial_process_runs_eager checks, and
+    what needs a working package is skipped, saying why."""
+    if "failed in a trial process" in note:
+        pytest.skip(f"this PyTorch's compiled hop fails its trial here: {note}")
+
+
 @pytest.fixture(scope="module")
 def module_hop_cache(tmp_path_factory):
-    """One df-mps cache for this module's real builds of the compiled hop (about a minute
-    each on 2 cores): two packages, one row (built in the background) and two (built by
-    compile=True), each built once per run and kept apart from the user's cache."""
+    """One df-mps cache for this module's real builds of the compiled hop (40-70 s each on
+    2 cores): two packages, one row (built in the background) and two (built by
+    compile=True), each built once per run and kept apart from the user's cache. (One more
+    build, test_a_build_outlives_a_killed_parent_only_into_the_cache's, is in its own.)"""
     return tmp_path_factory.mktemp("hop-cache")
 
 
@@ -480,6 +490,7 @@ def test_compiled_hop_equals_eager_hop_by_hop(
     needs_compiler()
     options = dict(channels=channels, post_filter=post_filter, atten_lim_db=atten_lim_db)
     compiled = RealtimeEnhancer(enhancer, compile=True, **options)
+    skip_where_packages_fail_their_trial(compiled.compile_note)
     eager = RealtimeEnhancer(enhancer, compile=False, **options)
     assert compiled.compiled and not eager.compiled, compiled.compile_note
     assert compiled.compile_seconds > 0
@@ -504,8 +515,14 @@ def test_auto_builds_in_the_background_and_switches_mid_stream(enhancer, speech,
     from df_mps import hopgraph
     from df_mps._log import logger
 
-    for old in hop_cache.glob("*hop-*") if hop_cache.is_dir() else ():
-        old.unlink()  # the one-row package, where a test run before this one built it
+    # A stale one-row package in its place (it passed its trial once, but doesn't load
+    # here): rebuilt, not taken for built.
+    path = one_row_hop(enhancer)[2]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for old in path.parent.glob(f"{path.name}*"):
+        old.unlink()
+    path.write_bytes(b"not a package")
+    hopgraph._markers(path)[0].touch()
     messages = []
     sink = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
     try:
@@ -513,6 +530,28 @@ def test_auto_builds_in_the_background_and_switches_mid_stream(enhancer, speech,
     finally:
         logger.remove(sink)
     build = rt._build
+    try:
+        check_the_background_build(enhancer, speech, path, rt, build, messages)
+    finally:
+        for running in list(hopgraph._builds.values()):
+            running.cancel()
+
+
+def one_row_hop(enhancer):
+    """(graph, example, where the cache holds its package) of the one-row hop at this
+    process's thread count."""
+    from df_mps import hopgraph
+    from df_mps.realtime import _ModelRateStream
+
+    rt = RealtimeEnhancer(enhancer, compile=False)
+    stream = _ModelRateStream(rt._pulsed, enhancer.df_state, 1, rt.device, None, True)
+    graph, example = hopgraph.HopGraph(stream), stream.example_hop()
+    return graph, example, hopgraph.package_dir() / f"hop-{hopgraph._cache_key(graph, example)}.pt2"
+
+
+def check_the_background_build(enhancer, speech, path, rt, build, messages) -> None:
+    from df_mps import hopgraph
+
     assert not rt.compiled and build is not None, rt.compile_note
     assert rt.compile_note == "being built in the background; eager until it is ready"
     assert len(messages) == 1, messages
@@ -532,7 +571,9 @@ def test_auto_builds_in_the_background_and_switches_mid_stream(enhancer, speech,
     got = [rt.process(audio[i : i + n]) for i, n in zip(starts, sizes)]
     expected = [eager.process(audio[i : i + n]) for i, n in zip(starts, sizes)]
     assert not rt.compiled  # a second of audio streamed while the build runs
-    assert rt.wait_for_compile(timeout=600), rt.compile_note
+    if not rt.wait_for_compile(timeout=600):
+        skip_where_packages_fail_their_trial(rt.compile_note)
+    assert rt.compiled, rt.compile_note
     assert rt.compile_note.startswith("built in the background in ")
     assert rt.compile_seconds > 0 and build.proc.returncode == 0
     rest = audio[sum(sizes) :]
@@ -545,10 +586,9 @@ def test_auto_builds_in_the_background_and_switches_mid_stream(enhancer, speech,
     np.testing.assert_allclose(np.concatenate(got), np.concatenate(expected), atol=1e-5, rtol=0)
     assert rt._model.hop_fn is not None  # the later hops ran compiled
 
-    package = [p.name for p in hop_cache.glob("hop-*.pt2")]
-    assert len(package) == 1, package
-    names = {p.name for p in hop_cache.iterdir()} - {f"{package[0]}.lock"}  # the build lock
-    assert names == {package[0], f"{package[0]}.ok"}, names
+    # the package, its pass marker and its build lock; no export or temporary file left
+    mine = {p.name for p in path.parent.iterdir() if path.stem in p.name}
+    assert mine == {path.name, f"{path.name}.ok", f"{path.name}.lock"}, mine
     assert not hopgraph._builds and not hopgraph._private
     again = RealtimeEnhancer(enhancer)
     assert again.compiled and again.compile_note == "loaded from the cache"
@@ -616,6 +656,47 @@ def test_streams_of_one_shape_share_one_background_build(enhancer, monkeypatch, 
     assert not hopgraph._builds
 
 
+@pytest.mark.parametrize("outcome", ["built", "failed"])
+def test_a_build_under_way_elsewhere_is_waited_for_not_repeated(
+    enhancer, monkeypatch, tmp_path, outcome
+):
+    """Where another process holds the package's build lock, a new stream starts no build
+    of its own (no second child queued behind the first): it waits for that build and loads
+    its package, or runs on eager where it fails."""
+    import fcntl
+
+    from df_mps import hopgraph
+    from df_mps._log import logger
+
+    needs_compiler()
+    monkeypatch.setattr(hopgraph, "package_dir", lambda: tmp_path)
+    graph, example, path = one_row_hop(enhancer)
+    other = os.open(hopgraph._lock_file(path), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)  # "another process" building it
+    messages = []
+    sink = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
+    try:
+        runner, build = hopgraph.cached_hop_or_build(graph, example)
+        logger.remove(sink)
+        assert runner is None and build.proc is None and not build.wait(0.5)
+        doc = (Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md").read_text()
+        assert len(messages) == 1 and f"`{messages[0]}`" in doc, messages
+        assert not processes_naming(tmp_path)
+        if outcome == "built":
+            path.write_bytes(b"package")
+            hopgraph._markers(path)[0].touch()
+            monkeypatch.setattr(hopgraph, "_load", lambda p: ("runner of", p))
+    finally:
+        os.close(other)  # that build ends
+    assert build.wait(10)
+    if outcome == "built":
+        assert build.poll() == ("runner of", path)
+    else:
+        with pytest.raises(hopgraph.CompileUnavailable, match="another process's build"):
+            build.poll()
+    assert not hopgraph._builds
+
+
 def test_a_private_background_build_is_cancelled_at_exit_and_leaves_nothing(
     enhancer, monkeypatch, tmp_path
 ):
@@ -645,6 +726,10 @@ def test_a_private_background_build_is_cancelled_at_exit_and_leaves_nothing(
         build.wait(0.1)
     assert processes_naming(marker)
     hopgraph._cancel_private_builds()
+    for _ in range(100):  # SIGKILL is delivered, not awaited
+        if not processes_naming(marker):
+            break
+        build.wait(0.1)
     assert build.proc.returncode is not None and not processes_naming(marker)
     assert not hopgraph._private and not build.folder.exists()
     rt.process(np.zeros(480, np.float32))
@@ -693,6 +778,8 @@ def test_a_build_outlives_a_killed_parent_only_into_the_cache(dfn3_model_dir, tm
     if where == "private":
         assert not folder.exists()
         return
+    for failed in folder.glob("hop-*.pt2.failed"):
+        skip_where_packages_fail_their_trial(failed.read_text())
     names = sorted(p.name for p in folder.iterdir())
     assert len(names) == 3 and names[0].startswith("hop-"), names
     assert names[1:] == [names[0] + ".lock", names[0] + ".ok"], names
@@ -743,6 +830,7 @@ def test_a_failing_compiled_hop_goes_eager_mid_stream(enhancer, speech, hop_cach
     needs_compiler()
     audio = at_rate(speech, SR, 1)
     rt = RealtimeEnhancer(enhancer, compile=True)
+    skip_where_packages_fail_their_trial(rt.compile_note)
     assert rt.compiled, rt.compile_note
     calls = []
     run = rt._model.hop_fn

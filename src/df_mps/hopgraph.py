@@ -333,9 +333,18 @@ def cached_hop_or_build(graph, example: Sequence):
     if runner is not None:
         return runner, None
     running = _builds.get(path)
-    if running is not None and running.proc.poll() is None:
+    if running is not None and not running.wait(0):
         return None, running  # another stream of this process asked for the same package
     _inductor()  # fails here, not in the child, where there is none
+    if path.parent.is_dir() and _being_built(path):
+        # another process builds it: wait for that one (no second child queued behind it)
+        logger.warning(
+            "df_mps: the real-time hop for this model and channel count is being compiled "
+            "by another process; eager until then"
+        )
+        build = HopBuild.watching(path)
+        _builds[path] = build
+        return None, build
     folder, shared = _build_folder(path, "in the background, ")
     try:
         build = HopBuild(folder, path.name, _export(graph, example), example, shared=shared)
@@ -419,25 +428,54 @@ def _export(graph, example: Sequence):
 
 
 @contextlib.contextmanager
-def _build_lock(path: Path):
+def _build_lock(path: Path, shared: bool = False):
     """Held while the package at ``path`` is built and put in place: one build of a package
-    at a time across processes (``flock`` on a ``.lock`` file beside it, which stays; where
-    there is no ``flock``, builds may overlap, each putting a whole package in place)."""
+    at a time across processes (``flock`` on a ``.lock`` file beside it, which stays); with
+    ``shared``, a shared lock (a reader waiting for a build to end). Where there is no
+    ``flock`` or it fails (Windows, some network file systems), builds may overlap, each
+    putting a whole package in place."""
+    fd = _lock_fd(path)
     try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    try:
-        fd = os.open(_lock_file(path), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if fd is not None:
+            import fcntl
+
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # and with it the lock
+        if fd is not None:
+            os.close(fd)  # and with it the lock
+
+
+def _lock_fd(path: Path) -> Optional[int]:
+    """A descriptor of the package's lock file (read-only where another user's file can't
+    be opened to write: flock doesn't mind), or None where there is no flock or no file."""
+    try:
+        import fcntl  # noqa: F401 - only where there is flock
+    except ImportError:  # Windows
+        return None
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+        with contextlib.suppress(OSError):
+            return os.open(_lock_file(path), flags, 0o644)
+    return None
+
+
+def _being_built(path: Path) -> bool:
+    """Whether another process holds the package's build lock now."""
+    fd = _lock_fd(path)
+    if fd is None:
+        return False
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
 
 
 def _install(inductor, exported, path: Path, example: Sequence) -> None:
@@ -445,19 +483,30 @@ def _install(inductor, exported, path: Path, example: Sequence) -> None:
     process, then give it its name and its pass marker; the caller holds the build lock.
     CompileUnavailable where the build or the trial fails (a failed trial is marked): a
     package is never at its name untried or half-written."""
-    passed, failed = _markers(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
     try:
         _build(inductor, exported, tmp)
-        for mark in (passed, failed):  # this build gets its own trial
-            with contextlib.suppress(OSError):
-                mark.unlink(missing_ok=True)
         _check_in_child(tmp, example, markers_of=path)
-        os.replace(tmp, path)
-        passed.touch()
+        try:
+            os.replace(tmp, path)
+            _markers(path)[0].touch()
+        except OSError as exc:
+            raise CompileUnavailable(f"the package could not be put in place: {exc}") from exc
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def _usable(path: Path) -> bool:
+    """Whether the package at ``path`` has passed its trial and loads here (a package with
+    its pass marker that doesn't load is stale: rebuilt)."""
+    if not (path.is_file() and _markers(path)[0].is_file()):
+        return False
+    try:
+        _load(path)
+    except Exception:  # noqa: BLE001 - stale or broken
+        return False
+    return True
 
 
 # -- building in the background ----------------------------------------------------------------
@@ -531,6 +580,41 @@ class HopBuild:
             _private.add(self)
         threading.Thread(target=self._wait_for_child, daemon=True).start()
 
+    @classmethod
+    def watching(cls, path: Path) -> HopBuild:
+        """A HopBuild that waits for another process's build of the package at ``path``
+        (that process holds its build lock) and then loads it; no child of its own."""
+        import threading
+
+        self = cls.__new__(cls)
+        self.folder, self.path, self.shared, self.proc = path.parent, path, True, None
+        self._lock, self._ready = threading.Lock(), threading.Event()
+        self._done, self._runner, self._error = False, None, None
+        threading.Thread(target=self._wait_for_other, daemon=True).start()
+        return self
+
+    def _wait_for_other(self) -> None:
+        with _build_lock(self.path, shared=True):  # until that build has ended
+            pass
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            if _builds.get(self.path) is self:
+                _builds.pop(self.path, None)
+            if self._markers_say_built():
+                try:
+                    self._runner = _load_built(self.path)
+                except CompileUnavailable as exc:
+                    self._error = str(exc)
+            else:
+                self._error = "another process's build of the compiled hop failed"
+        self._ready.set()
+
+    def _markers_say_built(self) -> bool:
+        passed, failed = _markers(self.path)
+        return self.path.is_file() and passed.is_file() and not failed.is_file()
+
     def poll(self) -> Optional[Callable]:
         """None while the build runs; once it has built and passed its trial, a run function
         of the package (loaded already for the first caller; a new one for each later one);
@@ -551,6 +635,12 @@ class HopBuild:
         """Stop the build (the child and whatever it started) and remove its files."""
         with self._lock:
             if self._done:
+                if not self.shared:  # done, but the helper thread may not have removed it
+                    shutil.rmtree(self.folder, ignore_errors=True)
+                return
+            if self.proc is None:  # watching another process's build: nothing of ours
+                self._done, self._error = True, "the background build was cancelled"
+                self._ready.set()
                 return
             with contextlib.suppress(OSError):
                 if hasattr(os, "killpg"):  # the group, whose leader may have exited already
@@ -563,7 +653,9 @@ class HopBuild:
         self._ready.set()
 
     def _wait_for_child(self) -> None:
-        # On a helper thread: the package is loaded (10-15 ms) away from the stream's calls.
+        # On a helper thread: the package is loaded (5-15 ms, holding the interpreter) when
+        # the build ends, where a live program mostly waits for its next chunk, rather than
+        # inside a stream's process() call.
         self.proc.wait()
         with self._lock:
             if self._done:  # cancelled
@@ -658,7 +750,11 @@ def _build_in_child(argv: Sequence[str]) -> int:
                 exported_file.unlink(missing_ok=True)
         example = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in json.loads(spec)]
         with _build_lock(final):
-            if final.is_file() and _markers(final)[0].is_file():
+            failed = _markers(final)[1]
+            if failed.is_file():  # another process's build of it failed its trial here
+                why = failed.read_text(errors="replace").strip() or "a trial process failed"
+                raise CompileUnavailable(f"{why}; delete {failed} to try again")
+            if _usable(final):
                 return 0  # another process built it while this one waited for the lock
             _install(inductor, exported, final, example)
     except CompileUnavailable as exc:
