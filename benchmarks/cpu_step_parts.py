@@ -8,6 +8,11 @@ them (``df_mps.util.keep_freed_buffers``; ``--glibc-malloc`` leaves glibc's mall
 It says why --batch 4 buys little on the CPU: the convolutions cost the same per frame and row
 at any batch, and only the GRUs' hidden products share work between rows.
 
+Then the whole step without hooks at other rows x piece lengths (``--pieces``): whether
+shorter pieces, whose convolution outputs (64 channels x 96 bins x frames, 25 MB a row at
+10 s) would stay in the processor's caches, make up for their context frames and the more
+calls per second of audio.
+
     python benchmarks/cpu_step_parts.py --threads 1 --repeats 5 --json docs/data/cpu_step_parts.json
 """
 
@@ -54,6 +59,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--model-dir", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--pieces",
+        default="1x1000,1x500,1x250,1x125,2x250,4x250,4x125,4x62",
+        help="rows x piece frames for the whole-step table (the first is its reference)",
+    )
     p.add_argument(
         "--glibc-malloc",
         action="store_true",
@@ -131,6 +141,7 @@ def main() -> None:
             f"{part:18s} batch 1 (10 s pieces) {b1 * 1e3:7.1f} ms   "
             f"batch 4 (2.5 s) {b4 * 1e3:7.1f} ms   ratio {b4 / b1 if b1 else float('nan'):.2f}"
         )
+    pieces = whole_steps(enhancer, Engine, x, args.pieces, args.repeats)
     meta = {
         "command": command_line(),
         "date": now_iso(),
@@ -140,7 +151,52 @@ def main() -> None:
         "freed_buffers_kept": buffers_kept,
         "unit": "ms per 1,000 frames (10 s) of one row, median of the repeats",
     }
-    write_json(args.json, out, meta)
+    write_json(args.json, out, meta, pieces=pieces)
+
+
+def whole_steps(enhancer, Engine, x, configs: str, repeats: int) -> list:
+    """ms per 1,000 frames of one row of the whole step (no hooks), for each ROWSxFRAMES in
+    ``configs``, interleaved ``repeats`` times after 3 warm-up steps each; medians."""
+    setups = {}
+    for text in configs.split(","):
+        rows, piece = (int(v) for v in text.lower().split("x"))
+        engine = Engine(enhancer.model, enhancer.df_state, batch=rows, piece_frames=piece)
+        spec, erb, feat = engine.new_dsp().features(x, engine.nb_df, alpha=engine.alpha)
+        window = engine.left + piece + engine.right
+        inputs = [
+            f[:, :, :window].expand(rows, f.shape[1], window, *f.shape[3:]).contiguous()
+            for f in (spec, erb, feat)
+        ]
+        setups[(rows, piece)] = (engine, inputs, window)
+        for _ in range(3):
+            engine.model.step(*(t.clone() for t in inputs), [False] * rows, [None] * rows)
+    times = collections.defaultdict(list)
+    for _ in range(repeats):  # as the per-part table steps (outside inference mode)
+        for (rows, piece), (engine, inputs, _) in setups.items():
+            steps = max(1, 1000 // piece)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                engine.model.step(*(t.clone() for t in inputs), [False] * rows, [None] * rows)
+            times[(rows, piece)].append((time.perf_counter() - t0) / (rows * steps * piece))
+    first = statistics.median(next(iter(times.values())))
+    out = []
+    for (rows, piece), values in times.items():
+        per_frame = statistics.median(values)
+        window = setups[(rows, piece)][2]
+        out.append(
+            {
+                "rows": rows,
+                "piece_frames": piece,
+                "window_frames": window,
+                "ms_per_1000_frames_row": per_frame * 1e6,
+                "over_first": per_frame / first,
+            }
+        )
+        print(
+            f"{rows} x {piece:4d} frames (window {window}): {per_frame * 1e6:6.1f} ms per 1,000 "
+            f"frames of a row, {per_frame / first:.3f} of the first"
+        )
+    return out
 
 
 if __name__ == "__main__":

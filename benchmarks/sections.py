@@ -974,10 +974,28 @@ def cpu_step_parts(data: dict) -> Rendered:
         "either batch, so the model runs batch 4 at "
         f"{fmt(total['batch4_over_batch1'], 'ratio')} of batch 1's time per row.\n\n"
         + rows_table(rows, columns)
-        + "\n\n"
-        + provenance(data["meta"])
     )
-    return text, []
+    pieces = data.get("pieces")
+    if pieces:
+        text += (
+            "\n\nThe whole step without hooks, by rows x piece length, in ms per 1,000 frames "
+            "of one row, median of the same number of repeats, interleaved (after the table "
+            "above, so not comparable with its totals). Each step also computes the context "
+            "frames around its piece (the window). Shorter pieces, whose convolution outputs "
+            "(25 MB a row at 10 s) would stay in the processor's caches, do not make up for "
+            "those frames and for the more calls per second of audio:\n\n"
+            + rows_table(
+                pieces,
+                [
+                    ("rows", "rows", "g"),
+                    ("piece frames", "piece_frames", "g"),
+                    ("window frames", "window_frames", "g"),
+                    ("ms per 1,000 frames of a row", "ms_per_1000_frames_row", "x"),
+                    ("over the first", "over_first", "ratio"),
+                ],
+            )
+        )
+    return text + "\n\n" + provenance(data["meta"]), []
 
 
 @section(

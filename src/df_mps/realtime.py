@@ -1255,6 +1255,7 @@ class RealtimeEnhancer:
         self.compiled = True
         self.compile_seconds = time.perf_counter() - self._build_started
         self.compile_note = f"built in the background in {self.compile_seconds:.0f} s"
+        logger.info(f"df_mps: the real-time hop now runs compiled ({self.compile_note})")
 
     def wait_for_compile(self, timeout: Optional[float] = None) -> bool:
         """Wait (at most ``timeout`` seconds) for a compiled hop being built in the
