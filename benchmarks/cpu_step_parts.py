@@ -104,14 +104,7 @@ def main() -> None:
         )
     configs = {}
     for rows, piece in ((1, 1000), (4, 250)):
-        engine = Engine(enhancer.model, enhancer.df_state, batch=rows, piece_frames=piece)
-        spec, erb, feat = engine.new_dsp().features(x, engine.nb_df, alpha=engine.alpha)
-        window = engine.left + piece + engine.right
-        inputs = [
-            f[:, :, :window].expand(rows, f.shape[1], window, *f.shape[3:]).contiguous()
-            for f in (spec, erb, feat)
-        ]
-        engine.model.step(*(t.clone() for t in inputs), [False] * rows, [None] * rows)
+        engine, inputs, _ = step_setup(enhancer, Engine, x, rows, piece, warm_up=1)
         configs[(rows, piece)] = (engine, inputs)
     runs = collections.defaultdict(list)
     for _ in range(args.repeats):
@@ -154,22 +147,28 @@ def main() -> None:
     write_json(args.json, out, meta, pieces=pieces)
 
 
+def step_setup(enhancer, Engine, x, rows: int, piece: int, warm_up: int):
+    """(an engine of ``rows`` x ``piece`` frames, its step's inputs: the features of ``x``
+    for every row, the window's frame count), after ``warm_up`` steps."""
+    engine = Engine(enhancer.model, enhancer.df_state, batch=rows, piece_frames=piece)
+    spec, erb, feat = engine.new_dsp().features(x, engine.nb_df, alpha=engine.alpha)
+    window = engine.left + piece + engine.right
+    inputs = [
+        f[:, :, :window].expand(rows, f.shape[1], window, *f.shape[3:]).contiguous()
+        for f in (spec, erb, feat)
+    ]
+    for _ in range(warm_up):
+        engine.model.step(*(t.clone() for t in inputs), [False] * rows, [None] * rows)
+    return engine, inputs, window
+
+
 def whole_steps(enhancer, Engine, x, configs: str, repeats: int) -> list:
     """ms per 1,000 frames of one row of the whole step (no hooks), for each ROWSxFRAMES in
     ``configs``, interleaved ``repeats`` times after 3 warm-up steps each; medians."""
     setups = {}
     for text in configs.split(","):
         rows, piece = (int(v) for v in text.lower().split("x"))
-        engine = Engine(enhancer.model, enhancer.df_state, batch=rows, piece_frames=piece)
-        spec, erb, feat = engine.new_dsp().features(x, engine.nb_df, alpha=engine.alpha)
-        window = engine.left + piece + engine.right
-        inputs = [
-            f[:, :, :window].expand(rows, f.shape[1], window, *f.shape[3:]).contiguous()
-            for f in (spec, erb, feat)
-        ]
-        setups[(rows, piece)] = (engine, inputs, window)
-        for _ in range(3):
-            engine.model.step(*(t.clone() for t in inputs), [False] * rows, [None] * rows)
+        setups[(rows, piece)] = step_setup(enhancer, Engine, x, rows, piece, warm_up=3)
     times = collections.defaultdict(list)
     for _ in range(repeats):  # as the per-part table steps (outside inference mode)
         for (rows, piece), (engine, inputs, _) in setups.items():
