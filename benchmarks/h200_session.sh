@@ -6,6 +6,7 @@
 #   bash benchmarks/h200_session.sh gpu suite    # precision and CUDA graphs; the test suite
 #   REPEATS=1 bash benchmarks/h200_session.sh sync rayprobe   # early write flushes A/B; Ray probed
 #   REPEATS=2 bash benchmarks/h200_session.sh variants pipediag   # $VARIANTS A/B; the stream CLI into a closed pipe
+#   bash benchmarks/h200_session.sh compilemodes  # torch.compile's CUDA modes alone (about 9 min)
 # Everything written to $OUT comes back as one archive, $OUT/all.tgz (the device tool brings
 # back at most 8 files).
 # Expects: .whl/ (cp312 wheels: deepfilternet 0.5.6, loguru, soundfile, cffi, pycparser,
@@ -149,6 +150,12 @@ PY
   gpu)
     DF_MPS_DEVICE=cuda python3 -m df_mps doctor > "$OUT/doctor_gpu.txt" 2>&1
     timeout 270 python3 benchmarks/bench_gpu.py --device cuda --deadline-s 240 --json "$OUT/h200_gpu.json" 2>&1 | grep -v "| INFO" | tail -40 ;;
+  compilemodes)
+    # torch.compile's two CUDA modes alone, with the time the gpu part's deadline did not
+    # leave them (max-autotune-no-cudagraphs was skipped on 2026-12-05): its steps part only.
+    timeout 580 python3 benchmarks/bench_gpu.py --device cuda --parts steps --step-kinds compile \
+      --compile-modes max-autotune-no-cudagraphs,reduce-overhead --step-batches 1,64 \
+      --compile-timeout 270 --deadline-s 560 --json "$OUT/h200_compile_modes.json" 2>&1 | grep -v "| INFO" | tail -20 ;;
   final)
     # The corpus through the CLI (fp32 and bf16), the CUDA tests, then the whole suite: in
     # parallel, then its failures again one at a time (xdist workers share a cache and a cwd).
