@@ -816,6 +816,52 @@ def test_compile_is_never_required(enhancer, speech, monkeypatch, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "platform, apple_clang, omp, expected",
+    [
+        ("darwin", True, None, "Apple clang has no OpenMP here"),
+        ("darwin", True, "homebrew", None),
+        ("darwin", True, "OMP_PREFIX", None),
+        ("darwin", True, "conda", None),
+        ("darwin", False, None, None),  # another clang++ (LLVM's, with its OpenMP)
+        ("linux", True, None, None),
+        ("darwin", "no such function", None, None),  # another PyTorch: the build tries
+    ],
+)
+def test_apple_clang_without_openmp_is_known_before_any_build(
+    monkeypatch, tmp_path, platform, apple_clang, omp, expected
+):
+    """On macOS, Apple clang has no OpenMP, and inductor's build fails without one found
+    (Homebrew's libomp, conda's llvm-openmp, $OMP_PREFIX): compile="auto" then runs eager
+    from the start, saying why in compile_note, instead of a failing build at every start."""
+    from torch._inductor import cpp_builder
+
+    from df_mps import hopgraph
+
+    monkeypatch.setattr(hopgraph.sys, "platform", platform)
+    monkeypatch.delenv("OMP_PREFIX", raising=False)
+    monkeypatch.delenv("CONDA_PREFIX", raising=False)
+    if apple_clang == "no such function":
+        monkeypatch.delattr(cpp_builder, "_is_apple_clang")
+    else:
+        monkeypatch.setattr(cpp_builder, "_is_apple_clang", lambda cxx: apple_clang)
+    monkeypatch.setattr(cpp_builder, "homebrew_libomp", lambda: (omp == "homebrew", "/opt/x"))
+    monkeypatch.setattr(cpp_builder, "is_conda_llvm_openmp_installed", lambda: omp == "conda")
+    if omp == "OMP_PREFIX":
+        (tmp_path / "include").mkdir()
+        (tmp_path / "include" / "omp.h").write_text("")
+        monkeypatch.setenv("OMP_PREFIX", str(tmp_path))
+    if omp == "conda":
+        monkeypatch.setenv("CONDA_PREFIX", str(tmp_path))
+    why = hopgraph._no_openmp("clang++")
+    assert why == (
+        None if expected is None else f"{expected} (brew install libomp, or set OMP_PREFIX)"
+    )
+    if expected is not None and hopgraph._compiler() is not None:
+        with pytest.raises(hopgraph.CompileUnavailable, match="Apple clang has no OpenMP"):
+            hopgraph._inductor()
+
+
 def test_compile_choice(enhancer, monkeypatch):
     monkeypatch.setenv("DF_MPS_REALTIME_COMPILE", "0")
     rt = RealtimeEnhancer(enhancer)

@@ -394,9 +394,38 @@ def _inductor():
         raise CompileUnavailable(f"no torch._inductor here ({_one_line(exc)})") from exc
     if not hasattr(inductor, "aoti_compile_and_package"):
         raise CompileUnavailable(f"PyTorch {torch.__version__} has no AOTInductor")
-    if _compiler() is None:
+    compiler = _compiler()
+    if compiler is None:
         raise CompileUnavailable("no C++ compiler (g++, c++, clang++) found")
+    why = _no_openmp(compiler)
+    if why is not None:
+        raise CompileUnavailable(why)
     return inductor
+
+
+def _no_openmp(compiler: str) -> Optional[str]:
+    """Why inductor's C++ can't be built here for want of OpenMP, or None. Only macOS's
+    Apple clang comes without it; inductor then looks for ``$OMP_PREFIX``, conda's
+    llvm-openmp and Homebrew's libomp (its cpp_builder), and without any of them its build
+    fails after a minute of work: on every start, where nothing said so first."""
+    if sys.platform != "darwin":
+        return None
+    try:
+        from torch._inductor import cpp_builder as builder
+
+        get = getattr(builder, "get_cpp_compiler", None)
+        if not builder._is_apple_clang(get() if get else compiler):
+            return None
+        prefix = os.environ.get("OMP_PREFIX")
+        if prefix and os.path.exists(os.path.join(prefix, "include", "omp.h")):
+            return None
+        if os.environ.get("CONDA_PREFIX") and builder.is_conda_llvm_openmp_installed():
+            return None
+        if builder.homebrew_libomp()[0]:
+            return None
+    except Exception:  # noqa: BLE001 - another PyTorch's builder: let the build try
+        return None
+    return "Apple clang has no OpenMP here (brew install libomp, or set OMP_PREFIX)"
 
 
 def _build_folder(path: Path, how: str) -> Tuple[Path, bool]:
