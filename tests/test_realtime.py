@@ -816,6 +816,52 @@ def test_compile_is_never_required(enhancer, speech, monkeypatch, tmp_path):
     )
 
 
+def test_a_failed_build_is_not_retried_at_every_start(enhancer, monkeypatch, tmp_path):
+    """An AOTInductor build that fails is remembered beside the package: compile="auto"
+    runs eager at once for a day, saying why, instead of failing the same build in the
+    background at every start; then it tries again, and a build that succeeds forgets it."""
+    import time
+
+    from df_mps import hopgraph
+
+    needs_compiler()
+    monkeypatch.delenv("DF_MPS_REALTIME_COMPILE")
+    monkeypatch.setattr(hopgraph, "package_dir", lambda: tmp_path)
+    graph, example, path = one_row_hop(enhancer)
+
+    def failing_build(inductor, exported, tmp):
+        raise hopgraph.CompileUnavailable("AOTInductor failed: boom")
+
+    monkeypatch.setattr(hopgraph, "_build", failing_build)
+    with pytest.raises(hopgraph.CompileUnavailable, match="boom"):
+        hopgraph._install(None, None, path, example)
+    marker = hopgraph._build_failed_marker(path)
+    assert marker.read_text().strip() == "AOTInductor failed: boom" and not path.exists()
+
+    rt = RealtimeEnhancer(enhancer)
+    assert not rt.compiled and rt._build is None
+    assert rt.compile_note == (
+        f"AOTInductor failed: boom (an earlier start's build; tried again a day after, or "
+        f"delete {marker})"
+    )
+    stale = time.time() - (hopgraph.BUILD_RETRY_DAYS + 1) * 86400
+    os.utime(marker, (stale, stale))
+    stand_in_build(monkeypatch, "import time; time.sleep(60)")
+    rt = RealtimeEnhancer(enhancer)
+    assert rt._build is not None, rt.compile_note
+    rt._build.cancel()
+
+    def good_build(inductor, exported, tmp):
+        tmp.write_bytes(b"package")
+        return tmp
+
+    monkeypatch.setattr(hopgraph, "_build", good_build)
+    monkeypatch.setattr(hopgraph, "_check_in_child", lambda *args, **kwargs: None)
+    hopgraph._install(None, None, path, example)
+    assert path.read_bytes() == b"package" and hopgraph._markers(path)[0].is_file()
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize(
     "platform, apple_clang, omp, expected",
     [

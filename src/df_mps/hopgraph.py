@@ -335,6 +335,9 @@ def cached_hop_or_build(graph, example: Sequence):
     running = _builds.get(path)
     if running is not None and not running.wait(0):
         return None, running  # another stream of this process asked for the same package
+    refused = _recent_build_failure(path)
+    if refused is not None:
+        raise CompileUnavailable(refused)
     _inductor()  # fails here, not in the child, where there is none
     if path.parent.is_dir() and _being_built(path):
         # another process builds it: wait for that one (no second child queued behind it)
@@ -513,17 +516,48 @@ def _install(inductor, exported, path: Path, example: Sequence) -> None:
     CompileUnavailable where the build or the trial fails (a failed trial is marked): a
     package is never at its name untried or half-written."""
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
+    refused = _build_failed_marker(path)
     try:
-        _build(inductor, exported, tmp)
+        try:
+            _build(inductor, exported, tmp)
+        except CompileUnavailable as exc:  # remembered: "auto" doesn't retry it at every start
+            with contextlib.suppress(OSError):
+                refused.write_text(f"{exc}\n")
+            raise
         _check_in_child(tmp, example, markers_of=path)
         try:
             os.replace(tmp, path)
             _markers(path)[0].touch()
         except OSError as exc:
             raise CompileUnavailable(f"the package could not be put in place: {exc}") from exc
+        with contextlib.suppress(OSError):
+            refused.unlink(missing_ok=True)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+BUILD_RETRY_DAYS = 1  # a package whose build failed is built again by "auto" after this long
+
+
+def _build_failed_marker(path: Path) -> Path:
+    return path.with_name(path.name + ".buildfailed")
+
+
+def _recent_build_failure(path: Path) -> Optional[str]:
+    """Why compile="auto" doesn't build the package at ``path`` now: its build failed here
+    less than BUILD_RETRY_DAYS ago (AOTInductor's error, the same at every start until the
+    compiler, its libraries or PyTorch change); or None."""
+    marker = _build_failed_marker(path)
+    try:
+        age = time.time() - marker.stat().st_mtime
+        why = marker.read_text(errors="replace").strip()
+    except OSError:
+        return None
+    if age > BUILD_RETRY_DAYS * 86400:
+        return None
+    why = why or "its build failed"
+    return f"{why} (an earlier start's build; tried again a day after, or delete {marker})"
 
 
 def _usable(path: Path) -> bool:
@@ -810,7 +844,7 @@ def _lock_file(path: Path) -> Path:
 
 def _companions(path: Path) -> Tuple[Path, ...]:
     """The files that go with the package at ``path`` when it is pruned."""
-    return (*_markers(path), _lock_file(path))
+    return (*_markers(path), _lock_file(path), _build_failed_marker(path))
 
 
 def _check_in_child(path: Path, example: Sequence, markers_of: Optional[Path] = None) -> None:

@@ -68,7 +68,8 @@ stops with its program. ``compile=True`` builds before the constructor returns. 
 compiled and the eager hop share their state (the eager code runs the first hops of a stream
 and its ``flush``), and agree within 1e-5 a sample. Where the compiled hop can't be had (no
 C++ compiler, a failed build) the stream runs eager: quietly for "auto" where that is known
-at the start, with one warning where a background build fails and for ``compile=True``;
+at the start, with one warning where a background build fails (not tried again by "auto"
+for a day: a ``.buildfailed`` file beside the package) and for ``compile=True``;
 ``compile=False`` (or ``DF_MPS_REALTIME_COMPILE=0``) never compiles. A
 compiled hop that fails at run time hands the stream to the eager code, with one warning.
 
