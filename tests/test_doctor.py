@@ -57,6 +57,23 @@ def test_doctor_shows_the_routes_the_settings_give(capsys):
     assert re.search(r"forward method:\s+real", text)
 
 
+def test_doctor_says_whether_the_real_time_hop_would_be_compiled(monkeypatch, tmp_path):
+    from df_mps import hopgraph
+
+    monkeypatch.setenv("DF_MPS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("DF_MPS_REALTIME_COMPILE", "0")
+    assert "real-time hop (CPU): eager - DF_MPS_REALTIME_COMPILE=0" in doctor.report()
+    monkeypatch.delenv("DF_MPS_REALTIME_COMPILE")
+    monkeypatch.setattr(hopgraph, "_compiler", lambda: None)
+    assert re.search(r"real-time hop \(CPU\): eager - no C\+\+ compiler", doctor.report())
+    monkeypatch.setattr(hopgraph, "_compiler", lambda: "c++")
+    monkeypatch.setattr(hopgraph, "_no_openmp", lambda compiler: None)
+    (tmp_path / "realtime").mkdir()
+    (tmp_path / "realtime" / "hop-0123.pt2").write_bytes(b"")
+    line = re.search(r"real-time hop \(CPU\): (.*)", doctor.report()).group(1)
+    assert line.startswith("compiled - ") and f"1 package(s) in {tmp_path / 'realtime'}" in line
+
+
 def test_capability_summary_without_a_command(capsys):
     assert entry.main([]) == 0
     assert capsys.readouterr().out.strip() == capabilities.get().summary()

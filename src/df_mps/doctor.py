@@ -162,6 +162,10 @@ def section_fast_paths(device: str) -> List[str]:
     dfn3_gru = torch.nn.GRU(256, 256, batch_first=True)  # the shape of DFN3's five GRU layers
     kernel, why = gru.plan(device.split(":")[0], [dfn3_gru])
     lines.append(_line("engine GRUs", f"{'df_mps C kernel' if kernel else 'torch'} - {why}"))
+    from . import hopgraph
+
+    compiled, why = hopgraph.plan()
+    lines.append(_line("real-time hop (CPU)", f"{'compiled' if compiled else 'eager'} - {why}"))
     return lines
 
 

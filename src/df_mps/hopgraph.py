@@ -406,6 +406,29 @@ def _inductor():
     return inductor
 
 
+def plan() -> Tuple[bool, str]:
+    """(whether ``RealtimeEnhancer(compile="auto")`` on the CPU would run its hops compiled,
+    why), for ``doctor``: the setting, the compiler and the cache, without building."""
+    from .realtime import COMPILE_ENV, _compile_choice
+
+    try:
+        choice = _compile_choice(None)
+    except ValueError as exc:
+        return False, str(exc)
+    if choice is False:
+        return False, f"{COMPILE_ENV}={os.environ.get(COMPILE_ENV, '').strip()}"
+    try:
+        _inductor()
+    except CompileUnavailable as exc:
+        return False, str(exc)
+    folder = package_dir()
+    built = len(list(folder.glob("hop-*.pt2"))) if folder.is_dir() else 0
+    return True, (
+        f"one AOTInductor call a hop, built once per model, channel count and thread count "
+        f"(about a minute, in the background); {built} package(s) in {folder}"
+    )
+
+
 def _no_openmp(compiler: str) -> Optional[str]:
     """Why inductor's C++ can't be built here for want of OpenMP, or None. Only macOS's
     Apple clang comes without it; inductor then looks for ``$OMP_PREFIX``, conda's
