@@ -111,6 +111,10 @@ def run_cpu(args) -> Dict:
 
     torch.set_num_threads(1)
     enhancer = load_enhancer(model_dir(args.model_dir))
+    files = args.audio or [p for p in DEFAULT_AUDIO_FILES if p.is_file()] or [None]
+    start = None
+    if args.compile and args.cold:  # first: as a program's first start (inductor not imported)
+        start = cold_start(enhancer, read_audio(files[0], args.seconds))
     eager = RealtimeEnhancer(enhancer, device="cpu", compile=False)
     compiled, compile_info = None, {"requested": args.compile, "cold": args.cold}
     if args.compile:
@@ -147,7 +151,6 @@ def run_cpu(args) -> Dict:
         )
         if not compiled.compiled:
             compiled = None
-    files = args.audio or [p for p in DEFAULT_AUDIO_FILES if p.is_file()] or [None]
     runs = []
     for path in files:
         audio = read_audio(path, args.seconds)
@@ -157,8 +160,72 @@ def run_cpu(args) -> Dict:
         "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),
         "compile": compile_info,
+        "cold_start": start,
         "files": runs,
     }
+
+
+def cold_start(enhancer, audio: np.ndarray, limit_s: float = 600.0) -> Dict:
+    """A live stream's start with nothing cached: ``RealtimeEnhancer()`` (compile="auto")
+    in an empty cache, fed 480-sample chunks of ``audio`` over and over as fast as it takes
+    them, until its background build has been taken up and 500 chunks more: the seconds to
+    construct it and to its first output, the seconds until it runs compiled, and the chunk
+    times before and after, and around the switch."""
+    import shutil
+    import tempfile
+
+    from df_mps.realtime import RealtimeEnhancer
+
+    cache = tempfile.mkdtemp(prefix="bench-realtime-cold-start-")
+    saved = os.environ.get("DF_MPS_CACHE_DIR")
+    os.environ["DF_MPS_CACHE_DIR"] = cache
+    try:
+        t0 = time.perf_counter()
+        rt = RealtimeEnhancer(enhancer, device="cpu")
+        constructed = time.perf_counter()
+        times, switch, i = [], None, 0
+        hops = audio.shape[0] // HOP
+        while time.perf_counter() - constructed < limit_s:
+            chunk = audio[(i % hops) * HOP : (i % hops + 1) * HOP]
+            t1 = time.perf_counter()
+            rt.process(chunk)
+            times.append(time.perf_counter() - t1)
+            if i == 0:
+                first_output = time.perf_counter() - t0
+            if switch is None and rt.compiled:
+                switch, compiled_after = i, time.perf_counter() - constructed
+            if switch is not None and i >= switch + 500:
+                break
+            i += 1
+        if rt._build is not None:
+            rt._build.wait(limit_s)  # its files go with the cache
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("DF_MPS_CACHE_DIR", None)
+        else:
+            os.environ["DF_MPS_CACHE_DIR"] = saved
+    ms = np.array(times) * 1e3
+    out = {
+        "construct_s": constructed - t0,
+        "first_output_s": first_output,
+        "compiled": switch is not None,
+        "note": rt.compile_note,
+    }
+    if switch is not None:
+        out.update(
+            {
+                "compiled_after_s": compiled_after,
+                "chunks_before": switch,
+                "eager_chunk_ms_median": float(np.median(ms[:switch])),
+                "eager_chunk_ms_p99": float(np.percentile(ms[:switch], 99)),
+                "compiled_chunk_ms_median": float(np.median(ms[switch + 1 :])),
+                "switch_chunk_ms": float(ms[switch]),
+                "around_switch_ms_max": float(ms[max(0, switch - 5) : switch + 6].max()),
+            }
+        )
+    print(f"cold start: {json.dumps({k: v for k, v in out.items() if k != 'note'})}", flush=True)
+    return out
 
 
 def run_cpu_file(args, eager, compiled, RustRuntime, audio: np.ndarray, path) -> Dict:

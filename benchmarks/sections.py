@@ -1265,6 +1265,25 @@ def realtime(data: dict) -> Rendered:
         )
     else:
         how = "Eager: `RealtimeEnhancer(compile=False)` (the compiled hop was not measured)."
+    start = data.get("cold_start")
+    if start and start.get("compiled"):
+        how += (
+            ' A live stream\'s cold start (`RealtimeEnhancer()`, `compile="auto"`, in an '
+            "empty cache, fed 480-sample chunks as fast as it takes them): constructed in "
+            f"{start['construct_s']:.1f} s (the export), first output "
+            f"{start['first_output_s']:.1f} s after the constructor was called; eager (median "
+            f"{start['eager_chunk_ms_median']:.2f} ms a chunk, 99th percentile "
+            f"{start['eager_chunk_ms_p99']:.2f} ms, while the build ran beside it) until the "
+            f"background build was taken up {start['compiled_after_s']:.0f} s later "
+            f"({start['chunks_before']:,} chunks), then compiled (median "
+            f"{start['compiled_chunk_ms_median']:.2f} ms); the switching chunk took "
+            f"{start['switch_chunk_ms']:.1f} ms, and the slowest within 5 chunks of it "
+            f"{start['around_switch_ms_max']:.1f} ms: the package is loaded on a helper thread "
+            "as the build ends, holding the interpreter for a few ms, and a stream that never "
+            "waits for its next chunk, as this one, gets that time in one of its chunks."
+        )
+    elif start:
+        how += f" The cold start's stream was not compiled: {start.get('note', '')}."
     text = (
         f"One stream, {data['torch_threads']} torch thread, median of {data['repeats']} "
         "interleaved repeats; ratios are to the Rust runtime in the same run. The Rust runtime "
