@@ -196,6 +196,8 @@ def cold_start(enhancer, audio: np.ndarray, limit_s: float = 600.0) -> Dict:
                 switch, compiled_after = i, time.perf_counter() - constructed
             if switch is not None and i >= switch + 500:
                 break
+            if switch is None and rt._build is None:  # refused or failed: it stays eager
+                break
             i += 1
         if rt._build is not None:
             rt._build.wait(limit_s)  # its files go with the cache

@@ -1270,7 +1270,7 @@ def realtime(data: dict) -> Rendered:
         how += (
             ' A live stream\'s cold start (`RealtimeEnhancer()`, `compile="auto"`, in an '
             "empty cache, fed 480-sample chunks as fast as it takes them): constructed in "
-            f"{start['construct_s']:.1f} s (the export), first output "
+            f"{start['construct_s']:.1f} s (importing inductor and the export), first output "
             f"{start['first_output_s']:.1f} s after the constructor was called; eager (median "
             f"{start['eager_chunk_ms_median']:.2f} ms a chunk, 99th percentile "
             f"{start['eager_chunk_ms_p99']:.2f} ms, while the build ran beside it) until the "
@@ -1279,7 +1279,7 @@ def realtime(data: dict) -> Rendered:
             f"{start['compiled_chunk_ms_median']:.2f} ms); the switching chunk took "
             f"{start['switch_chunk_ms']:.1f} ms, and the slowest within 5 chunks of it "
             f"{start['around_switch_ms_max']:.1f} ms: the package is loaded on a helper thread "
-            "as the build ends, holding the interpreter for a few ms, and a stream that never "
+            "as the build ends, holding the interpreter meanwhile, and a stream that never "
             "waits for its next chunk, as this one, gets that time in one of its chunks."
         )
     elif start:

@@ -837,6 +837,21 @@ def test_a_failed_build_is_not_retried_at_every_start(enhancer, monkeypatch, tmp
         hopgraph._install(None, None, path, example)
     marker = hopgraph._build_failed_marker(path)
     assert marker.read_text().strip() == "AOTInductor failed: boom" and not path.exists()
+    marker.unlink()
+
+    def out_of_room(inductor, exported, tmp):  # as _build says it
+        failure = hopgraph.CompileUnavailable("AOTInductor failed: No space left on device")
+        failure.transient = True
+        raise failure
+
+    monkeypatch.setattr(hopgraph, "_build", out_of_room)
+    with pytest.raises(hopgraph.CompileUnavailable, match="No space left"):
+        hopgraph._install(None, None, path, example)
+    assert not marker.exists()  # the next start tries again
+    monkeypatch.setattr(hopgraph, "_build", failing_build)
+    with pytest.raises(hopgraph.CompileUnavailable, match="boom"):
+        hopgraph._install(None, None, path, example)
+    assert marker.is_file()
 
     rt = RealtimeEnhancer(enhancer)
     assert not rt.compiled and rt._build is None
@@ -887,6 +902,11 @@ def test_apple_clang_without_openmp_is_known_before_any_build(
     monkeypatch.setattr(hopgraph.sys, "platform", platform)
     monkeypatch.delenv("OMP_PREFIX", raising=False)
     monkeypatch.delenv("CONDA_PREFIX", raising=False)
+    monkeypatch.delenv("CPATH", raising=False)
+    monkeypatch.delenv("CPLUS_INCLUDE_PATH", raising=False)
+    monkeypatch.delenv("C_INCLUDE_PATH", raising=False)
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "clang++")
+    monkeypatch.setattr(hopgraph.os.path, "exists", _exists_but(Path("/usr/local/include")))
     if apple_clang == "no such function":
         monkeypatch.delattr(cpp_builder, "_is_apple_clang")
     else:
@@ -905,7 +925,43 @@ def test_apple_clang_without_openmp_is_known_before_any_build(
     )
     if expected is not None and hopgraph._compiler() is not None:
         with pytest.raises(hopgraph.CompileUnavailable, match="Apple clang has no OpenMP"):
-            hopgraph._inductor()
+            hopgraph._inductor_for_auto()  # "auto" starts no build
+        hopgraph._inductor()  # compile=True still tries (an omp.h may be where we didn't look)
+        # an omp.h on the compiler's include path from the environment
+        (tmp_path / "inc").mkdir(exist_ok=True)
+        (tmp_path / "inc" / "omp.h").write_text("")
+        monkeypatch.setenv("CPATH", str(tmp_path / "inc"))
+        assert hopgraph._no_openmp("clang++") is None
+
+
+@pytest.mark.parametrize(
+    "error, transient",
+    [
+        (RuntimeError("C++ compile error\nomp.h: No such file"), False),
+        (OSError(28, "No space left on device"), True),
+        (MemoryError(), True),
+        (RuntimeError("c++: fatal error: Killed signal terminated program cc1plus"), True),
+    ],
+)
+def test_a_build_that_failed_for_want_of_room_is_not_remembered(tmp_path, error, transient):
+    from types import SimpleNamespace
+
+    from df_mps import hopgraph
+
+    def compile_and_package(*args, **kwargs):
+        raise error
+
+    inductor = SimpleNamespace(aoti_compile_and_package=compile_and_package)
+    with pytest.raises(hopgraph.CompileUnavailable, match="^AOTInductor failed") as info:
+        hopgraph._build(inductor, None, tmp_path / "x.pt2")
+    assert info.value.transient is transient
+
+
+def _exists_but(hidden: Path):
+    """os.path.exists, with nothing under ``hidden`` (this machine's own /usr/local)."""
+    real = os.path.exists
+
+    return lambda path: False if str(path).startswith(str(hidden)) else real(path)
 
 
 def test_compile_choice(enhancer, monkeypatch):

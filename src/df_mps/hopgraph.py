@@ -338,7 +338,7 @@ def cached_hop_or_build(graph, example: Sequence):
     refused = _recent_build_failure(path)
     if refused is not None:
         raise CompileUnavailable(refused)
-    _inductor()  # fails here, not in the child, where there is none
+    _inductor_for_auto()  # fails here, not in the child, where there is none
     if path.parent.is_dir() and _being_built(path):
         # another process builds it: wait for that one (no second child queued behind it)
         logger.warning(
@@ -400,7 +400,15 @@ def _inductor():
     compiler = _compiler()
     if compiler is None:
         raise CompileUnavailable("no C++ compiler (g++, c++, clang++) found")
-    why = _no_openmp(compiler)
+    return inductor
+
+
+def _inductor_for_auto():
+    """``_inductor()``, and where the build is sure to fail for want of OpenMP (macOS's
+    Apple clang without one), CompileUnavailable before any build: compile="auto" doesn't
+    start a build that fails after a minute at every start (compile=True still tries)."""
+    inductor = _inductor()
+    why = _no_openmp(_compiler() or "")
     if why is not None:
         raise CompileUnavailable(why)
     return inductor
@@ -418,14 +426,15 @@ def plan() -> Tuple[bool, str]:
     if choice is False:
         return False, f"{COMPILE_ENV}={os.environ.get(COMPILE_ENV, '').strip()}"
     try:
-        _inductor()
+        _inductor() if choice is True else _inductor_for_auto()
     except CompileUnavailable as exc:
         return False, str(exc)
     folder = package_dir()
     built = len(list(folder.glob("hop-*.pt2"))) if folder.is_dir() else 0
+    when = "before the constructor returns" if choice is True else "in the background"
     return True, (
-        f"one AOTInductor call a hop, built once per model, channel count and thread count "
-        f"(about a minute, in the background); {built} package(s) in {folder}"
+        f"one AOTInductor call a hop where its build succeeds, built once per model, channel "
+        f"count and thread count (about a minute, {when}); {built} package(s) in {folder}"
     )
 
 
@@ -444,6 +453,13 @@ def _no_openmp(compiler: str) -> Optional[str]:
             return None
         prefix = os.environ.get("OMP_PREFIX")
         if prefix and os.path.exists(os.path.join(prefix, "include", "omp.h")):
+            return None
+        # an omp.h the compiler finds by itself (/usr/local, as R's OpenMP build puts it, or
+        # the include paths it is given through the environment)
+        places = ["/usr/local/include"]
+        for name in ("CPATH", "CPLUS_INCLUDE_PATH", "C_INCLUDE_PATH"):
+            places += [d for d in os.environ.get(name, "").split(os.pathsep) if d]
+        if any(os.path.exists(os.path.join(d, "omp.h")) for d in places):
             return None
         if os.environ.get("CONDA_PREFIX") and builder.is_conda_llvm_openmp_installed():
             return None
@@ -544,8 +560,9 @@ def _install(inductor, exported, path: Path, example: Sequence) -> None:
         try:
             _build(inductor, exported, tmp)
         except CompileUnavailable as exc:  # remembered: "auto" doesn't retry it at every start
-            with contextlib.suppress(OSError):
-                refused.write_text(f"{exc}\n")
+            if not getattr(exc, "transient", False):
+                with contextlib.suppress(OSError):
+                    refused.write_text(f"{exc}\n")
             raise
         _check_in_child(tmp, example, markers_of=path)
         try:
@@ -842,6 +859,9 @@ def _build_in_child(argv: Sequence[str]) -> int:
                 raise CompileUnavailable(f"{why}; delete {failed} to try again")
             if _usable(final):
                 return 0  # another process built it while this one waited for the lock
+            refused = _recent_build_failure(final)  # that one failed while this one waited
+            if refused is not None:
+                raise CompileUnavailable(refused)
             _install(inductor, exported, final, example)
     except CompileUnavailable as exc:
         print(str(exc), file=sys.stderr, flush=True)
@@ -940,10 +960,19 @@ def _build(inductor, exported, tmp: Path) -> Path:
             return tmp
         except Exception as exc:  # noqa: BLE001 - the next options, else eager
             errors.append(_one_line(exc))
+            transient = isinstance(exc, (OSError, MemoryError)) or any(
+                sign in str(exc) for sign in _TRANSIENT
+            )
             logger.debug(f"df_mps: compiling the hop with {options} failed: {errors[-1]}")
             with contextlib.suppress(OSError):
                 tmp.unlink()
-    raise CompileUnavailable(f"AOTInductor failed: {errors[-1]}")
+    failure = CompileUnavailable(f"AOTInductor failed: {errors[-1]}")
+    failure.transient = transient  # not remembered by _install: the next start tries again
+    raise failure
+
+
+# what says a build failed for want of room, not for what it builds
+_TRANSIENT = ("Killed signal", "No space left", "Cannot allocate memory", "out of memory")
 
 
 PRUNE_DAYS = 30  # cached packages unused this long go when a new one is built
