@@ -152,7 +152,7 @@ PY
     timeout 270 python3 benchmarks/bench_gpu.py --device cuda --deadline-s 240 --json "$OUT/h200_gpu.json" 2>&1 | grep -v "| INFO" | tail -40 ;;
   compilemodes)
     # torch.compile's two CUDA modes alone, with the time the gpu part's deadline did not
-    # leave them (max-autotune-no-cudagraphs was skipped on 2026-12-05): its steps part only.
+    # leave them (max-autotune-no-cudagraphs was skipped on 2026-12-02): its steps part only.
     timeout 580 python3 benchmarks/bench_gpu.py --device cuda --parts steps --step-kinds compile \
       --compile-modes max-autotune-no-cudagraphs,reduce-overhead --step-batches 1,64 \
       --compile-timeout 270 --deadline-s 560 --json "$OUT/h200_compile_modes.json" 2>&1 | grep -v "| INFO" | tail -20 ;;
