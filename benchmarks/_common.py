@@ -9,6 +9,7 @@ docs/performance.md from those files alone. Nothing reads a benchmark's printed 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -413,3 +414,31 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+@contextlib.contextmanager
+def environment(env: dict):
+    """``os.environ`` with ``env`` set, as it was again afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def cold_cache(prefix: str):
+    """An empty df-mps cache (``DF_MPS_CACHE_DIR``) for the block, removed afterwards."""
+    import shutil
+
+    cache = tempfile.mkdtemp(prefix=prefix)
+    try:
+        with environment({"DF_MPS_CACHE_DIR": cache}):
+            yield cache
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)

@@ -31,7 +31,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -45,6 +44,7 @@ from _common import (
     audio_path,
     comma_list,
     command_line,
+    environment,
     machine,
     model_dir,
     now_iso,
@@ -303,20 +303,6 @@ def _variant(text: str):
     return name, env
 
 
-@contextlib.contextmanager
-def _environment(env: dict):
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("corpus", "mixed", "memory", "step"), default="corpus")
@@ -374,7 +360,7 @@ def main() -> None:
         for name, env in variants:
             first_batch = None
             for batch in args.batch:
-                with _environment(env):
+                with environment(env):
                     row = run_once(args, files_dir, batch, work)
                 row["repeat"] = repeat
                 if name is not None:

@@ -37,6 +37,7 @@ the median and 99th percentile step times per N, the largest N whose median and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -48,6 +49,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
+from _common import cold_cache
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = Path(os.environ.get("DF_MPS_SHARED", REPO.parent / "shared"))
@@ -119,23 +121,9 @@ def run_cpu(args) -> Dict:
     compiled, compile_info = None, {"requested": args.compile, "cold": args.cold}
     if args.compile:
         t0 = time.perf_counter()
-        if args.cold:  # build the compiled hop anew, in an empty cache, to time the build
-            import tempfile
-
-            cold_cache = tempfile.mkdtemp(prefix="bench-realtime-cache-")
-            saved = os.environ.get("DF_MPS_CACHE_DIR")
-            os.environ["DF_MPS_CACHE_DIR"] = cold_cache
-        try:
+        # --cold: the compiled hop built anew, in an empty cache, to time the build
+        with cold_cache("bench-realtime-cache-") if args.cold else contextlib.nullcontext():
             compiled = RealtimeEnhancer(enhancer, device="cpu", compile=True)
-        finally:
-            if args.cold:
-                import shutil
-
-                shutil.rmtree(cold_cache, ignore_errors=True)
-                if saved is None:
-                    os.environ.pop("DF_MPS_CACHE_DIR", None)
-                else:
-                    os.environ["DF_MPS_CACHE_DIR"] = saved
         compile_info.update(
             {
                 "compiled": compiled.compiled,
@@ -171,15 +159,9 @@ def cold_start(enhancer, audio: np.ndarray, limit_s: float = 600.0) -> Dict:
     them, until its background build has been taken up and 500 chunks more: the seconds to
     construct it and to its first output, the seconds until it runs compiled, and the chunk
     times before and after, and around the switch."""
-    import shutil
-    import tempfile
-
     from df_mps.realtime import RealtimeEnhancer
 
-    cache = tempfile.mkdtemp(prefix="bench-realtime-cold-start-")
-    saved = os.environ.get("DF_MPS_CACHE_DIR")
-    os.environ["DF_MPS_CACHE_DIR"] = cache
-    try:
+    with cold_cache("bench-realtime-cold-start-"):
         t0 = time.perf_counter()
         rt = RealtimeEnhancer(enhancer, device="cpu")
         constructed = time.perf_counter()
@@ -201,12 +183,6 @@ def cold_start(enhancer, audio: np.ndarray, limit_s: float = 600.0) -> Dict:
             i += 1
         if rt._build is not None:
             rt._build.wait(limit_s)  # its files go with the cache
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
-        if saved is None:
-            os.environ.pop("DF_MPS_CACHE_DIR", None)
-        else:
-            os.environ["DF_MPS_CACHE_DIR"] = saved
     ms = np.array(times) * 1e3
     out = {
         "construct_s": constructed - t0,

@@ -90,16 +90,21 @@ def main() -> None:
     spent = collections.Counter()
     started = {}
     modules = dict(enhancer.model.named_modules())
+    hooks = []
     for name, module in modules.items():
         part = part_of(name)
         if part is None:
             continue
-        module.register_forward_pre_hook(
-            lambda m, a, n=name: started.__setitem__(n, time.perf_counter())
+        hooks.append(
+            module.register_forward_pre_hook(
+                lambda m, a, n=name: started.__setitem__(n, time.perf_counter())
+            )
         )
-        module.register_forward_hook(
-            lambda m, a, o, n=name, part=part: spent.update(
-                {part: time.perf_counter() - started[n]}
+        hooks.append(
+            module.register_forward_hook(
+                lambda m, a, o, n=name, part=part: spent.update(
+                    {part: time.perf_counter() - started[n]}
+                )
             )
         )
     configs = {}
@@ -111,8 +116,7 @@ def main() -> None:
         for (rows, piece), (engine, inputs) in configs.items():
             spent.clear()
             t0 = time.perf_counter()
-            for _ in range(1000 // piece):  # 1,000 frames of every row
-                engine.model.step(*(t.clone() for t in inputs), [False] * rows, [None] * rows)
+            run_steps(engine, inputs, rows, 1000 // piece)  # 1,000 frames of every row
             total = time.perf_counter() - t0
             # per 1,000 frames of one row
             runs[(rows, piece)].append(
@@ -134,6 +138,8 @@ def main() -> None:
             f"{part:18s} batch 1 (10 s pieces) {b1 * 1e3:7.1f} ms   "
             f"batch 4 (2.5 s) {b4 * 1e3:7.1f} ms   ratio {b4 / b1 if b1 else float('nan'):.2f}"
         )
+    for hook in hooks:  # the whole step, as the engine runs it
+        hook.remove()
     pieces = whole_steps(enhancer, Engine, x, args.pieces, args.repeats)
     meta = {
         "command": command_line(),
@@ -157,9 +163,14 @@ def step_setup(enhancer, Engine, x, rows: int, piece: int, warm_up: int):
         f[:, :, :window].expand(rows, f.shape[1], window, *f.shape[3:]).contiguous()
         for f in (spec, erb, feat)
     ]
-    for _ in range(warm_up):
-        engine.model.step(*(t.clone() for t in inputs), [False] * rows, [None] * rows)
+    run_steps(engine, inputs, rows, warm_up)
     return engine, inputs, window
+
+
+def run_steps(engine, inputs, rows: int, steps: int) -> None:
+    """``steps`` engine steps on (copies of) ``inputs``, no row at a stream's start or end."""
+    for _ in range(steps):
+        engine.model.step(*(t.clone() for t in inputs), [False] * rows, [None] * rows)
 
 
 def whole_steps(enhancer, Engine, x, configs: str, repeats: int) -> list:
@@ -174,8 +185,7 @@ def whole_steps(enhancer, Engine, x, configs: str, repeats: int) -> list:
         for (rows, piece), (engine, inputs, _) in setups.items():
             steps = max(1, 1000 // piece)
             t0 = time.perf_counter()
-            for _ in range(steps):
-                engine.model.step(*(t.clone() for t in inputs), [False] * rows, [None] * rows)
+            run_steps(engine, inputs, rows, steps)
             times[(rows, piece)].append((time.perf_counter() - t0) / (rows * steps * piece))
     first = statistics.median(next(iter(times.values())))
     out = []

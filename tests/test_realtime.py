@@ -546,7 +546,7 @@ def one_row_hop(enhancer):
     rt = RealtimeEnhancer(enhancer, compile=False)
     stream = _ModelRateStream(rt._pulsed, enhancer.df_state, 1, rt.device, None, True)
     graph, example = hopgraph.HopGraph(stream), stream.example_hop()
-    return graph, example, hopgraph.package_dir() / f"hop-{hopgraph._cache_key(graph, example)}.pt2"
+    return graph, example, hopgraph._package_path(graph, example)
 
 
 def check_the_background_build(enhancer, speech, path, rt, build, messages) -> None:
@@ -1097,13 +1097,9 @@ def test_a_trial_that_never_reaches_the_loader_marks_nothing(
 def _hop_package(enhancer, monkeypatch, tmp_path):
     """(graph, example, path) of a real-time hop whose cached package is junk, in tmp_path."""
     from df_mps import hopgraph
-    from df_mps.realtime import _ModelRateStream
 
     monkeypatch.setattr(hopgraph, "package_dir", lambda: tmp_path)
-    rt = RealtimeEnhancer(enhancer, compile=False)
-    stream = _ModelRateStream(rt._pulsed, enhancer.df_state, 1, rt.device, 12.0, True)
-    graph, example = hopgraph.HopGraph(stream), stream.example_hop()
-    path = tmp_path / f"hop-{hopgraph._cache_key(graph, example)}.pt2"
+    graph, example, path = one_row_hop(enhancer)
     path.write_bytes(b"not a package")
     return graph, example, path
 

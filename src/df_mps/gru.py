@@ -37,6 +37,8 @@ from typing import Optional, Tuple
 
 import torch  # this module serves the engine, which has torch loaded already
 
+from .settings import FALSE_WORDS
+
 ENV = "DF_MPS_GRU_KERNEL"
 
 
@@ -44,7 +46,7 @@ def plan(device_type: str, modules) -> Tuple[Optional[str], str]:
     """(which kernel runs ``modules`` in the engine's steps, why): "c" on the CPU where the C
     kernel builds, None for torch's GRU."""
     setting = os.environ.get(ENV, "").strip()
-    if setting.lower() in ("0", "off", "no", "false"):
+    if setting.lower() in FALSE_WORDS:
         return None, f"{ENV}={setting}"
     if device_type != "cpu":
         return None, f"torch's GRU on {device_type} (cuDNN's in the step's CUDA graph on CUDA)"

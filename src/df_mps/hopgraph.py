@@ -43,6 +43,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -300,7 +302,7 @@ def compiled_hop(graph, example: Sequence) -> Tuple[Callable, float, bool]:
     ``example``, built here and now where the cache hasn't it; raises ``CompileUnavailable``
     where it can't be had."""
     t0 = time.perf_counter()
-    path = package_dir() / f"hop-{_cache_key(graph, example)}.pt2"
+    path = _package_path(graph, example)
     runner = _cached_runner(path, example)
     if runner is not None:
         return runner, time.perf_counter() - t0, True
@@ -328,7 +330,7 @@ def cached_hop_or_build(graph, example: Sequence):
     ``HopBuild`` building it in a child process while the caller runs eager); raises
     ``CompileUnavailable`` where it can't be had (no C++ compiler, a failed export, a package
     that failed its trial before)."""
-    path = package_dir() / f"hop-{_cache_key(graph, example)}.pt2"
+    path = _package_path(graph, example)
     runner = _cached_runner(path, example)
     if runner is not None:
         return runner, None
@@ -360,14 +362,33 @@ def cached_hop_or_build(graph, example: Sequence):
     return None, build
 
 
+def _package_path(graph, example: Sequence) -> Path:
+    """Where df_mps's cache keeps the package of ``graph`` at the example's shapes."""
+    return package_dir() / f"hop-{_cache_key(graph, example)}.pt2"
+
+
+def _tmp_package(path: Path, pid: int) -> Path:
+    """Where process ``pid`` builds the package for ``path`` before it takes its name."""
+    return path.with_name(f".{path.stem}.{pid}.tmp.pt2")
+
+
+def _trial_failure(path: Path) -> Optional[str]:
+    """Why the package at ``path`` is refused: it failed its trial here (its failure
+    marker); or None."""
+    failed = _markers(path)[1]
+    if not failed.is_file():
+        return None
+    why = failed.read_text(errors="replace").strip() or "a trial process failed"
+    return f"{why}; delete {failed} to try again"
+
+
 def _cached_runner(path: Path, example: Sequence) -> Optional[Callable]:
     """The run function of the package at ``path`` where it is built and has passed its
     trial (tried now if it hasn't been), None where there is none or it doesn't load; raises
     CompileUnavailable where that package failed its trial."""
-    failed = _markers(path)[1]
-    if failed.is_file():  # the same package here crashed a trial process: don't build it again
-        why = failed.read_text(errors="replace").strip() or "a trial process failed"
-        raise CompileUnavailable(f"{why}; delete {failed} to try again")
+    refused = _trial_failure(path)
+    if refused is not None:  # the same package here crashed a trial process: not built again
+        raise CompileUnavailable(refused)
     if not path.is_file():
         return None
     _check_in_child(path, example)
@@ -554,7 +575,7 @@ def _install(inductor, exported, path: Path, example: Sequence) -> None:
     process, then give it its name and its pass marker; the caller holds the build lock.
     CompileUnavailable where the build or the trial fails (a failed trial is marked): a
     package is never at its name untried or half-written."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
+    tmp = _tmp_package(path, os.getpid())
     refused = _build_failed_marker(path)
     try:
         try:
@@ -600,10 +621,15 @@ def _recent_build_failure(path: Path) -> Optional[str]:
     return f"{why} (an earlier start's build; tried again a day after, or delete {marker})"
 
 
+def _built(path: Path) -> bool:
+    """Whether the package at ``path`` is in place with its pass marker."""
+    return path.is_file() and _markers(path)[0].is_file()
+
+
 def _usable(path: Path) -> bool:
     """Whether the package at ``path`` has passed its trial and loads here (a package with
     its pass marker that doesn't load is stale: rebuilt)."""
-    if not (path.is_file() and _markers(path)[0].is_file()):
+    if not _built(path):
         return False
     try:
         _load(path)
@@ -636,15 +662,7 @@ class HopBuild:
     it started) when the interpreter exits, and stops itself if its parent dies."""
 
     def __init__(self, folder: Path, name: str, exported, example: Sequence, shared: bool):
-        import tempfile
-        import threading
-
-        self.folder, self.path, self.shared = folder, folder / name, shared
-        self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self._done = False
-        self._runner: Optional[Callable] = None
-        self._error: Optional[str] = None
+        self._start(folder / name, shared)
         self.exported_file = folder / f".{self.path.stem}.{os.getpid()}.{next(_serial)}.export.pt2"
         spec = [(list(t.shape), str(t.dtype).replace("torch.", "")) for t in example]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
@@ -687,14 +705,25 @@ class HopBuild:
     def watching(cls, path: Path) -> HopBuild:
         """A HopBuild that waits for another process's build of the package at ``path``
         (that process holds its build lock) and then loads it; no child of its own."""
-        import threading
-
         self = cls.__new__(cls)
-        self.folder, self.path, self.shared, self.proc = path.parent, path, True, None
-        self._lock, self._ready = threading.Lock(), threading.Event()
-        self._done, self._runner, self._error = False, None, None
+        self._start(path, shared=True)
+        self.proc = None
         threading.Thread(target=self._wait_for_other, daemon=True).start()
         return self
+
+    def _start(self, path: Path, shared: bool) -> None:
+        self.folder, self.path, self.shared = path.parent, path, shared
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._done = False
+        self._runner: Optional[Callable] = None
+        self._error: Optional[str] = None
+
+    def _leave_registries(self) -> None:
+        self._done = True
+        _private.discard(self)
+        if _builds.get(self.path) is self:
+            _builds.pop(self.path, None)
 
     def _wait_for_other(self) -> None:
         with _build_lock(self.path, shared=True):  # until that build has ended
@@ -702,10 +731,8 @@ class HopBuild:
         with self._lock:
             if self._done:
                 return
-            self._done = True
-            if _builds.get(self.path) is self:
-                _builds.pop(self.path, None)
-            if self._markers_say_built():
+            self._leave_registries()
+            if _built(self.path) and _trial_failure(self.path) is None:
                 try:
                     self._runner = _load_built(self.path)
                 except CompileUnavailable as exc:
@@ -713,10 +740,6 @@ class HopBuild:
             else:
                 self._error = "another process's build of the compiled hop failed"
         self._ready.set()
-
-    def _markers_say_built(self) -> bool:
-        passed, failed = _markers(self.path)
-        return self.path.is_file() and passed.is_file() and not failed.is_file()
 
     def poll(self) -> Optional[Callable]:
         """None while the build runs; once it has built and passed its trial, a run function
@@ -774,10 +797,7 @@ class HopBuild:
         self._ready.set()
 
     def _finish(self, cancelled: bool = False) -> None:
-        self._done = True
-        _private.discard(self)
-        if _builds.get(self.path) is self:
-            _builds.pop(self.path, None)
+        self._leave_registries()
         code = self.proc.returncode
         self._stderr.seek(0)
         lines = [x for x in self._stderr.read().decode(errors="replace").splitlines() if x.strip()]
@@ -785,11 +805,10 @@ class HopBuild:
         # the child's own files, where it was stopped before it removed them
         with contextlib.suppress(OSError):
             self.exported_file.unlink(missing_ok=True)
-            for tmp in self.folder.glob(f".{self.path.stem}.{self.proc.pid}.tmp.pt2"):
-                tmp.unlink(missing_ok=True)
+            _tmp_package(self.path, self.proc.pid).unlink(missing_ok=True)
         if cancelled:
             self._error = "the background build was cancelled"
-        elif code != 0 or not self.path.is_file() or not _markers(self.path)[0].is_file():
+        elif code != 0 or not _built(self.path):
             why = lines[-1].strip() if lines else f"exit status {code}"
             failed = code == _BUILD_FAILED
             self._error = why if failed else f"the build process failed ({why[:200]})"
@@ -820,9 +839,7 @@ def _build_in_child(argv: Sequence[str]) -> int:
     with contextlib.suppress(OSError, AttributeError):
         os.nice(10)  # the caller's live stream comes first
     if where == "private":
-        import threading
-
-        tmp = final.with_name(f".{final.stem}.{os.getpid()}.tmp.pt2")
+        tmp = _tmp_package(final, os.getpid())
 
         def stop_with_parent() -> None:
             # A private package is of no use once its parent is gone (even one killed
@@ -853,10 +870,9 @@ def _build_in_child(argv: Sequence[str]) -> int:
                 exported_file.unlink(missing_ok=True)
         example = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in json.loads(spec)]
         with _build_lock(final):
-            failed = _markers(final)[1]
-            if failed.is_file():  # another process's build of it failed its trial here
-                why = failed.read_text(errors="replace").strip() or "a trial process failed"
-                raise CompileUnavailable(f"{why}; delete {failed} to try again")
+            refused = _trial_failure(final)  # another process's build of it failed its trial
+            if refused is not None:
+                raise CompileUnavailable(refused)
             if _usable(final):
                 return 0  # another process built it while this one waited for the lock
             refused = _recent_build_failure(final)  # that one failed while this one waited

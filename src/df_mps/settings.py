@@ -19,6 +19,7 @@ LIBDF_MODES = ("auto", "torch", "native")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 
 TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
 
 ENV_VARS = {
     "DF_MPS_DISABLE": "1 makes `import df_mps` patch nothing",

@@ -13,6 +13,8 @@ import threading
 import warnings
 from typing import Iterator, Optional, Union
 
+from .settings import FALSE_WORDS
+
 __all__ = [
     "PathLike",
     "build_dir",
@@ -144,7 +146,6 @@ _KEEP_TRIM_THRESHOLD = 1024 * 1024 * 1024
 # After a large_buffers_kept block: where glibc's own moving thresholds end up once it has
 # seen such buffers (the trim threshold twice the mmap threshold), so the block leaves the
 # process no worse than glibc would (setting either threshold stops glibc moving them).
-_AFTER_MMAP_THRESHOLD = _KEEP_MMAP_THRESHOLD
 _AFTER_TRIM_THRESHOLD = 2 * _KEEP_MMAP_THRESHOLD
 # Settings of the user's own for glibc's malloc, or another malloc in front of it: df-mps
 # then leaves malloc alone.
@@ -162,7 +163,7 @@ def _mallopt():
     import platform
 
     opt_out = os.environ.get("DF_MPS_KEEP_FREED_BUFFERS", "").strip().lower()
-    if opt_out in ("0", "false", "no", "off"):
+    if opt_out in FALSE_WORDS:
         return None
     if any(name in os.environ for name in _USER_MALLOC_ENV):
         return None
@@ -242,7 +243,7 @@ def large_buffers_kept() -> Iterator[bool]:
                 mallopt, malloc_trim = _kept_by_block
                 _kept_by_block = None
                 if not _kept_for_process:
-                    _set_thresholds(mallopt, _AFTER_MMAP_THRESHOLD, _AFTER_TRIM_THRESHOLD)
+                    _set_thresholds(mallopt, _KEEP_MMAP_THRESHOLD, _AFTER_TRIM_THRESHOLD)
                     malloc_trim(0)
 
 
